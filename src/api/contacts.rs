@@ -1,0 +1,120 @@
+//! `/api/v1/contacts`: phone numbers are unique and stored in E.164.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::extract::{ApiJson, ApiQuery, PageParams};
+use super::types::{ContactOut, ListOut};
+use crate::app::AppState;
+use crate::domain::{ContactId, PhoneNumber};
+use crate::error::{Error, Result};
+use crate::store::{NewContact, StoreError};
+use crate::util::now_ms;
+
+/// Longest display name accepted.
+const MAX_NAME: usize = 200;
+
+/// Routes under `/api/v1/contacts`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/contacts", get(list).post(create))
+        .route("/contacts/{id}", get(get_one).patch(update).delete(delete))
+}
+
+/// Body of `POST /api/v1/contacts`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactIn {
+    /// Any phone number form; stored as E.164.
+    pub phone_number: String,
+    /// Non-empty name.
+    pub display_name: String,
+}
+
+/// Body of `PATCH /api/v1/contacts/{id}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactPatch {
+    /// New name.
+    pub display_name: String,
+}
+
+/// Checks a display name: trimmed, 1–200 characters.
+pub fn parse_display_name(name: &str) -> Result<String> {
+    let t = name.trim();
+    if t.is_empty() {
+        return Err(Error::invalid("display_name", "display_name must not be empty"));
+    }
+    if t.chars().count() > MAX_NAME {
+        return Err(Error::invalid(
+            "display_name",
+            "display_name is longer than 200 characters",
+        ));
+    }
+    Ok(t.to_string())
+}
+
+fn parse_id(id: &str) -> Result<ContactId> {
+    ContactId::parse(id).ok_or_else(|| Error::NotFound(format!("contact {id} not found")))
+}
+
+async fn list(State(state): State<AppState>, ApiQuery(p): ApiQuery<PageParams>) -> Result<Json<ListOut<ContactOut>>> {
+    let page = p.into_page()?;
+    let result = state.messaging.store().list_contacts(&page).await?;
+    Ok(Json(ListOut::from_page(result, ContactOut::from)))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    ApiJson(input, _): ApiJson<ContactIn>,
+) -> Result<(StatusCode, Json<ContactOut>)> {
+    let phone = PhoneNumber::parse(&input.phone_number, state.messaging.region())
+        .map_err(|e| Error::invalid("phone_number", format!("phone_number: {e}")))?;
+    let name = parse_display_name(&input.display_name)?;
+    let c = state
+        .messaging
+        .store()
+        .create_contact(NewContact {
+            id: ContactId::new(),
+            phone_number: phone.as_str().to_string(),
+            display_name: name,
+            now: now_ms(),
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(m) => Error::Conflict(m),
+            other => other.into(),
+        })?;
+    Ok((StatusCode::CREATED, Json(c.into())))
+}
+
+async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ContactOut>> {
+    let id = parse_id(&id)?;
+    let c = state
+        .messaging
+        .store()
+        .get_contact(&id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("contact {id} not found")))?;
+    Ok(Json(c.into()))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(p, _): ApiJson<ContactPatch>,
+) -> Result<Json<ContactOut>> {
+    let id = parse_id(&id)?;
+    let name = parse_display_name(&p.display_name)?;
+    let c = state.messaging.store().update_contact(&id, &name, now_ms()).await?;
+    Ok(Json(c.into()))
+}
+
+async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+    let id = parse_id(&id)?;
+    state.messaging.store().delete_contact(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,92 @@
+//! `/api/v1/conversations`: list (newest activity first), one, its messages, mark read.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::extract::{ApiQuery, PageParams};
+use super::types::{ConversationOut, ListOut, MessageOut};
+use crate::app::AppState;
+use crate::domain::{Channel, ConversationId};
+use crate::error::{Error, Result};
+use crate::store::ConversationFilter;
+use crate::util::now_ms;
+
+/// Routes under `/api/v1/conversations`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/conversations", get(list))
+        .route("/conversations/{id}", get(get_one))
+        .route("/conversations/{id}/messages", get(messages))
+        .route("/conversations/{id}/read", post(mark_read))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    channel: Option<String>,
+    unread: Option<bool>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+fn parse_id(id: &str) -> Result<ConversationId> {
+    ConversationId::parse(id).ok_or_else(|| Error::NotFound(format!("conversation {id} not found")))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<ListOut<ConversationOut>>> {
+    let channel = match p.channel.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            Channel::parse(c)
+                .ok_or_else(|| Error::invalid("channel", format!("unknown channel '{c}': use 'sms' or 'whatsapp'")))?,
+        ),
+    };
+    let page = PageParams {
+        cursor: p.cursor,
+        limit: p.limit,
+    }
+    .into_page()?;
+    let filter = ConversationFilter {
+        channel,
+        unread: p.unread,
+    };
+    let result = state.messaging.store().list_conversations(&filter, &page).await?;
+    Ok(Json(ListOut::from_page(result, ConversationOut::from)))
+}
+
+async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ConversationOut>> {
+    let id = parse_id(&id)?;
+    let c = state
+        .messaging
+        .store()
+        .get_conversation(&id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("conversation {id} not found")))?;
+    Ok(Json(c.into()))
+}
+
+async fn messages(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> Result<Json<ListOut<MessageOut>>> {
+    let id = parse_id(&id)?;
+    let page = p.into_page()?;
+    let store = state.messaging.store();
+    if store.get_conversation(&id).await?.is_none() {
+        return Err(Error::NotFound(format!("conversation {id} not found")));
+    }
+    let result = store.list_conversation_messages(&id, &page).await?;
+    Ok(Json(ListOut::from_page(result, |m| MessageOut::from(&m))))
+}
+
+async fn mark_read(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ConversationOut>> {
+    let id = parse_id(&id)?;
+    let c = state.messaging.store().mark_conversation_read(&id, now_ms()).await?;
+    Ok(Json(c.into()))
+}

@@ -1,0 +1,263 @@
+//! Wire types of `/api/v1` (shared/API.md). Rows are never serialized directly.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::store::{ContactRecord, ConversationRecord, Media, MessageRecord, OptOutRecord, Page, StatusEventRecord};
+use crate::util::rfc3339;
+
+/// A list page: `{"data": [...], "next_cursor": "..." | null}`.
+#[derive(Serialize)]
+pub struct ListOut<T> {
+    /// Items.
+    pub data: Vec<T>,
+    /// Cursor for the next page, or null at the end.
+    pub next_cursor: Option<String>,
+}
+
+impl<T> ListOut<T> {
+    /// Maps a store page.
+    pub fn from_page<R>(page: Page<R>, f: impl Fn(R) -> T) -> Self {
+        ListOut {
+            data: page.items.into_iter().map(f).collect(),
+            next_cursor: page.next_cursor.map(|c| c.encode()),
+        }
+    }
+}
+
+/// A message.
+#[derive(Serialize)]
+pub struct MessageOut {
+    /// `msg_…`.
+    pub id: String,
+    /// `conv_…`.
+    pub conversation_id: String,
+    /// `sms` | `whatsapp`.
+    pub channel: &'static str,
+    /// `outbound` | `inbound`.
+    pub direction: &'static str,
+    /// E.164 (or a Messaging Service SID for service sends).
+    pub from: String,
+    /// E.164.
+    pub to: String,
+    /// Text.
+    pub body: String,
+    /// Attachments.
+    pub media: Vec<Media>,
+    /// Current status.
+    pub status: &'static str,
+    /// Twilio MessageSid.
+    pub provider_sid: Option<String>,
+    /// Twilio error code.
+    pub error_code: Option<i64>,
+    /// Error text.
+    pub error_message: Option<String>,
+    /// SMS segments.
+    pub segments: u32,
+    /// `GSM-7` | `UCS-2`.
+    pub encoding: String,
+    /// `normal` | `high`.
+    pub priority: crate::domain::Priority,
+    /// Scheduled time, RFC 3339.
+    pub send_at: Option<String>,
+    /// Validity in seconds.
+    pub validity_period: Option<i64>,
+    /// WhatsApp template.
+    pub content_sid: Option<String>,
+    /// Send attempts so far.
+    pub attempts: u32,
+    /// Next attempt, RFC 3339, while waiting to be handed to Twilio.
+    pub next_attempt_at: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// Every status report, oldest first (only on `GET /api/v1/messages/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_history: Option<Vec<StatusEventOut>>,
+}
+
+impl From<&MessageRecord> for MessageOut {
+    fn from(m: &MessageRecord) -> Self {
+        MessageOut {
+            id: m.id.to_string(),
+            conversation_id: m.conversation_id.to_string(),
+            channel: m.channel.as_str(),
+            direction: m.direction.as_str(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            body: m.body.clone(),
+            media: m.media.clone(),
+            status: m.status.as_str(),
+            provider_sid: m.provider_sid.clone(),
+            error_code: m.error_code,
+            error_message: m.error_message.clone(),
+            segments: m.segments,
+            encoding: m.encoding.clone(),
+            priority: m.priority,
+            send_at: m.send_at.map(rfc3339),
+            validity_period: m.validity_period,
+            content_sid: m.content_sid.clone(),
+            attempts: m.attempts,
+            next_attempt_at: m.next_attempt_at.map(rfc3339),
+            created_at: rfc3339(m.created_at),
+            updated_at: rfc3339(m.updated_at),
+            status_history: None,
+        }
+    }
+}
+
+/// One status history entry.
+#[derive(Serialize)]
+pub struct StatusEventOut {
+    /// The status word reported.
+    pub status: String,
+    /// Twilio error code.
+    pub error_code: Option<i64>,
+    /// Error text.
+    pub error_message: Option<String>,
+    /// `api`, `worker`, `twilio` or `reconcile`.
+    pub source: String,
+    /// Whether it moved the current status.
+    pub applied: bool,
+    /// RFC 3339.
+    pub at: String,
+    /// The callback's parameters, when it came from Twilio.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+}
+
+impl From<StatusEventRecord> for StatusEventOut {
+    fn from(e: StatusEventRecord) -> Self {
+        StatusEventOut {
+            status: e.status,
+            error_code: e.error_code,
+            error_message: e.error_message,
+            source: e.source,
+            applied: e.applied,
+            at: rfc3339(e.created_at),
+            payload: e.raw_payload,
+        }
+    }
+}
+
+/// A contact.
+#[derive(Serialize)]
+pub struct ContactOut {
+    /// `ct_…`.
+    pub id: String,
+    /// E.164.
+    pub phone_number: String,
+    /// Name.
+    pub display_name: String,
+    /// Opted out on any channel.
+    pub opted_out: bool,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+impl From<ContactRecord> for ContactOut {
+    fn from(c: ContactRecord) -> Self {
+        ContactOut {
+            id: c.id.to_string(),
+            phone_number: c.phone_number,
+            display_name: c.display_name,
+            opted_out: c.opted_out,
+            created_at: rfc3339(c.created_at),
+            updated_at: rfc3339(c.updated_at),
+        }
+    }
+}
+
+/// The last message of a conversation.
+#[derive(Serialize)]
+pub struct LastMessageOut {
+    /// Up to 140 characters.
+    pub preview: String,
+    /// `outbound` | `inbound`.
+    pub direction: &'static str,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// A conversation with its summary.
+#[derive(Serialize)]
+pub struct ConversationOut {
+    /// `conv_…`.
+    pub id: String,
+    /// `sms` | `whatsapp`.
+    pub channel: &'static str,
+    /// The other party, E.164.
+    pub counterpart: String,
+    /// Our number or Messaging Service SID.
+    pub sender: String,
+    /// The counterpart's contact, if any.
+    pub contact: Option<ContactOut>,
+    /// Last message summary.
+    pub last_message: Option<LastMessageOut>,
+    /// Messages in the conversation.
+    pub message_count: i64,
+    /// Unread inbound messages.
+    pub unread_count: i64,
+    /// The counterpart opted out on this channel.
+    pub opted_out: bool,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+impl From<ConversationRecord> for ConversationOut {
+    fn from(c: ConversationRecord) -> Self {
+        let last_message = match (c.last_preview, c.last_direction, c.last_message_at) {
+            (Some(preview), Some(d), Some(at)) => Some(LastMessageOut {
+                preview,
+                direction: d.as_str(),
+                at: rfc3339(at),
+            }),
+            _ => None,
+        };
+        ConversationOut {
+            id: c.id.to_string(),
+            channel: c.channel.as_str(),
+            counterpart: c.counterpart,
+            sender: c.sender,
+            contact: c.contact.map(ContactOut::from),
+            last_message,
+            message_count: c.message_count,
+            unread_count: c.unread_count,
+            opted_out: c.opted_out,
+            created_at: rfc3339(c.created_at),
+            updated_at: rfc3339(c.updated_at),
+        }
+    }
+}
+
+/// An opted-out number.
+#[derive(Serialize)]
+pub struct OptOutOut {
+    /// `sms` | `whatsapp`.
+    pub channel: &'static str,
+    /// E.164.
+    pub phone_number: String,
+    /// Keyword (STOP…) or `21610`.
+    pub keyword: String,
+    /// `inbound` | `twilio`.
+    pub source: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+impl From<OptOutRecord> for OptOutOut {
+    fn from(o: OptOutRecord) -> Self {
+        OptOutOut {
+            channel: o.channel.as_str(),
+            phone_number: o.phone_number,
+            keyword: o.keyword,
+            source: o.source,
+            created_at: rfc3339(o.created_at),
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Building and running the gateway: the one entry point production and every test use
+//! (`start(config, listener, shutdown)`; bind first so port 0 works).
+
+use anyhow::Context;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::middleware::{from_fn, from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, DatabaseKind};
+use crate::delivery::Delivery;
+use crate::domain::phone::split_channel_prefix;
+use crate::error::Error;
+use crate::provider::twilio::{TwilioClient, TwilioCredentials};
+use crate::provider::Provider;
+use crate::service::api_keys::ApiKeys;
+use crate::service::{Messaging, Senders};
+use crate::simulator::Simulator;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::util::now_ms;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Sending and receiving.
+    pub messaging: Messaging,
+    /// API key checks.
+    pub api_keys: ApiKeys,
+    /// The token Twilio signs webhooks with.
+    pub webhook_auth_token: Arc<SecretString>,
+    /// The URL Twilio reaches us at, without a trailing slash.
+    pub public_url: Arc<str>,
+    /// Whether the delivery worker is running.
+    pub worker_alive: Arc<AtomicBool>,
+}
+
+/// A running gateway.
+pub struct Server {
+    /// Where it listens.
+    pub local_addr: SocketAddr,
+    /// The URL Twilio reaches it at.
+    pub public_url: String,
+    /// An API key created at this start because none existed (print it once).
+    pub generated_api_key: Option<String>,
+    /// The embedded simulator, when running without Twilio credentials.
+    pub simulator: Option<Simulator>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Waits until the server has stopped (after `shutdown` is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// Opens the store named by `database_url`, applying migrations.
+pub async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    match DatabaseKind::parse(database_url) {
+        Some(DatabaseKind::Sqlite(path)) => Ok(Arc::new(SqliteStore::open(&path).await?)),
+        Some(DatabaseKind::Postgres(_)) => {
+            anyhow::bail!("PostgreSQL is not supported by this build yet: use a sqlite:// database URL")
+        }
+        None => anyhow::bail!("unsupported database URL '{database_url}'"),
+    }
+}
+
+/// Starts the gateway on `listener`: opens and migrates the database, makes sure an API key
+/// exists, starts the delivery worker and (without Twilio credentials) the embedded
+/// simulator, and serves HTTP until `shutdown` is cancelled.
+pub async fn start(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Server> {
+    config.validate()?;
+    let local_addr = listener.local_addr()?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local_addr}"))
+        .trim_end_matches('/')
+        .to_string();
+    let store = open_store(&config.database_url).await?;
+    // One process owns a SQLite file, so claims left by a previous process are dead now.
+    if matches!(DatabaseKind::parse(&config.database_url), Some(DatabaseKind::Sqlite(_))) {
+        let n = store.expire_all_leases().await?;
+        if n > 0 {
+            warn!(count = n, "messages were in flight when the previous process stopped; they will be reconciled with Twilio before any resend");
+        }
+    }
+
+    let api_keys = ApiKeys::new(store.clone());
+    let mut generated_api_key = None;
+    if let Some(k) = &config.api_key {
+        api_keys.ensure(k.expose_secret(), "SWITCHBOARD_API_KEY").await?;
+    } else if store.count_api_keys().await? == 0 {
+        generated_api_key = Some(api_keys.create("initial").await?);
+    }
+
+    let (provider, webhook_token, simulator, senders) = if config.has_twilio_credentials() {
+        let t = &config.twilio;
+        let account_sid = t.account_sid.clone().expect("checked");
+        let token = t.auth_token.clone().expect("checked");
+        let (username, password) = match (&t.api_key_sid, &t.api_key_secret) {
+            (Some(sid), Some(secret)) => (sid.clone(), secret.clone()),
+            _ => (account_sid.clone(), token.clone()),
+        };
+        let base = t.api_base.clone().unwrap_or_else(|| "https://api.twilio.com".into());
+        let client = TwilioClient::new(
+            &base,
+            TwilioCredentials {
+                account_sid,
+                username,
+                password,
+            },
+            config.twilio_timeout(),
+        )?;
+        info!(api_base = %base, "using Twilio");
+        let senders = Senders {
+            sms: t.phone_number.clone().map(|n| n.trim().to_string()),
+            whatsapp: t
+                .whatsapp_number
+                .as_deref()
+                .map(|n| split_channel_prefix(n).1.to_string()),
+            messaging_service_sid: t.messaging_service_sid.clone(),
+        };
+        (Arc::new(client) as Arc<dyn Provider>, token, None, senders)
+    } else {
+        let sim = Simulator::new(config.simulator.clone());
+        sim.set_webhook_url(format!("{public_url}/webhooks/twilio/messages"));
+        let creds = TwilioCredentials {
+            account_sid: sim.account_sid().to_string(),
+            username: sim.account_sid().to_string(),
+            password: sim.auth_token().clone(),
+        };
+        let client = TwilioClient::new(&format!("{public_url}/simulator"), creds, config.twilio_timeout())?;
+        info!(
+            simulator = %format!("{public_url}/simulator"),
+            account_sid = sim.account_sid(),
+            "no Twilio credentials configured: running the built-in Twilio simulator in-process"
+        );
+        let t = &config.twilio;
+        let senders = Senders {
+            sms: Some(t.phone_number.clone().unwrap_or_else(|| "+15005550006".into())),
+            whatsapp: Some(
+                t.whatsapp_number
+                    .as_deref()
+                    .map(|n| split_channel_prefix(n).1.to_string())
+                    .unwrap_or_else(|| "+14155238886".into()),
+            ),
+            messaging_service_sid: t.messaging_service_sid.clone(),
+        };
+        (
+            Arc::new(client) as Arc<dyn Provider>,
+            sim.auth_token().clone(),
+            Some(sim),
+            senders,
+        )
+    };
+
+    let delivery = Delivery::new(
+        store.clone(),
+        provider,
+        config.delivery.clone(),
+        format!("{public_url}/webhooks/twilio/status"),
+    );
+    let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
+    let worker_alive = Arc::new(AtomicBool::new(true));
+    let state = AppState {
+        config: Arc::new(config.clone()),
+        messaging,
+        api_keys,
+        webhook_auth_token: Arc::new(webhook_token),
+        public_url: public_url.clone().into(),
+        worker_alive: worker_alive.clone(),
+    };
+
+    let worker_shutdown = shutdown.clone();
+    let worker = tokio::spawn(async move {
+        delivery.run(worker_shutdown).await;
+        worker_alive.store(false, Ordering::SeqCst);
+    });
+    tokio::spawn(purge_idempotency_keys(store.clone(), shutdown.clone()));
+
+    let router = build_router(state, simulator.clone());
+    let server_shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+            .context("HTTP server failed")?;
+        let _ = worker.await;
+        Ok(())
+    });
+    info!(listen = %local_addr, %public_url, "switchboard is up");
+    Ok(Server {
+        local_addr,
+        public_url,
+        generated_api_key,
+        simulator,
+        task,
+    })
+}
+
+fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
+    let mut app = Router::new()
+        .nest("/api/v1", crate::api::router(state.clone()))
+        .merge(crate::webhooks::router())
+        .route("/health", get(health))
+        .route("/ready", get(ready));
+    if let Some(sim) = simulator {
+        let control = sim
+            .control_router()
+            .layer(from_fn_with_state(state.clone(), loopback_or_api_key));
+        app = app.nest_service("/simulator", sim.twilio_router().merge(control));
+    }
+    app.fallback(crate::api::not_found)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(from_fn(crate::api::envelope_errors))
+        .layer(from_fn(crate::api::request_id))
+        .with_state(state)
+}
+
+/// The simulator's control paths accept only loopback clients or a valid API key.
+async fn loopback_or_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let loopback = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().is_loopback());
+    if loopback {
+        return next.run(req).await;
+    }
+    let Some(key) = crate::api::bearer(&req) else {
+        return Error::Unauthorized("simulator control paths need a loopback client or an API key".into())
+            .into_response();
+    };
+    match state.api_keys.verify(&key).await {
+        Ok(Some(_)) => next.run(req).await,
+        Ok(None) => Error::Unauthorized("invalid API key".into()).into_response(),
+        Err(e) => Error::from(e).into_response(),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
+    state.messaging.store().ping().await?;
+    if !state.worker_alive.load(Ordering::SeqCst) {
+        return Err(Error::Unavailable("delivery worker is not running".into()));
+    }
+    Ok(Json(
+        serde_json::json!({ "status": "ready", "database": "ok", "workers": "running" }),
+    ))
+}
+
+async fn purge_idempotency_keys(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+        match store
+            .idempotency_purge(now_ms() - crate::service::messaging::IDEMPOTENCY_TTL_MS)
+            .await
+        {
+            Ok(n) if n > 0 => info!(count = n, "purged expired idempotency keys"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not purge idempotency keys"),
+        }
+    }
+}

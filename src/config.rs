@@ -1,0 +1,491 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `SWITCHBOARD_*` and
+//! `TWILIO_*` environment variables (shared/API.md). Validated once at start; every problem
+//! is reported together with what to do about it. Secrets are [`SecretString`]s, so neither
+//! `Debug` nor the logs can print them.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::domain::PhoneNumber;
+
+/// Everything the gateway needs to run.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gateway binds (`SWITCHBOARD_LISTEN`, default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` or `postgres://…` (`SWITCHBOARD_DATABASE_URL`).
+    pub database_url: String,
+    /// The URL Twilio uses to reach this gateway (`SWITCHBOARD_PUBLIC_URL`); signature
+    /// checks and StatusCallback URLs use it. Default: `http://` + the bound address.
+    pub public_url: Option<String>,
+    /// An API key accepted from start-up, created if missing (`SWITCHBOARD_API_KEY`).
+    #[serde(serialize_with = "ser_secret_opt")]
+    pub api_key: Option<SecretString>,
+    /// Region for numbers written without `+` (`SWITCHBOARD_DEFAULT_REGION`, ISO 3166 alpha-2).
+    pub default_region: String,
+    /// `text` (default) or `json` log lines (`SWITCHBOARD_LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// Largest request body accepted, in bytes (`SWITCHBOARD_MAX_BODY_BYTES`, default 1 MiB).
+    pub max_body_bytes: usize,
+    /// Twilio account and senders (`TWILIO_*`).
+    pub twilio: TwilioConfig,
+    /// Delivery workers, retries and rate limits (`SWITCHBOARD_DELIVERY__*`).
+    pub delivery: DeliveryConfig,
+    /// The embedded simulator, used when no Twilio credentials are configured
+    /// (`SWITCHBOARD_SIMULATOR__*`).
+    pub simulator: crate::simulator::SimulatorSettings,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Twilio credentials and default senders. Without an Account SID and Auth Token the
+/// gateway runs the built-in simulator.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TwilioConfig {
+    /// `AC` + 32 hex (`TWILIO_ACCOUNT_SID`).
+    pub account_sid: Option<String>,
+    /// The account's Auth Token (`TWILIO_AUTH_TOKEN`); also the key Twilio signs webhooks with.
+    #[serde(serialize_with = "ser_secret_opt")]
+    pub auth_token: Option<SecretString>,
+    /// `SK` + 32 hex (`TWILIO_API_KEY_SID`), used with the secret instead of the Auth Token for REST calls.
+    pub api_key_sid: Option<String>,
+    /// The API key's secret (`TWILIO_API_KEY_SECRET`).
+    #[serde(serialize_with = "ser_secret_opt")]
+    pub api_key_secret: Option<SecretString>,
+    /// Default SMS sender, E.164 (`TWILIO_PHONE_NUMBER`).
+    pub phone_number: Option<String>,
+    /// Default WhatsApp sender, E.164 with or without `whatsapp:` (`TWILIO_WHATSAPP_NUMBER`).
+    pub whatsapp_number: Option<String>,
+    /// `MG` + 32 hex (`TWILIO_MESSAGING_SERVICE_SID`): used when no `from` is given and no
+    /// phone number is configured.
+    pub messaging_service_sid: Option<String>,
+    /// Base URL of the Twilio REST API (`TWILIO_API_BASE`, default `https://api.twilio.com`).
+    pub api_base: Option<String>,
+    /// Timeout for one Twilio REST call, in seconds (`TWILIO_REQUEST_TIMEOUT_SECS`, default 15).
+    pub request_timeout_secs: u64,
+}
+
+/// Delivery queue settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Sends in flight at once per instance (default 64).
+    pub concurrency: usize,
+    /// Attempts before a transiently failing message is marked `failed` (default 8).
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles each attempt, with full jitter (default 1000).
+    pub backoff_base_ms: u64,
+    /// Cap on one retry delay in milliseconds (default 300000 = 5 min).
+    pub backoff_max_ms: u64,
+    /// Segments per second per sender when the sender has no entry in `sender_rates`
+    /// (default 1, a US long code; twilio.md §8.1).
+    pub default_rate: f64,
+    /// Segments per second for particular senders (E.164 number, `whatsapp:+…`, or `MG…`).
+    /// In TOML a table; in `SWITCHBOARD_DELIVERY__SENDER_RATES` a list `+15005550006=10,whatsapp:+14155238886=80`.
+    #[serde(deserialize_with = "de_rates")]
+    pub sender_rates: BTreeMap<String, f64>,
+    /// How long a claimed message is reserved for one instance, in seconds (default 60).
+    /// A message whose lease expires is reconciled with Twilio before being sent again.
+    pub lease_secs: u64,
+    /// How often idle workers look for due messages, in milliseconds (default 500). New
+    /// sends wake them at once; this only bounds the delay for retries and scheduled sends.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            max_attempts: 8,
+            backoff_base_ms: 1000,
+            backoff_max_ms: 300_000,
+            default_rate: 1.0,
+            sender_rates: BTreeMap::new(),
+            lease_secs: 60,
+            poll_interval_ms: 500,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// Segments per second allowed for `sender` (its wire form, e.g. `whatsapp:+1…`).
+    pub fn rate_for(&self, sender: &str) -> f64 {
+        self.sender_rates.get(sender).copied().unwrap_or(self.default_rate)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            database_url: "sqlite://switchboard.db".into(),
+            public_url: None,
+            api_key: None,
+            default_region: "US".into(),
+            log_format: LogFormat::Text,
+            max_body_bytes: 1024 * 1024,
+            twilio: TwilioConfig {
+                request_timeout_secs: 15,
+                ..Default::default()
+            },
+            delivery: DeliveryConfig::default(),
+            simulator: Default::default(),
+        }
+    }
+}
+
+/// The configuration could not be loaded or is invalid; each entry says what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    /// Loads defaults, then `file` (TOML) if given, then the environment, and validates.
+    /// Errors: every problem found, each with what to fix.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(vec![format!(
+                    "config file {} does not exist",
+                    path.display()
+                )]));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig
+            .merge(Env::prefixed("SWITCHBOARD_").ignore(&["CONFIG"]).split("__"))
+            .merge(Env::prefixed("TWILIO_").map(|k| format!("twilio.{}", k.as_str()).into()));
+        let config: Config = fig
+            .extract()
+            .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting; collects all problems. Call after building a config in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let t = &self.twilio;
+        if let Some(sid) = &t.account_sid {
+            if !is_sid(sid, "AC") {
+                problems.push(format!(
+                    "TWILIO_ACCOUNT_SID '{sid}' is malformed: it must be 'AC' followed by 32 hex characters (see the Twilio console)"
+                ));
+            }
+        }
+        if let Some(sid) = &t.api_key_sid {
+            if !is_sid(sid, "SK") {
+                problems.push(format!(
+                    "TWILIO_API_KEY_SID '{sid}' is malformed: it must be 'SK' followed by 32 hex characters"
+                ));
+            }
+            if t.api_key_secret.is_none() {
+                problems.push("TWILIO_API_KEY_SID is set but TWILIO_API_KEY_SECRET is not".into());
+            }
+        }
+        if let Some(sid) = &t.messaging_service_sid {
+            if !is_sid(sid, "MG") {
+                problems.push(format!(
+                    "TWILIO_MESSAGING_SERVICE_SID '{sid}' is malformed: it must be 'MG' followed by 32 hex characters"
+                ));
+            }
+        }
+        let any_cred =
+            t.account_sid.is_some() || t.auth_token.is_some() || t.api_key_sid.is_some() || t.api_key_secret.is_some();
+        if any_cred {
+            if t.account_sid.is_none() {
+                problems.push("Twilio credentials are partly set: TWILIO_ACCOUNT_SID is missing (unset all TWILIO_* credentials to use the simulator)".into());
+            }
+            if t.auth_token.is_none() {
+                problems.push("TWILIO_AUTH_TOKEN is missing: it is needed to check Twilio's webhook signatures, even when REST calls use an API key".into());
+            }
+            if t.phone_number.is_none() && t.whatsapp_number.is_none() && t.messaging_service_sid.is_none() {
+                problems.push("no sender configured: set TWILIO_PHONE_NUMBER, TWILIO_WHATSAPP_NUMBER or TWILIO_MESSAGING_SERVICE_SID".into());
+            }
+        }
+        if let Some(n) = &t.phone_number {
+            if PhoneNumber::parse(n, &self.default_region)
+                .map(|p| p.as_str() != n.trim())
+                .unwrap_or(true)
+            {
+                problems.push(format!(
+                    "TWILIO_PHONE_NUMBER '{n}' is not an E.164 number (write it as +14155550100)"
+                ));
+            }
+        }
+        if let Some(n) = &t.whatsapp_number {
+            let (_, bare) = crate::domain::phone::split_channel_prefix(n);
+            if PhoneNumber::parse(bare, &self.default_region)
+                .map(|p| p.as_str() != bare)
+                .unwrap_or(true)
+            {
+                problems.push(format!("TWILIO_WHATSAPP_NUMBER '{n}' is not an E.164 number (write it as whatsapp:+14155238886 or +14155238886)"));
+            }
+        }
+        if let Some(base) = &t.api_base {
+            if !is_http_url(base) {
+                problems.push(format!("TWILIO_API_BASE '{base}' is not an http(s) URL"));
+            }
+        }
+        if t.request_timeout_secs == 0 {
+            problems.push("TWILIO_REQUEST_TIMEOUT_SECS must be at least 1".into());
+        }
+        if let Some(u) = &self.public_url {
+            if !is_http_url(u) {
+                problems.push(format!(
+                    "SWITCHBOARD_PUBLIC_URL '{u}' is not a URL: write it as https://sms.example.com (the address Twilio calls)"
+                ));
+            }
+        }
+        if phonenumber::country::Id::from_str_opt(&self.default_region).is_none() {
+            problems.push(format!(
+                "SWITCHBOARD_DEFAULT_REGION '{}' is not an ISO 3166 region code such as US or GB",
+                self.default_region
+            ));
+        }
+        if let Some(k) = &self.api_key {
+            if k.expose_secret().len() < 16 {
+                problems.push("SWITCHBOARD_API_KEY is too short: use at least 16 characters".into());
+            }
+        }
+        match DatabaseKind::parse(&self.database_url) {
+            Some(DatabaseKind::Sqlite(path)) => {
+                if let Err(e) = check_writable(&path) {
+                    problems.push(format!(
+                        "database path {} is not writable ({e}): choose another SWITCHBOARD_DATABASE_URL or fix the directory's permissions",
+                        path.display()
+                    ));
+                }
+            }
+            Some(DatabaseKind::Postgres(_)) => {}
+            None => problems.push(format!(
+                "SWITCHBOARD_DATABASE_URL '{}' must start with sqlite:// or postgres://",
+                self.database_url
+            )),
+        }
+        let d = &self.delivery;
+        if d.concurrency == 0 {
+            problems.push("SWITCHBOARD_DELIVERY__CONCURRENCY must be at least 1".into());
+        }
+        if d.max_attempts == 0 {
+            problems.push("SWITCHBOARD_DELIVERY__MAX_ATTEMPTS must be at least 1".into());
+        }
+        if !(d.default_rate.is_finite() && d.default_rate > 0.0) {
+            problems.push("SWITCHBOARD_DELIVERY__DEFAULT_RATE must be a positive number of segments per second".into());
+        }
+        for (sender, rate) in &d.sender_rates {
+            if !(rate.is_finite() && *rate > 0.0) {
+                problems.push(format!(
+                    "sender rate for {sender} must be a positive number of segments per second"
+                ));
+            }
+        }
+        if d.lease_secs < 5 {
+            problems.push("SWITCHBOARD_DELIVERY__LEASE_SECS must be at least 5".into());
+        }
+        if self.max_body_bytes < 1024 {
+            problems.push("SWITCHBOARD_MAX_BODY_BYTES must be at least 1024".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// True when real (or `TWILIO_API_BASE`-pointed) Twilio credentials are configured;
+    /// false means the embedded simulator stands in.
+    pub fn has_twilio_credentials(&self) -> bool {
+        self.twilio.account_sid.is_some() && self.twilio.auth_token.is_some()
+    }
+
+    /// HTTP timeout for Twilio REST calls.
+    pub fn twilio_timeout(&self) -> Duration {
+        Duration::from_secs(self.twilio.request_timeout_secs)
+    }
+}
+
+/// The two database backends, by URL scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// `sqlite://PATH` (relative paths are relative to the working directory).
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`.
+    Postgres(String),
+}
+
+impl DatabaseKind {
+    /// Reads the scheme of a database URL.
+    pub fn parse(url: &str) -> Option<Self> {
+        if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return None;
+            }
+            return Some(DatabaseKind::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Some(DatabaseKind::Postgres(url.to_string()));
+        }
+        None
+    }
+}
+
+fn check_writable(path: &Path) -> std::io::Result<()> {
+    if path.exists() {
+        std::fs::OpenOptions::new().append(true).open(path).map(|_| ())
+    } else {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("directory {} does not exist", dir.display()),
+            ));
+        }
+        let probe = dir.join(format!(".switchboard-write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"")?;
+        std::fs::remove_file(&probe)
+    }
+}
+
+fn is_sid(s: &str, prefix: &str) -> bool {
+    s.len() == 34 && s.starts_with(prefix) && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_http_url(s: &str) -> bool {
+    match url::Url::parse(s) {
+        Ok(u) => matches!(u.scheme(), "http" | "https") && u.host_str().is_some(),
+        Err(_) => false,
+    }
+}
+
+fn ser_secret_opt<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    // Serialization exists only to seed figment's defaults; secrets are never written out.
+    match v {
+        Some(secret) => s.serialize_some(secret.expose_secret()),
+        None => s.serialize_none(),
+    }
+}
+
+fn de_rates<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Rates {
+        Map(BTreeMap<String, f64>),
+        List(String),
+    }
+    match Rates::deserialize(d)? {
+        Rates::Map(m) => Ok(m),
+        Rates::List(s) => {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.rsplit_once('=').ok_or_else(|| {
+                        serde::de::Error::custom(format!("sender rate '{pair}' must look like +15005550006=10"))
+                    })?;
+                    let rate = v.trim().parse::<f64>().map_err(|_| {
+                        serde::de::Error::custom(format!("sender rate '{pair}': '{v}' is not a number"))
+                    })?;
+                    Ok((k.trim().to_string(), rate))
+                })
+                .collect()
+        }
+    }
+}
+
+trait FromStrOpt: Sized {
+    fn from_str_opt(s: &str) -> Option<Self>;
+}
+
+impl FromStrOpt for phonenumber::country::Id {
+    fn from_str_opt(s: &str) -> Option<Self> {
+        use std::str::FromStr;
+        phonenumber::country::Id::from_str(&s.to_ascii_uppercase()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_mean_simulator() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config {
+            database_url: format!("sqlite://{}", dir.path().join("x.db").display()),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        assert!(!c.has_twilio_credentials());
+    }
+
+    #[test]
+    fn bad_settings_are_all_reported_with_fixes() {
+        let c = Config {
+            database_url: "sqlite:///nonexistent-dir/sub/x.db".into(),
+            public_url: Some("not a url".into()),
+            twilio: TwilioConfig {
+                account_sid: Some("AC123".into()),
+                auth_token: Some(SecretString::from("t".to_string())),
+                phone_number: Some("555-1234".into()),
+                request_timeout_secs: 15,
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("TWILIO_ACCOUNT_SID"), "{err}");
+        assert!(err.contains("E.164"), "{err}");
+        assert!(err.contains("SWITCHBOARD_PUBLIC_URL"), "{err}");
+        assert!(err.contains("not writable"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let c = Config {
+            twilio: TwilioConfig {
+                auth_token: Some(SecretString::from("supersecret-token".to_string())),
+                ..Default::default()
+            },
+            api_key: Some(SecretString::from("another-secret-key".to_string())),
+            ..Config::default()
+        };
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("supersecret-token"));
+        assert!(!dbg.contains("another-secret-key"));
+    }
+
+    #[test]
+    fn sender_rates_parse_from_a_list() {
+        #[derive(Deserialize)]
+        struct W {
+            #[serde(deserialize_with = "de_rates")]
+            r: BTreeMap<String, f64>,
+        }
+        let w: W = serde_json::from_str(r#"{"r":"+15005550006=10, whatsapp:+14155238886=80"}"#).unwrap();
+        assert_eq!(w.r["+15005550006"], 10.0);
+        assert_eq!(w.r["whatsapp:+14155238886"], 80.0);
+    }
+}

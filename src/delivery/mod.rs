@@ -1,0 +1,381 @@
+//! Delivery: the message row is the job. Workers claim due rows (with a lease and a rate
+//! slot), hand each to the provider outside any transaction, and record the outcome.
+//!
+//! What happens to each kind of outcome:
+//! - **Accepted** (HTTP 201): the SID and Twilio's status are stored; the lease ends.
+//! - **Permanent error** (21211, 21610, 21614, 21408, 63016 …, see `error_codes`): the
+//!   message is `failed` with Twilio's code and message; 21610 also records an opt-out.
+//! - **Transient error** (429/20429, 5xx, timeouts, connection failures, 21611 …): retried
+//!   with exponential backoff and jitter up to `max_attempts`, then `failed`.
+//! - **Ambiguous** (timeout, 5xx, a broken connection, an unreadable 201): Twilio may have
+//!   created the message. The retry is marked *reconcile*: before sending again the worker
+//!   lists Twilio's recent messages to the same recipient from the same sender since the
+//!   earlier attempt, and adopts one with the same body whose SID we do not already hold.
+//!   Only if none is found is the message sent again.
+//! - **Crash**: a message claimed by a process that died keeps its lease until it expires
+//!   (SQLite: at the next start, since only one process uses the file). It is then claimed
+//!   again *with reconciliation*, exactly as an ambiguous failure.
+
+pub mod rate;
+
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::DeliveryConfig;
+use crate::domain::phone::wire_address;
+use crate::domain::MessageStatus;
+use crate::provider::twilio::error_codes::{self, RetryClass};
+use crate::provider::{OutboundRequest, Provider, ProviderError};
+use crate::store::{AttemptOutcome, ClaimRequest, ClaimedMessage, MessageRecord, Store, StoreResult};
+use crate::util::now_ms;
+
+/// How far ahead a sender's next rate slot may be for a message to be claimed now.
+const LOOKAHEAD_MS: i64 = 1000;
+/// Clock skew allowed between us and Twilio when reconciling.
+const RECONCILE_SKEW_MS: i64 = 120_000;
+/// Error code we record when a message's validity period runs out before it is sent
+/// (Twilio's own code for the same event; twilio.md §8.2).
+pub const VALIDITY_EXPIRED: i64 = 30036;
+
+/// What one step of the worker did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Claimed and processed this many messages.
+    Processed(usize),
+    /// Nothing was due.
+    Empty,
+}
+
+/// The delivery worker of one instance.
+#[derive(Clone)]
+pub struct Delivery {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    provider: Arc<dyn Provider>,
+    config: DeliveryConfig,
+    status_callback: String,
+    owner: String,
+    wake: Notify,
+    permits: Arc<Semaphore>,
+}
+
+impl Delivery {
+    /// A worker sending through `provider`, with status callbacks pointed at `status_callback`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        provider: Arc<dyn Provider>,
+        config: DeliveryConfig,
+        status_callback: String,
+    ) -> Self {
+        let permits = Arc::new(Semaphore::new(config.concurrency));
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                provider,
+                config,
+                status_callback,
+                owner: format!("{}-{}", hostname(), ulid::Ulid::new()),
+                wake: Notify::new(),
+                permits,
+            }),
+        }
+    }
+
+    /// Wakes an idle worker (a message was just queued).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// One step: claims due messages (up to `limit`) and processes them all before returning.
+    /// Tests drive the worker with this.
+    pub async fn try_deliver_next(&self, limit: usize) -> StoreResult<StepOutcome> {
+        let claimed = self.claim(limit).await?;
+        if claimed.is_empty() {
+            return Ok(StepOutcome::Empty);
+        }
+        let n = claimed.len();
+        futures::future::join_all(claimed.into_iter().map(|c| self.process(c))).await;
+        Ok(StepOutcome::Processed(n))
+    }
+
+    async fn claim(&self, limit: usize) -> StoreResult<Vec<ClaimedMessage>> {
+        let cfg = &self.inner.config;
+        let rate_for = |key: &str| cfg.rate_for(key);
+        self.inner
+            .store
+            .claim_due(ClaimRequest {
+                now: now_ms(),
+                limit,
+                lookahead_ms: LOOKAHEAD_MS,
+                lease_ms: (cfg.lease_secs * 1000) as i64,
+                owner: &self.inner.owner,
+                rate_for: &rate_for,
+            })
+            .await
+    }
+
+    /// Runs until `shutdown`: claims as many messages as there are free send slots, hands
+    /// each to its own task, and sleeps until woken or the poll interval passes. On shutdown
+    /// it stops claiming and waits for sends already under way.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let poll = Duration::from_millis(self.inner.config.poll_interval_ms.max(10));
+        let mut backoff = Duration::from_millis(100);
+        info!(owner = %self.inner.owner, "delivery worker started");
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let free = self.inner.permits.available_permits();
+            if free == 0 {
+                // Wait for a send to finish.
+                tokio::select! {
+                    p = self.inner.permits.clone().acquire_owned() => drop(p),
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            match self.claim(free.min(256)).await {
+                Ok(claimed) if !claimed.is_empty() => {
+                    backoff = Duration::from_millis(100);
+                    for c in claimed {
+                        let permit = self
+                            .inner
+                            .permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("semaphore never closed");
+                        let this = self.clone();
+                        let span = tracing::info_span!("deliver", message_id = %c.message.id);
+                        tokio::spawn(
+                            async move {
+                                this.process(c).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        _ = self.inner.wake.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "claiming due messages failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Let in-flight sends finish so their outcomes are recorded.
+        let total = self.inner.config.concurrency as u32;
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.inner.permits.acquire_many(total)).await;
+        info!("delivery worker stopped");
+    }
+
+    /// Processes one claimed message: waits for its rate slot, reconciles if needed, sends,
+    /// and records the outcome. Never panics; storage errors are logged (the lease will
+    /// expire and the message will be reconciled and retried).
+    async fn process(&self, c: ClaimedMessage) {
+        let id = c.message.id.clone();
+        let wait = c.slot_at - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        let outcome = self.attempt(&c).await;
+        let final_status = match &outcome {
+            AttemptOutcome::Accepted { status, .. } => status.as_str(),
+            AttemptOutcome::Failed { status, .. } => status.as_str(),
+            AttemptOutcome::Retry { .. } => "retry_scheduled",
+        };
+        match self.inner.store.record_attempt(&id, outcome, now_ms()).await {
+            Ok(m) => debug!(message_id = %id, status = final_status, sid = ?m.provider_sid, "attempt recorded"),
+            Err(e) => {
+                warn!(message_id = %id, error = %e, "could not record attempt outcome; the lease will expire and it will be reconciled")
+            }
+        }
+    }
+
+    async fn attempt(&self, c: &ClaimedMessage) -> AttemptOutcome {
+        let m = &c.message;
+        let now = now_ms();
+        if let Some(validity) = m.validity_period {
+            let start = m.send_at.unwrap_or(m.created_at);
+            if now > start + validity * 1000 {
+                return AttemptOutcome::Failed {
+                    code: Some(VALIDITY_EXPIRED),
+                    message: format!("validity period of {validity} s expired before the message could be sent"),
+                    opt_out: false,
+                    status: MessageStatus::Failed,
+                };
+            }
+        }
+        let to = wire_address(m.channel, &m.to);
+        let from = if m.from.starts_with("MG") {
+            None
+        } else {
+            Some(wire_address(m.channel, &m.from))
+        };
+        if c.reconcile {
+            let since = c.previous_claim_at.unwrap_or(m.created_at) - RECONCILE_SKEW_MS;
+            match self.find_existing(m, &to, from.as_deref(), since).await {
+                Ok(Some((sid, status))) => {
+                    info!(message_id = %m.id, %sid, "reconciled: Twilio already has this message; not sending again");
+                    return AttemptOutcome::Accepted {
+                        sid,
+                        status,
+                        source: "reconcile",
+                    };
+                }
+                Ok(None) => debug!(message_id = %m.id, "reconciled: not found at Twilio; sending"),
+                Err(e) => {
+                    // Cannot tell whether it was sent: do not risk a duplicate.
+                    return self.retry_or_fail(m, e.code(), format!("reconciliation failed: {e}"), true, None);
+                }
+            }
+        }
+        let req = OutboundRequest {
+            to,
+            from,
+            messaging_service_sid: m.messaging_service_sid.clone(),
+            body: m.body.clone(),
+            media_urls: m.media.iter().map(|x| x.url.clone()).collect(),
+            content_sid: m.content_sid.clone(),
+            content_variables: m.content_variables.clone(),
+            status_callback: self.inner.status_callback.clone(),
+            smart_encoded: false,
+        };
+        match self.inner.provider.send(&req).await {
+            Ok(pm) => AttemptOutcome::Accepted {
+                sid: pm.sid,
+                status: MessageStatus::parse(&pm.status).unwrap_or(MessageStatus::Queued),
+                source: "worker",
+            },
+            Err(e) => self.classify(m, e),
+        }
+    }
+
+    fn classify(&self, m: &MessageRecord, e: ProviderError) -> AttemptOutcome {
+        match &e {
+            ProviderError::Rejected { code, message, .. } => {
+                if error_codes::retry_class(*code) == RetryClass::Transient {
+                    self.retry_or_fail(m, Some(*code), message.clone(), false, None)
+                } else {
+                    AttemptOutcome::Failed {
+                        code: Some(*code),
+                        message: message.clone(),
+                        opt_out: error_codes::is_opt_out(*code),
+                        status: MessageStatus::Failed,
+                    }
+                }
+            }
+            ProviderError::Throttled { message, retry_after } => {
+                self.retry_or_fail(m, Some(20429), message.clone(), false, *retry_after)
+            }
+            other => self.retry_or_fail(m, other.code(), other.to_string(), other.is_ambiguous(), None),
+        }
+    }
+
+    fn retry_or_fail(
+        &self,
+        m: &MessageRecord,
+        code: Option<i64>,
+        message: String,
+        reconcile: bool,
+        at_least: Option<Duration>,
+    ) -> AttemptOutcome {
+        let attempts = m.attempts + 1;
+        let cfg = &self.inner.config;
+        if attempts >= cfg.max_attempts {
+            warn!(message_id = %m.id, attempts, ?code, "giving up after the last attempt");
+            return AttemptOutcome::Failed {
+                code,
+                message: format!("gave up after {attempts} attempts: {message}"),
+                opt_out: false,
+                status: MessageStatus::Failed,
+            };
+        }
+        let delay = backoff_delay(attempts, cfg.backoff_base_ms, cfg.backoff_max_ms).max(at_least.unwrap_or_default());
+        info!(message_id = %m.id, attempts, ?code, delay_ms = delay.as_millis() as u64, reconcile, "transient failure; retrying");
+        AttemptOutcome::Retry {
+            next_at: now_ms() + delay.as_millis() as i64,
+            code,
+            message,
+            reconcile,
+        }
+    }
+
+    /// Looks for a message Twilio already has for this one: same recipient and sender,
+    /// same body, created since `since_ms`, with a SID we have not recorded elsewhere.
+    async fn find_existing(
+        &self,
+        m: &MessageRecord,
+        to: &str,
+        from: Option<&str>,
+        since_ms: i64,
+    ) -> Result<Option<(String, MessageStatus)>, ProviderError> {
+        let candidates = self.inner.provider.list_recent(to, from, since_ms).await?;
+        // Oldest first: if several identical messages are being reconciled, each adopts the
+        // earliest one not yet taken.
+        for pm in candidates.into_iter().rev() {
+            if pm.body.as_deref().unwrap_or_default() != m.body {
+                continue;
+            }
+            match self.inner.store.provider_sid_known(&pm.sid).await {
+                Ok(false) => {
+                    let status = MessageStatus::parse(&pm.status).unwrap_or(MessageStatus::Queued);
+                    return Ok(Some((pm.sid, status)));
+                }
+                Ok(true) => continue,
+                Err(e) => return Err(ProviderError::Network(format!("database: {e}"))),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so retries
+/// spread out without ever coming back immediately. `attempt` counts from 1.
+pub fn backoff_delay(attempt: u32, base_ms: u64, max_ms: u64) -> Duration {
+    let exp = base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(max_ms)
+        .max(1);
+    let half = exp / 2;
+    Duration::from_millis(half + rand::thread_rng().gen_range(0..=exp - half))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "switchboard".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..20 {
+            let d = backoff_delay(attempt, 1000, 60_000).as_millis() as u64;
+            let exp = (1000u64 << (attempt - 1).min(30)).min(60_000);
+            assert!(
+                d >= exp / 2 && d <= exp,
+                "attempt {attempt}: {d} not in [{}, {exp}]",
+                exp / 2
+            );
+        }
+    }
+}

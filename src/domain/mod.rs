@@ -1,0 +1,11 @@
+//! Domain types, parsed once at the edge: phone numbers, addresses, bodies, statuses, IDs,
+//! and SMS segment counting.
+
+pub mod ids;
+pub mod message;
+pub mod phone;
+pub mod segments;
+
+pub use ids::{ApiKeyId, ContactId, ConversationId, MessageId};
+pub use message::{Direction, MessageBody, MessageStatus, Priority};
+pub use phone::{Address, Channel, PhoneNumber};

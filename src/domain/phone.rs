@@ -1,0 +1,207 @@
+//! Phone numbers, channels and channel addresses.
+//!
+//! Everything that names a party is parsed once, at the edge, into these types:
+//! [`PhoneNumber`] is always E.164 (`+14155550100`), [`Channel`] says how it is reached, and
+//! [`Address`] is the pair Twilio puts on the wire (`+1…` for SMS/MMS, `whatsapp:+1…`).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A phone number in E.164 form (`+` then up to 15 digits), validated with the
+/// `phonenumber` crate (Google's libphonenumber metadata).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct PhoneNumber(String);
+
+/// Why a phone number was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    /// Nothing was given.
+    #[error("phone number is empty")]
+    Empty,
+    /// The text cannot be read as a phone number at all.
+    #[error("'{0}' is not a phone number")]
+    Unparseable(String),
+    /// It parses, but no numbering plan has such a number.
+    #[error("'{0}' is not a valid phone number")]
+    Invalid(String),
+}
+
+impl PhoneNumber {
+    /// Parses `input` (E.164, or national format read in `default_region`, e.g. `US`).
+    ///
+    /// Accepts spaces, dashes, dots and brackets as written by people; refuses letters and
+    /// numbers no numbering plan allows. Errors: [`PhoneError`].
+    pub fn parse(input: &str, default_region: &str) -> Result<Self, PhoneError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(PhoneError::Empty);
+        }
+        // libphonenumber accepts vanity letters ("1-800-FLOWERS"); a gateway must not guess.
+        if trimmed.chars().any(|c| c.is_alphabetic()) {
+            return Err(PhoneError::Unparseable(trimmed.to_string()));
+        }
+        let region = phonenumber::country::Id::from_str(&default_region.to_ascii_uppercase()).ok();
+        let parsed = phonenumber::parse(region, trimmed).map_err(|_| PhoneError::Unparseable(trimmed.to_string()))?;
+        if !phonenumber::is_valid(&parsed) {
+            return Err(PhoneError::Invalid(trimmed.to_string()));
+        }
+        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        Ok(Self(e164))
+    }
+
+    /// Wraps an E.164 string read back from our own database.
+    pub fn from_trusted(s: String) -> Self {
+        Self(s)
+    }
+
+    /// The number as E.164 text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a message travels. MMS is SMS with media (Twilio uses one resource for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// SMS and MMS.
+    #[default]
+    Sms,
+    /// WhatsApp through Twilio.
+    Whatsapp,
+}
+
+impl Channel {
+    /// `sms` or `whatsapp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sms => "sms",
+            Channel::Whatsapp => "whatsapp",
+        }
+    }
+
+    /// Parses `sms` / `whatsapp` (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "sms" | "mms" => Some(Channel::Sms),
+            "whatsapp" => Some(Channel::Whatsapp),
+            _ => None,
+        }
+    }
+
+    /// Twilio's maximum media items per message: 10 for MMS, 1 for WhatsApp (twilio.md §1.4, §6).
+    pub fn max_media(self) -> usize {
+        match self {
+            Channel::Sms => 10,
+            Channel::Whatsapp => 1,
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A channel address as Twilio writes it: `+14155550100` or `whatsapp:+14155550100`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Address {
+    /// The channel the address belongs to.
+    pub channel: Channel,
+    /// The number, without any channel prefix.
+    pub number: PhoneNumber,
+}
+
+impl Address {
+    /// Parses a possibly `whatsapp:`-prefixed number. Errors as [`PhoneNumber::parse`].
+    pub fn parse(input: &str, default_region: &str) -> Result<Self, PhoneError> {
+        let (channel, rest) = split_channel_prefix(input);
+        Ok(Self {
+            channel,
+            number: PhoneNumber::parse(rest, default_region)?,
+        })
+    }
+
+    /// The wire form Twilio expects in `To`/`From`.
+    pub fn to_wire(&self) -> String {
+        wire_address(self.channel, self.number.as_str())
+    }
+}
+
+/// Splits a `whatsapp:` prefix (case-insensitive) off an address.
+pub fn split_channel_prefix(input: &str) -> (Channel, &str) {
+    let trimmed = input.trim();
+    match trimmed.get(..9) {
+        Some(p) if p.eq_ignore_ascii_case("whatsapp:") => (Channel::Whatsapp, &trimmed[9..]),
+        _ => (Channel::Sms, trimmed),
+    }
+}
+
+/// The wire form of `number` on `channel` (adds `whatsapp:` for WhatsApp).
+pub fn wire_address(channel: Channel, number: &str) -> String {
+    match channel {
+        Channel::Sms => number.to_string(),
+        Channel::Whatsapp => format!("whatsapp:{number}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_e164_and_national_numbers() {
+        assert_eq!(
+            PhoneNumber::parse("+14155550100", "US").unwrap().as_str(),
+            "+14155550100"
+        );
+        assert_eq!(
+            PhoneNumber::parse("(415) 555-0100", "US").unwrap().as_str(),
+            "+14155550100"
+        );
+        assert_eq!(
+            PhoneNumber::parse("020 7946 0018", "GB").unwrap().as_str(),
+            "+442079460018"
+        );
+        assert_eq!(
+            PhoneNumber::parse("+15005550006", "US").unwrap().as_str(),
+            "+15005550006"
+        );
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert_eq!(PhoneNumber::parse("  ", "US"), Err(PhoneError::Empty));
+        assert!(PhoneNumber::parse("hello", "US").is_err());
+        assert!(PhoneNumber::parse("1-800-FLOWERS", "US").is_err());
+        assert!(PhoneNumber::parse("+1555", "US").is_err());
+        assert!(PhoneNumber::parse("+999999999999999999", "US").is_err());
+    }
+
+    #[test]
+    fn addresses_carry_the_channel() {
+        let a = Address::parse("whatsapp:+14155550100", "US").unwrap();
+        assert_eq!(a.channel, Channel::Whatsapp);
+        assert_eq!(a.to_wire(), "whatsapp:+14155550100");
+        let b = Address::parse("WhatsApp:+14155550100", "US").unwrap();
+        assert_eq!(b.channel, Channel::Whatsapp);
+        let c = Address::parse("+14155550100", "US").unwrap();
+        assert_eq!(c.channel, Channel::Sms);
+        assert_eq!(c.to_wire(), "+14155550100");
+    }
+}

@@ -1,0 +1,25 @@
+//! Switchboard: a self-hosted two-way SMS, MMS and WhatsApp gateway over Twilio.
+//!
+//! The layers, each a module: `api` (REST v1) and `webhooks` (Twilio in) are thin HTTP
+//! handlers over `service`; `service` applies the product's rules over `store` (storage
+//! behind one trait) and wakes `delivery` (the workers that hand queued messages to
+//! `provider`, i.e. Twilio); `simulator` is a Twilio stand-in for development and tests.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod error;
+pub mod provider;
+pub mod service;
+pub mod simulator;
+pub mod store;
+pub mod telemetry;
+pub mod util;
+pub mod webhooks;
+
+pub use app::{start, Server};
+pub use config::Config;

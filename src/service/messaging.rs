@@ -1,0 +1,553 @@
+//! Sending, receiving and status updates: the rules of the product in one place.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+use crate::delivery::Delivery;
+use crate::domain::phone::{split_channel_prefix, wire_address};
+use crate::domain::segments;
+use crate::domain::{Address, Channel, MessageBody, MessageId, MessageStatus, PhoneNumber, Priority};
+use crate::error::{Error, Result};
+use crate::provider::twilio::client::describe_error;
+use crate::store::{
+    IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MessageRecord, NewInbound, NewOutbound, OptChange,
+    StatusOutcome, StatusUpdate, Store,
+};
+use crate::util::now_ms;
+
+/// Twilio's scheduling window for `send_at` (twilio.md §1.4): at least 15 minutes and at
+/// most 35 days ahead.
+const SEND_AT_MIN_MS: i64 = 15 * 60 * 1000;
+const SEND_AT_MAX_MS: i64 = 35 * 24 * 3600 * 1000;
+/// How long idempotency keys are kept.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// A key left `in_progress` this long belongs to a request that died; it may be taken over.
+const IDEMPOTENCY_STALE_MS: i64 = 60 * 1000;
+
+/// Opt-out keywords (twilio.md §3.7): the whole trimmed body, case-insensitive.
+const OPT_OUT_KEYWORDS: &[&str] = &[
+    "STOP",
+    "STOPALL",
+    "UNSUBSCRIBE",
+    "CANCEL",
+    "END",
+    "QUIT",
+    "OPTOUT",
+    "REVOKE",
+];
+/// Opt-in keywords.
+const OPT_IN_KEYWORDS: &[&str] = &["START", "YES", "UNSTOP"];
+
+/// The default senders, per channel.
+#[derive(Debug, Clone, Default)]
+pub struct Senders {
+    /// SMS/MMS sender, E.164.
+    pub sms: Option<String>,
+    /// WhatsApp sender, E.164 (without the prefix).
+    pub whatsapp: Option<String>,
+    /// Messaging Service SID, used when a channel has no number.
+    pub messaging_service_sid: Option<String>,
+}
+
+/// A send request as it arrives (wire form, shared/API.md `POST /api/v1/messages`).
+#[derive(Debug, Clone, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SendInput {
+    /// Recipient: E.164, national (read in the default region), or `whatsapp:+…`.
+    pub to: String,
+    /// Text, up to 1,600 characters.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// `sms` (default) or `whatsapp`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Sender number or Messaging Service SID; defaults to the configured sender.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Media URLs (up to 10 for MMS, 1 for WhatsApp).
+    #[serde(default)]
+    pub media_urls: Option<Vec<String>>,
+    /// WhatsApp template SID (`HX…`).
+    #[serde(default)]
+    pub content_sid: Option<String>,
+    /// Template variables: a JSON object of strings (or such an object encoded as a string).
+    #[serde(default)]
+    pub content_variables: Option<Value>,
+    /// RFC 3339 time to send at, 15 minutes to 35 days ahead.
+    #[serde(default)]
+    pub send_at: Option<String>,
+    /// Seconds the message may wait to be sent (1–36000); after that it fails with 30036.
+    #[serde(default)]
+    pub validity_period: Option<i64>,
+    /// Replace Unicode look-alikes with GSM-7 characters before counting and sending.
+    #[serde(default)]
+    pub smart_encoding: Option<bool>,
+    /// `normal` (default) or `high`.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+}
+
+/// What a send produced.
+pub enum SendOutcome {
+    /// A new queued message.
+    Created(Box<MessageRecord>),
+    /// The replay of an earlier request with the same Idempotency-Key.
+    Replay {
+        /// HTTP status of the first response.
+        status: u16,
+        /// Its JSON body.
+        body: String,
+    },
+}
+
+/// An idempotency key on a send.
+pub struct IdempotencyRequest<'a> {
+    /// The API key ID (keys are per client).
+    pub scope: &'a str,
+    /// The client's `Idempotency-Key`.
+    pub key: &'a str,
+    /// SHA-256 of the canonical request body.
+    pub request_hash: String,
+    /// Renders the response body for a stored message (replayed later).
+    pub render: &'a (dyn Fn(&MessageRecord) -> String + Send + Sync),
+}
+
+/// The messaging service.
+#[derive(Clone)]
+pub struct Messaging {
+    store: Arc<dyn Store>,
+    delivery: Delivery,
+    senders: Senders,
+    region: String,
+}
+
+impl Messaging {
+    /// A service over `store`, waking `delivery` when it queues work.
+    pub fn new(store: Arc<dyn Store>, delivery: Delivery, senders: Senders, region: String) -> Self {
+        Self {
+            store,
+            delivery,
+            senders,
+            region,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The default region for numbers written without `+`.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Validates a send and queues it. Errors: `invalid_request` (422) naming the field,
+    /// `opted_out`, idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
+    pub async fn send(&self, input: SendInput, idem: Option<IdempotencyRequest<'_>>) -> Result<SendOutcome> {
+        let draft = self.parse_send(input, now_ms())?;
+        let Some(idem) = idem else {
+            let rec = self.store.insert_outbound(draft, None).await?;
+            self.delivery.wake();
+            return Ok(SendOutcome::Created(Box::new(rec)));
+        };
+        match self
+            .store
+            .idempotency_begin(
+                idem.scope,
+                idem.key,
+                &idem.request_hash,
+                now_ms(),
+                IDEMPOTENCY_TTL_MS,
+                IDEMPOTENCY_STALE_MS,
+            )
+            .await?
+        {
+            IdempotencyBegin::Replay { status, body } => return Ok(SendOutcome::Replay { status, body }),
+            IdempotencyBegin::Mismatch => return Err(Error::IdempotencyKeyReused),
+            IdempotencyBegin::InProgress => {
+                return Err(Error::Conflict(
+                    "a request with this Idempotency-Key is still being processed; retry shortly".into(),
+                ))
+            }
+            IdempotencyBegin::Started => {}
+        }
+        let completion = IdempotencyCompletion {
+            scope: idem.scope,
+            key: idem.key,
+            status: 202,
+            render: idem.render,
+        };
+        match self.store.insert_outbound(draft, Some(completion)).await {
+            Ok(rec) => {
+                self.delivery.wake();
+                Ok(SendOutcome::Created(Box::new(rec)))
+            }
+            Err(e) => {
+                // The request did not take effect: free the key so a corrected retry can use it.
+                if let Err(e2) = self.store.idempotency_abandon(idem.scope, idem.key).await {
+                    tracing::warn!(error = %e2, "could not release idempotency key");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Turns a wire request into a message ready to insert. Errors name the field.
+    pub fn parse_send(&self, input: SendInput, now: i64) -> Result<NewOutbound> {
+        let (prefix_channel, _) = split_channel_prefix(&input.to);
+        let channel = match input.channel.as_deref() {
+            None => prefix_channel,
+            Some(c) => {
+                let ch = Channel::parse(c).ok_or_else(|| {
+                    Error::invalid("channel", format!("unknown channel '{c}': use 'sms' or 'whatsapp'"))
+                })?;
+                if prefix_channel == Channel::Whatsapp && ch != Channel::Whatsapp {
+                    return Err(Error::invalid(
+                        "channel",
+                        "'to' has a whatsapp: prefix but channel is not 'whatsapp'",
+                    ));
+                }
+                ch
+            }
+        };
+        let to = Address::parse(&input.to, &self.region)
+            .map_err(|e| Error::invalid("to", format!("'to' is not a valid phone number: {e}")))?;
+        let from = self.resolve_sender(channel, input.from.as_deref())?;
+        let body = MessageBody::parse(input.body.as_deref().unwrap_or_default())
+            .map_err(|e| Error::invalid("body", e.to_string()))?;
+        let media = parse_media(channel, input.media_urls.unwrap_or_default())?;
+        let content_sid = input.content_sid.map(|s| s.trim().to_string());
+        if let Some(sid) = &content_sid {
+            if !is_sid(sid, "HX") {
+                return Err(Error::invalid(
+                    "content_sid",
+                    "content_sid must be 'HX' followed by 32 hex characters",
+                ));
+            }
+        }
+        let content_variables = match input.content_variables {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                if content_sid.is_none() {
+                    return Err(Error::invalid(
+                        "content_variables",
+                        "content_variables needs content_sid",
+                    ));
+                }
+                Some(parse_content_variables(v)?)
+            }
+        };
+        if body.is_blank() && media.is_empty() && content_sid.is_none() {
+            return Err(Error::invalid(
+                "body",
+                "body must not be empty (or give media_urls or content_sid)",
+            ));
+        }
+        let smart = input.smart_encoding.unwrap_or(false);
+        let seg = segments::analyze(body.as_str(), smart);
+        let send_at = match input.send_at {
+            None => None,
+            Some(s) => {
+                let t = DateTime::parse_from_rfc3339(&s)
+                    .map_err(|_| Error::invalid("send_at", format!("send_at '{s}' is not an RFC 3339 time")))?
+                    .with_timezone(&Utc)
+                    .timestamp_millis();
+                if t < now + SEND_AT_MIN_MS || t > now + SEND_AT_MAX_MS {
+                    return Err(Error::invalid(
+                        "send_at",
+                        "send_at must be between 15 minutes and 35 days from now",
+                    ));
+                }
+                Some(t)
+            }
+        };
+        if let Some(v) = input.validity_period {
+            if !(1..=36_000).contains(&v) {
+                return Err(Error::invalid(
+                    "validity_period",
+                    "validity_period must be 1 to 36000 seconds",
+                ));
+            }
+        }
+        let (from_value, mg) = match from {
+            SenderChoice::Number(n) => (n, None),
+            SenderChoice::Service(mg) => (mg.clone(), Some(mg)),
+        };
+        let rate_key = if mg.is_some() {
+            from_value.clone()
+        } else {
+            wire_address(channel, &from_value)
+        };
+        let rate_cost = match channel {
+            // WhatsApp throughput is counted in messages (twilio.md §8.1); MMS is one message.
+            Channel::Whatsapp => 1,
+            Channel::Sms if !media.is_empty() => 1,
+            Channel::Sms => seg.segments.max(1),
+        };
+        Ok(NewOutbound {
+            id: MessageId::new(),
+            channel,
+            to: to.number.as_str().to_string(),
+            from: from_value,
+            body: seg.body,
+            media,
+            segments: seg.segments,
+            encoding: seg.encoding.as_str().to_string(),
+            smart_encoding: smart,
+            messaging_service_sid: mg,
+            content_sid,
+            content_variables,
+            priority: input.priority.unwrap_or_default(),
+            send_at,
+            validity_period: input.validity_period,
+            rate_key,
+            rate_cost,
+            now,
+        })
+    }
+
+    fn resolve_sender(&self, channel: Channel, from: Option<&str>) -> Result<SenderChoice> {
+        if let Some(f) = from.map(str::trim).filter(|f| !f.is_empty()) {
+            if f.starts_with("MG") {
+                return if is_sid(f, "MG") {
+                    Ok(SenderChoice::Service(f.to_string()))
+                } else {
+                    Err(Error::invalid(
+                        "from",
+                        "a Messaging Service SID is 'MG' followed by 32 hex characters",
+                    ))
+                };
+            }
+            let (prefix, bare) = split_channel_prefix(f);
+            if prefix == Channel::Whatsapp && channel != Channel::Whatsapp {
+                return Err(Error::invalid(
+                    "from",
+                    "'from' is a WhatsApp address but the channel is sms",
+                ));
+            }
+            let n = PhoneNumber::parse(bare, &self.region)
+                .map_err(|e| Error::invalid("from", format!("'from' is not a valid phone number: {e}")))?;
+            return Ok(SenderChoice::Number(n.as_str().to_string()));
+        }
+        let number = match channel {
+            Channel::Sms => self.senders.sms.clone(),
+            Channel::Whatsapp => self.senders.whatsapp.clone(),
+        };
+        match (number, &self.senders.messaging_service_sid) {
+            (Some(n), _) => Ok(SenderChoice::Number(n)),
+            (None, Some(mg)) => Ok(SenderChoice::Service(mg.clone())),
+            (None, None) => Err(Error::invalid(
+                "from",
+                format!("no {channel} sender is configured: give 'from' or set the default sender"),
+            )),
+        }
+    }
+
+    /// Cancels a message not yet handed to Twilio. Errors: `not_found`, `conflict`.
+    pub async fn cancel(&self, id: &MessageId) -> Result<MessageRecord> {
+        Ok(self.store.cancel_message(id, now_ms()).await?)
+    }
+
+    /// Stores an inbound message from Twilio's webhook parameters, idempotently on
+    /// MessageSid, applying opt-out and opt-in keywords. Returns `None` for a replay.
+    /// Errors: `invalid_request` (400) when required parameters are missing.
+    pub async fn receive(&self, params: &[(String, String)]) -> Result<Option<MessageRecord>> {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let sid = get("MessageSid")
+            .or_else(|| get("SmsMessageSid"))
+            .or_else(|| get("SmsSid"));
+        let sid = sid
+            .filter(|s| valid_sid_shape(s))
+            .ok_or_else(|| Error::bad_request("webhook has no valid MessageSid"))?;
+        let from_raw = get("From")
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| Error::bad_request("webhook has no From"))?;
+        let to_raw = get("To")
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| Error::bad_request("webhook has no To"))?;
+        let (channel, from_bare) = split_channel_prefix(from_raw);
+        let (_, to_bare) = split_channel_prefix(to_raw);
+        // Twilio passes a raw caller ID when it cannot normalise to E.164 (short codes,
+        // alphanumeric IDs): keep those as they are rather than refusing the message.
+        let from = PhoneNumber::parse(from_bare, &self.region)
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|_| from_bare.to_string());
+        let to = PhoneNumber::parse(to_bare, &self.region)
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|_| to_bare.to_string());
+        let body = get("Body").unwrap_or_default().to_string();
+        let num_media: usize = get("NumMedia").and_then(|n| n.trim().parse().ok()).unwrap_or(0).min(20);
+        let media = (0..num_media)
+            .filter_map(|i| {
+                get(&format!("MediaUrl{i}")).map(|url| Media {
+                    url: url.to_string(),
+                    content_type: get(&format!("MediaContentType{i}")).map(str::to_string),
+                })
+            })
+            .collect::<Vec<_>>();
+        let seg = segments::analyze(&body, false);
+        let segments_n = get("NumSegments")
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(seg.segments);
+        let keyword = body.trim().to_ascii_uppercase();
+        let opt_type = get("OptOutType").map(|t| t.trim().to_ascii_uppercase());
+        let opt_change = if opt_type.as_deref() == Some("STOP") || OPT_OUT_KEYWORDS.contains(&keyword.as_str()) {
+            Some(OptChange {
+                opt_out: true,
+                keyword: if keyword.is_empty() {
+                    "STOP".into()
+                } else {
+                    keyword.clone()
+                },
+            })
+        } else if opt_type.as_deref() == Some("START") || OPT_IN_KEYWORDS.contains(&keyword.as_str()) {
+            Some(OptChange {
+                opt_out: false,
+                keyword: keyword.clone(),
+            })
+        } else {
+            None
+        };
+        let mut raw = Map::new();
+        for (k, v) in params {
+            raw.insert(k.clone(), Value::String(v.clone()));
+        }
+        let outcome = self
+            .store
+            .insert_inbound(NewInbound {
+                id: MessageId::new(),
+                provider_sid: sid.to_string(),
+                channel,
+                from,
+                to,
+                body,
+                media,
+                segments: segments_n,
+                encoding: seg.encoding.as_str().to_string(),
+                raw_payload: Value::Object(raw),
+                opt_change,
+                now: now_ms(),
+            })
+            .await?;
+        Ok(match outcome {
+            InboundOutcome::Created(m) => Some(*m),
+            InboundOutcome::Duplicate => None,
+        })
+    }
+
+    /// Records a status callback: always appended to the history; the status moves only
+    /// forward. Errors: `invalid_request` (400) without MessageSid or MessageStatus.
+    pub async fn status_callback(&self, params: &[(String, String)]) -> Result<StatusOutcome> {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let sid = get("MessageSid")
+            .or_else(|| get("SmsSid"))
+            .filter(|s| valid_sid_shape(s))
+            .ok_or_else(|| Error::bad_request("status callback has no valid MessageSid"))?;
+        let event_read = get("EventType").is_some_and(|e| e.eq_ignore_ascii_case("READ"));
+        let status_raw = if event_read {
+            "read".to_string()
+        } else {
+            get("MessageStatus")
+                .or_else(|| get("SmsStatus"))
+                .filter(|s| !s.trim().is_empty())
+                .ok_or_else(|| Error::bad_request("status callback has no MessageStatus"))?
+                .trim()
+                .to_ascii_lowercase()
+        };
+        let error_code = get("ErrorCode")
+            .and_then(|c| c.trim().parse::<i64>().ok())
+            .filter(|c| *c != 0);
+        let error_message = error_code.map(|c| {
+            get("ChannelStatusMessage")
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .unwrap_or_else(|| describe_error(c))
+        });
+        let mut raw = Map::new();
+        for (k, v) in params {
+            raw.insert(k.clone(), Value::String(v.clone()));
+        }
+        Ok(self
+            .store
+            .record_status(StatusUpdate {
+                provider_sid: sid.to_string(),
+                status: MessageStatus::parse(&status_raw).filter(|s| *s != MessageStatus::Received),
+                status_raw,
+                error_code,
+                error_message,
+                raw_payload: Value::Object(raw),
+                now: now_ms(),
+            })
+            .await?)
+    }
+}
+
+enum SenderChoice {
+    Number(String),
+    Service(String),
+}
+
+fn parse_media(channel: Channel, urls: Vec<String>) -> Result<Vec<Media>> {
+    if urls.len() > channel.max_media() {
+        return Err(Error::invalid(
+            "media_urls",
+            format!(
+                "{channel} allows at most {} media item(s) per message",
+                channel.max_media()
+            ),
+        ));
+    }
+    urls.into_iter()
+        .map(|u| match url::Url::parse(u.trim()) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() => Ok(Media {
+                url: parsed.to_string(),
+                content_type: None,
+            }),
+            _ => Err(Error::invalid("media_urls", format!("'{u}' is not an http(s) URL"))),
+        })
+        .collect()
+}
+
+fn parse_content_variables(v: Value) -> Result<String> {
+    let obj = match v {
+        Value::String(s) => serde_json::from_str::<Value>(&s)
+            .map_err(|_| Error::invalid("content_variables", "content_variables is not a JSON object"))?,
+        other => other,
+    };
+    let Value::Object(map) = &obj else {
+        return Err(Error::invalid(
+            "content_variables",
+            "content_variables must be a JSON object of strings",
+        ));
+    };
+    for (k, v) in map {
+        match v {
+            Value::String(s) if s.chars().count() <= 1600 => {}
+            Value::String(_) => {
+                return Err(Error::invalid(
+                    "content_variables",
+                    format!("variable '{k}' is longer than 1600 characters"),
+                ))
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "content_variables",
+                    format!("variable '{k}' must be a string"),
+                ))
+            }
+        }
+    }
+    Ok(obj.to_string())
+}
+
+fn is_sid(s: &str, prefix: &str) -> bool {
+    s.len() == 34 && s.starts_with(prefix) && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Twilio SIDs are two letters and 32 hex digits; accept any two-letter prefix so new
+/// kinds do not break us, but refuse anything that could not be a SID.
+fn valid_sid_shape(s: &str) -> bool {
+    s.len() == 34 && s[..2].bytes().all(|b| b.is_ascii_alphabetic()) && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}

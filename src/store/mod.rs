@@ -1,0 +1,587 @@
+//! Storage: one [`Store`] trait and its backends (SQLite now; PostgreSQL behind the same
+//! trait). Handlers and services never see SQL. Rows are plain records; the API layer maps
+//! them to wire types.
+//!
+//! Times are Unix milliseconds (`i64`) throughout, which both backends store natively.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::domain::{Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority};
+
+/// Storage failures, already sorted into what callers must treat differently.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (API answers 503 `unavailable`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A uniqueness rule was violated (API answers 409 or a more specific code).
+    #[error("{0}")]
+    Conflict(String),
+    /// The row does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The recipient opted out (checked inside the insert's transaction).
+    #[error("{0}")]
+    OptedOut(String),
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// `Result` for storage calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One media item of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Media {
+    /// Where the file is (Twilio's media URL for inbound; the caller's URL for outbound).
+    pub url: String,
+    /// MIME type, when known.
+    pub content_type: Option<String>,
+}
+
+/// A stored message.
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    /// Our ID.
+    pub id: MessageId,
+    /// The conversation it belongs to.
+    pub conversation_id: ConversationId,
+    /// SMS/MMS or WhatsApp.
+    pub channel: Channel,
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// Sender: E.164 number, or a Messaging Service SID (`MG…`) for outbound service sends.
+    pub from: String,
+    /// Recipient: E.164 number (or the raw value Twilio gave for odd inbound senders).
+    pub to: String,
+    /// Text (possibly after smart encoding).
+    pub body: String,
+    /// Attachments.
+    pub media: Vec<Media>,
+    /// Current status.
+    pub status: MessageStatus,
+    /// Twilio's MessageSid once known.
+    pub provider_sid: Option<String>,
+    /// Twilio error code of a failure.
+    pub error_code: Option<i64>,
+    /// Human text of a failure.
+    pub error_message: Option<String>,
+    /// SMS segments (billing units).
+    pub segments: u32,
+    /// `GSM-7` or `UCS-2`.
+    pub encoding: String,
+    /// Whether smart encoding was applied.
+    pub smart_encoding: bool,
+    /// Messaging Service used to send, if any.
+    pub messaging_service_sid: Option<String>,
+    /// WhatsApp template (`HX…`).
+    pub content_sid: Option<String>,
+    /// Template variables (JSON object of strings).
+    pub content_variables: Option<String>,
+    /// Claim priority.
+    pub priority: Priority,
+    /// Scheduled time (ms).
+    pub send_at: Option<i64>,
+    /// Seconds the message may wait before it expires unsent.
+    pub validity_period: Option<i64>,
+    /// Send attempts made.
+    pub attempts: u32,
+    /// When the next attempt is due (ms); `None` once handed to Twilio or finished.
+    pub next_attempt_at: Option<i64>,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+    /// Position in the global change order (for `messages?since=`).
+    pub change_seq: i64,
+}
+
+/// One entry in a message's status history: every callback, every attempt outcome.
+#[derive(Debug, Clone)]
+pub struct StatusEventRecord {
+    /// The status reported (Twilio's word, or ours for local events).
+    pub status: String,
+    /// Twilio error code reported with it.
+    pub error_code: Option<i64>,
+    /// Error text.
+    pub error_message: Option<String>,
+    /// `api` (our request), `worker` (an attempt), `twilio` (a status callback), `reconcile`.
+    pub source: String,
+    /// Whether it moved the message's current status.
+    pub applied: bool,
+    /// The callback's form parameters, when it came from Twilio.
+    pub raw_payload: Option<Value>,
+    /// When it was recorded (ms).
+    pub created_at: i64,
+}
+
+/// A stored contact.
+#[derive(Debug, Clone)]
+pub struct ContactRecord {
+    /// Our ID.
+    pub id: ContactId,
+    /// E.164, unique.
+    pub phone_number: String,
+    /// Name shown to agents.
+    pub display_name: String,
+    /// Opted out on any channel.
+    pub opted_out: bool,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+/// A stored conversation with its summary.
+#[derive(Debug, Clone)]
+pub struct ConversationRecord {
+    /// Our ID.
+    pub id: ConversationId,
+    /// Channel.
+    pub channel: Channel,
+    /// The other party (E.164, or the raw sender Twilio gave).
+    pub counterpart: String,
+    /// Our number or Messaging Service SID.
+    pub sender: String,
+    /// The contact whose phone number is the counterpart, if any.
+    pub contact: Option<ContactRecord>,
+    /// Preview of the last message.
+    pub last_preview: Option<String>,
+    /// Direction of the last message.
+    pub last_direction: Option<Direction>,
+    /// Time of the last message (ms).
+    pub last_message_at: Option<i64>,
+    /// Messages in the conversation.
+    pub message_count: i64,
+    /// Inbound messages since the conversation was last marked read.
+    pub unread_count: i64,
+    /// The counterpart opted out on this channel.
+    pub opted_out: bool,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+/// An opted-out number.
+#[derive(Debug, Clone)]
+pub struct OptOutRecord {
+    /// Channel the opt-out applies to.
+    pub channel: Channel,
+    /// E.164 number.
+    pub phone_number: String,
+    /// The keyword that opted it out (`STOP`…), or `21610` when Twilio reported it.
+    pub keyword: String,
+    /// `inbound` or `twilio`.
+    pub source: String,
+    /// When (ms).
+    pub created_at: i64,
+}
+
+/// A stored API key (the secret itself is not kept, only its SHA-256).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRecord {
+    /// ID.
+    pub id: crate::domain::ApiKeyId,
+    /// Label.
+    pub name: String,
+}
+
+/// An outbound message to insert as `queued` (or `scheduled`).
+#[derive(Debug, Clone)]
+pub struct NewOutbound {
+    /// The message with all fields set; `conversation_id` is filled in by the store.
+    pub id: MessageId,
+    /// Channel.
+    pub channel: Channel,
+    /// Recipient, E.164.
+    pub to: String,
+    /// Our number (E.164) or Messaging Service SID.
+    pub from: String,
+    /// Text.
+    pub body: String,
+    /// Attachments.
+    pub media: Vec<Media>,
+    /// Segments.
+    pub segments: u32,
+    /// Encoding name.
+    pub encoding: String,
+    /// Smart encoding applied.
+    pub smart_encoding: bool,
+    /// Messaging Service.
+    pub messaging_service_sid: Option<String>,
+    /// Template.
+    pub content_sid: Option<String>,
+    /// Template variables.
+    pub content_variables: Option<String>,
+    /// Priority.
+    pub priority: Priority,
+    /// Scheduled time (ms).
+    pub send_at: Option<i64>,
+    /// Validity in seconds.
+    pub validity_period: Option<i64>,
+    /// Key of the sender's rate limit (wire form of the sender).
+    pub rate_key: String,
+    /// Cost against the rate limit, in segments.
+    pub rate_cost: u32,
+    /// Now (ms).
+    pub now: i64,
+}
+
+/// Completing an idempotency key in the same transaction as the insert.
+pub struct IdempotencyCompletion<'a> {
+    /// Whose key (the API key ID).
+    pub scope: &'a str,
+    /// The client's key.
+    pub key: &'a str,
+    /// HTTP status of the response to replay.
+    pub status: u16,
+    /// Renders the response body from the stored message.
+    pub render: &'a (dyn Fn(&MessageRecord) -> String + Send + Sync),
+}
+
+/// What starting an idempotent request found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// The key is new (or expired): proceed, then complete or abandon it.
+    Started,
+    /// The same request finished before: replay this response.
+    Replay {
+        /// HTTP status.
+        status: u16,
+        /// JSON body.
+        body: String,
+    },
+    /// The same key is being processed right now.
+    InProgress,
+    /// The key was used with a different request body.
+    Mismatch,
+}
+
+/// An inbound message to insert (idempotent on `provider_sid`).
+#[derive(Debug, Clone)]
+pub struct NewInbound {
+    /// Our ID for it.
+    pub id: MessageId,
+    /// Twilio's MessageSid.
+    pub provider_sid: String,
+    /// Channel.
+    pub channel: Channel,
+    /// The counterpart (E.164, or raw).
+    pub from: String,
+    /// Our number.
+    pub to: String,
+    /// Text.
+    pub body: String,
+    /// Attachments.
+    pub media: Vec<Media>,
+    /// Segments Twilio reported (or we computed).
+    pub segments: u32,
+    /// Encoding.
+    pub encoding: String,
+    /// Every form parameter Twilio sent, for audit.
+    pub raw_payload: Value,
+    /// Opt-out or opt-in triggered by this message.
+    pub opt_change: Option<OptChange>,
+    /// Now (ms).
+    pub now: i64,
+}
+
+/// A change of opt-out state.
+#[derive(Debug, Clone)]
+pub struct OptChange {
+    /// True to opt out, false to opt back in.
+    pub opt_out: bool,
+    /// The keyword (STOP, START…) or the Twilio code.
+    pub keyword: String,
+}
+
+/// What inserting an inbound message did.
+#[derive(Debug, Clone)]
+pub enum InboundOutcome {
+    /// Stored, with its conversation's new summary.
+    Created(Box<MessageRecord>),
+    /// A replay of a MessageSid already stored; nothing changed.
+    Duplicate,
+}
+
+/// A status callback to record.
+#[derive(Debug, Clone)]
+pub struct StatusUpdate {
+    /// Twilio's MessageSid.
+    pub provider_sid: String,
+    /// The status word as Twilio sent it.
+    pub status_raw: String,
+    /// Parsed, when we know the word.
+    pub status: Option<MessageStatus>,
+    /// ErrorCode, if any.
+    pub error_code: Option<i64>,
+    /// Error text (from our catalogue; Twilio sends none for SMS).
+    pub error_message: Option<String>,
+    /// All form parameters.
+    pub raw_payload: Value,
+    /// Now (ms).
+    pub now: i64,
+}
+
+/// What recording a status callback did.
+#[derive(Debug, Clone)]
+pub struct StatusOutcome {
+    /// The message, when the SID is known.
+    pub message: Option<MessageRecord>,
+    /// Whether the message's status moved.
+    pub applied: bool,
+}
+
+/// Parameters of one claim of due messages.
+pub struct ClaimRequest<'a> {
+    /// Now (ms).
+    pub now: i64,
+    /// At most this many.
+    pub limit: usize,
+    /// How far ahead (ms) a sender's next rate slot may be for its message to be claimed now
+    /// (the worker waits for the slot).
+    pub lookahead_ms: i64,
+    /// Lease length (ms).
+    pub lease_ms: i64,
+    /// This instance's name, recorded on the lease.
+    pub owner: &'a str,
+    /// Segments per second for a rate key.
+    pub rate_for: &'a (dyn Fn(&str) -> f64 + Send + Sync),
+}
+
+/// A message this instance now owns until the lease ends.
+#[derive(Debug, Clone)]
+pub struct ClaimedMessage {
+    /// The message.
+    pub message: MessageRecord,
+    /// When it may be handed to Twilio (ms) without exceeding the sender's rate.
+    pub slot_at: i64,
+    /// An earlier attempt may have reached Twilio: look for it before sending again.
+    pub reconcile: bool,
+    /// When an earlier claim started (ms), the lower bound for reconciliation.
+    pub previous_claim_at: Option<i64>,
+}
+
+/// The outcome of an attempt, to record.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    /// Twilio accepted it (or reconciliation found it there).
+    Accepted {
+        /// MessageSid.
+        sid: String,
+        /// Twilio's status on acceptance.
+        status: MessageStatus,
+        /// `worker` or `reconcile`.
+        source: &'static str,
+    },
+    /// Permanently failed.
+    Failed {
+        /// Twilio code (or ours for local failures such as expiry).
+        code: Option<i64>,
+        /// Text.
+        message: String,
+        /// Twilio said the recipient opted out: record it.
+        opt_out: bool,
+        /// New status (`failed`, `canceled`).
+        status: MessageStatus,
+    },
+    /// Try again at `next_at`.
+    Retry {
+        /// When (ms).
+        next_at: i64,
+        /// Twilio code, if any.
+        code: Option<i64>,
+        /// Text.
+        message: String,
+        /// The attempt may have reached Twilio: reconcile before resending.
+        reconcile: bool,
+    },
+}
+
+/// A page request: keyset cursor and size.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    /// Where to continue.
+    pub cursor: Option<Cursor>,
+    /// At most this many (1–200).
+    pub limit: u32,
+}
+
+/// A page of results.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// Items in order.
+    pub items: Vec<T>,
+    /// Cursor for the next page, `None` at the end.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// An opaque keyset cursor: a sort key and the ID that breaks ties.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Sort key (a time or a sequence).
+    pub key: i64,
+    /// Tie-breaking ID.
+    pub id: String,
+}
+
+impl Cursor {
+    /// Opaque text form (URL-safe base64).
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{}", self.key, self.id))
+    }
+
+    /// Parses [`Cursor::encode`] output; `None` for anything else.
+    pub fn decode(s: &str) -> Option<Self> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (k, id) = text.split_once('|')?;
+        Some(Cursor {
+            key: k.parse().ok()?,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// Conversation list filters.
+#[derive(Debug, Clone, Default)]
+pub struct ConversationFilter {
+    /// Only this channel.
+    pub channel: Option<Channel>,
+    /// Only conversations with unread messages.
+    pub unread: Option<bool>,
+}
+
+/// Messages created or changed after a cursor, for polling.
+#[derive(Debug, Clone)]
+pub struct ChangedMessages {
+    /// In change order.
+    pub messages: Vec<MessageRecord>,
+    /// The conversations they belong to.
+    pub conversations: Vec<ConversationRecord>,
+    /// The cursor to poll from next (the last change seen, or the one given).
+    pub next_cursor: i64,
+}
+
+/// Contact fields to create.
+#[derive(Debug, Clone)]
+pub struct NewContact {
+    /// ID.
+    pub id: ContactId,
+    /// E.164.
+    pub phone_number: String,
+    /// Name.
+    pub display_name: String,
+    /// Now (ms).
+    pub now: i64,
+}
+
+/// The storage contract. Every method is one transaction: it either happens entirely or not
+/// at all.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip proving the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Stores an API key by the SHA-256 of its secret; `Conflict` if that hash exists.
+    async fn insert_api_key(
+        &self,
+        id: &crate::domain::ApiKeyId,
+        name: &str,
+        key_hash: &str,
+        now: i64,
+    ) -> StoreResult<()>;
+    /// Finds an API key by the SHA-256 of its secret.
+    async fn find_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    /// Number of API keys.
+    async fn count_api_keys(&self) -> StoreResult<i64>;
+
+    /// Starts an idempotent request. A key older than `ttl_ms` counts as new; one left
+    /// in progress longer than `stale_ms` (a crashed request) may be taken over.
+    async fn idempotency_begin(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+        now: i64,
+        ttl_ms: i64,
+        stale_ms: i64,
+    ) -> StoreResult<IdempotencyBegin>;
+    /// Forgets a started key whose request failed, so the client may retry.
+    async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()>;
+    /// Deletes keys created before `before` (ms). Returns how many.
+    async fn idempotency_purge(&self, before: i64) -> StoreResult<u64>;
+
+    /// Inserts an outbound message and its conversation summary (and completes the
+    /// idempotency key) in one transaction. `OptedOut` if the recipient opted out.
+    async fn insert_outbound(
+        &self,
+        msg: NewOutbound,
+        idem: Option<IdempotencyCompletion<'_>>,
+    ) -> StoreResult<MessageRecord>;
+    /// Inserts an inbound message idempotently on its MessageSid, updating the
+    /// conversation summary and opt-out state in the same transaction.
+    async fn insert_inbound(&self, msg: NewInbound) -> StoreResult<InboundOutcome>;
+    /// Appends a status callback to the history and moves the status forward if allowed.
+    /// Callbacks for a SID not stored yet are kept and applied when the SID is recorded.
+    async fn record_status(&self, update: StatusUpdate) -> StoreResult<StatusOutcome>;
+
+    /// Claims due messages for this instance, honouring each sender's rate.
+    async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>>;
+    /// Records the outcome of an attempt and releases the lease.
+    async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord>;
+    /// Marks every current lease as expired (single-instance start-up: the previous process
+    /// is gone, so its claims need reconciling now rather than after the lease runs out).
+    async fn expire_all_leases(&self) -> StoreResult<u64>;
+    /// Whether a MessageSid is already recorded on some message.
+    async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool>;
+    /// Cancels a message not yet handed to Twilio. `Conflict` if it is past that point.
+    async fn cancel_message(&self, id: &MessageId, now: i64) -> StoreResult<MessageRecord>;
+
+    /// One message.
+    async fn get_message(&self, id: &MessageId) -> StoreResult<Option<MessageRecord>>;
+    /// A message's status history, oldest first.
+    async fn message_history(&self, id: &MessageId) -> StoreResult<Vec<StatusEventRecord>>;
+    /// Messages created or changed after `cursor` (a change sequence), with their conversations.
+    async fn messages_changed_since(&self, cursor: i64, limit: u32) -> StoreResult<ChangedMessages>;
+
+    /// Conversations, newest activity first.
+    async fn list_conversations(
+        &self,
+        filter: &ConversationFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<ConversationRecord>>;
+    /// One conversation.
+    async fn get_conversation(&self, id: &ConversationId) -> StoreResult<Option<ConversationRecord>>;
+    /// A conversation's messages, newest first.
+    async fn list_conversation_messages(
+        &self,
+        id: &ConversationId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<MessageRecord>>;
+    /// Sets the unread count to 0. `NotFound` if there is no such conversation.
+    async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord>;
+
+    /// Creates a contact; `Conflict` if the phone number has one.
+    async fn create_contact(&self, c: NewContact) -> StoreResult<ContactRecord>;
+    /// One contact.
+    async fn get_contact(&self, id: &ContactId) -> StoreResult<Option<ContactRecord>>;
+    /// Contacts, newest first.
+    async fn list_contacts(&self, page: &PageRequest) -> StoreResult<Page<ContactRecord>>;
+    /// Changes the display name; `NotFound` if missing.
+    async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord>;
+    /// Deletes a contact; `NotFound` if missing.
+    async fn delete_contact(&self, id: &ContactId) -> StoreResult<()>;
+
+    /// Whether `phone_number` opted out on `channel`.
+    async fn is_opted_out(&self, channel: Channel, phone_number: &str) -> StoreResult<bool>;
+    /// Opted-out numbers, newest first.
+    async fn list_opt_outs(&self, page: &PageRequest) -> StoreResult<Page<OptOutRecord>>;
+}

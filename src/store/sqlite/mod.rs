@@ -1,0 +1,1252 @@
+//! SQLite backend: one file, WAL journal, a single writer connection (SQLite allows one
+//! writer at a time; one pooled connection serialises writes in-process instead of letting
+//! them fail with SQLITE_BUSY) and a pool of readers.
+
+use anyhow::Context;
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::*;
+use crate::delivery::rate::take_slot;
+use crate::domain::message::preview;
+
+/// Embedded migrations for this backend.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path` and applies migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before we acknowledge anything (API 202, webhook 200).
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-16000");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.clone())
+            .await
+            .with_context(|| format!("opening SQLite database {}", path.display()))?;
+        MIGRATOR.run(&writer).await.context("applying SQLite migrations")?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        self.writer.begin().await.map_err(map_err)
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(db.message().to_string()),
+        _ => StoreError::Other(anyhow::Error::new(e)),
+    }
+}
+
+const MESSAGE_COLS: &str = "id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
+    provider_sid, error_code, error_message, segments, encoding, smart_encoding, messaging_service_sid, \
+    content_sid, content_variables, priority, send_at, validity_period, attempts, next_attempt_at, \
+    created_at, updated_at, change_seq";
+
+fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
+    let media: String = r.get("media");
+    let status: String = r.get("status");
+    let channel: String = r.get("channel");
+    let direction: String = r.get("direction");
+    Ok(MessageRecord {
+        id: MessageId::from_trusted(r.get("id")),
+        conversation_id: ConversationId::from_trusted(r.get("conversation_id")),
+        channel: Channel::parse(&channel)
+            .context("stored channel")
+            .map_err(StoreError::Other)?,
+        direction: Direction::parse(&direction)
+            .context("stored direction")
+            .map_err(StoreError::Other)?,
+        from: r.get("from_addr"),
+        to: r.get("to_addr"),
+        body: r.get("body"),
+        media: serde_json::from_str(&media).unwrap_or_default(),
+        status: MessageStatus::parse(&status)
+            .context("stored status")
+            .map_err(StoreError::Other)?,
+        provider_sid: r.get("provider_sid"),
+        error_code: r.get("error_code"),
+        error_message: r.get("error_message"),
+        segments: r.get::<i64, _>("segments") as u32,
+        encoding: r.get("encoding"),
+        smart_encoding: r.get::<i64, _>("smart_encoding") != 0,
+        messaging_service_sid: r.get("messaging_service_sid"),
+        content_sid: r.get("content_sid"),
+        content_variables: r.get("content_variables"),
+        priority: Priority::from_i64(r.get("priority")),
+        send_at: r.get("send_at"),
+        validity_period: r.get("validity_period"),
+        attempts: r.get::<i64, _>("attempts") as u32,
+        next_attempt_at: r.get("next_attempt_at"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        change_seq: r.get("change_seq"),
+    })
+}
+
+const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, c.last_direction, \
+    c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
+    ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
+    ct.updated_at AS ct_updated, \
+    EXISTS (SELECT 1 FROM opt_outs o WHERE o.channel = c.channel AND o.phone_number = c.counterpart) AS opted_out, \
+    EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = c.counterpart) AS ct_opted_out \
+    FROM conversations c LEFT JOIN contacts ct ON ct.phone_number = c.counterpart";
+
+fn conversation_from_row(r: &SqliteRow) -> StoreResult<ConversationRecord> {
+    let channel: String = r.get("channel");
+    let contact = r.get::<Option<String>, _>("ct_id").map(|id| ContactRecord {
+        id: ContactId::from_trusted(id),
+        phone_number: r.get("ct_phone"),
+        display_name: r.get("ct_name"),
+        opted_out: r.get::<i64, _>("ct_opted_out") != 0,
+        created_at: r.get("ct_created"),
+        updated_at: r.get("ct_updated"),
+    });
+    Ok(ConversationRecord {
+        id: ConversationId::from_trusted(r.get("id")),
+        channel: Channel::parse(&channel)
+            .context("stored channel")
+            .map_err(StoreError::Other)?,
+        counterpart: r.get("counterpart"),
+        sender: r.get("sender"),
+        contact,
+        last_preview: r.get("last_preview"),
+        last_direction: r
+            .get::<Option<String>, _>("last_direction")
+            .and_then(|d| Direction::parse(&d)),
+        last_message_at: r.get("last_message_at"),
+        message_count: r.get("message_count"),
+        unread_count: r.get("unread_count"),
+        opted_out: r.get::<i64, _>("opted_out") != 0,
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    })
+}
+
+const CONTACT_SELECT: &str = "SELECT ct.id, ct.phone_number, ct.display_name, ct.created_at, ct.updated_at, \
+    EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = ct.phone_number) AS opted_out FROM contacts ct";
+
+fn contact_from_row(r: &SqliteRow) -> ContactRecord {
+    ContactRecord {
+        id: ContactId::from_trusted(r.get("id")),
+        phone_number: r.get("phone_number"),
+        display_name: r.get("display_name"),
+        opted_out: r.get::<i64, _>("opted_out") != 0,
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    }
+}
+
+async fn next_seq(tx: &mut Transaction<'static, Sqlite>) -> StoreResult<i64> {
+    sqlx::query_scalar("UPDATE counters SET value = value + 1 WHERE name = 'change_seq' RETURNING value")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(map_err)
+}
+
+async fn fetch_message(tx: &mut Transaction<'static, Sqlite>, id: &str) -> StoreResult<MessageRecord> {
+    let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+    message_from_row(&row)
+}
+
+/// Creates the conversation if needed and folds one new message into its summary.
+#[allow(clippy::too_many_arguments)]
+async fn upsert_conversation(
+    tx: &mut Transaction<'static, Sqlite>,
+    channel: Channel,
+    counterpart: &str,
+    sender: &str,
+    message_id: &str,
+    preview_text: &str,
+    direction: Direction,
+    now: i64,
+) -> StoreResult<String> {
+    let unread = i64::from(direction == Direction::Inbound);
+    sqlx::query_scalar(
+        "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
+             last_message_at, activity_at, message_count, unread_count, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, ?9, ?8, ?8) \
+         ON CONFLICT (channel, counterpart, sender) DO UPDATE SET \
+             last_message_id = excluded.last_message_id, last_preview = excluded.last_preview, \
+             last_direction = excluded.last_direction, last_message_at = excluded.last_message_at, \
+             activity_at = excluded.activity_at, message_count = conversations.message_count + 1, \
+             unread_count = conversations.unread_count + excluded.unread_count, updated_at = excluded.updated_at \
+         RETURNING id",
+    )
+    .bind(ConversationId::new().as_str())
+    .bind(channel.as_str())
+    .bind(counterpart)
+    .bind(sender)
+    .bind(message_id)
+    .bind(preview_text)
+    .bind(direction.as_str())
+    .bind(now)
+    .bind(unread)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(map_err)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    message_id: Option<&str>,
+    provider_sid: Option<&str>,
+    status: &str,
+    error_code: Option<i64>,
+    error_message: Option<&str>,
+    source: &str,
+    applied: bool,
+    raw: Option<&Value>,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO status_events (message_id, provider_sid, status, error_code, error_message, source, applied, raw_payload, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(message_id)
+    .bind(provider_sid)
+    .bind(status)
+    .bind(error_code)
+    .bind(error_message)
+    .bind(source)
+    .bind(applied as i64)
+    .bind(raw.map(|v| v.to_string()))
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn set_opt_out(
+    tx: &mut Transaction<'static, Sqlite>,
+    channel: Channel,
+    phone: &str,
+    change: &OptChange,
+    source: &str,
+    now: i64,
+) -> StoreResult<()> {
+    if change.opt_out {
+        sqlx::query(
+            "INSERT INTO opt_outs (channel, phone_number, keyword, source, created_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (channel, phone_number) DO NOTHING",
+        )
+        .bind(channel.as_str())
+        .bind(phone)
+        .bind(&change.keyword)
+        .bind(source)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    } else {
+        sqlx::query("DELETE FROM opt_outs WHERE channel = ? AND phone_number = ?")
+            .bind(channel.as_str())
+            .bind(phone)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Moves a message to `next` if the state machine allows it; returns whether it moved.
+async fn apply_status(
+    tx: &mut Transaction<'static, Sqlite>,
+    msg: &MessageRecord,
+    next: MessageStatus,
+    error_code: Option<i64>,
+    error_message: Option<&str>,
+    now: i64,
+) -> StoreResult<bool> {
+    if !msg.status.can_transition_to(next) {
+        return Ok(false);
+    }
+    let seq = next_seq(tx).await?;
+    sqlx::query(
+        "UPDATE messages SET status = ?, error_code = COALESCE(?, error_code), error_message = COALESCE(?, error_message), \
+         updated_at = ?, change_seq = ? WHERE id = ?",
+    )
+    .bind(next.as_str())
+    .bind(error_code)
+    .bind(error_message)
+    .bind(now)
+    .bind(seq)
+    .bind(msg.id.as_str())
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(true)
+}
+
+fn keyset_limit(page: &PageRequest) -> i64 {
+    i64::from(page.limit.clamp(1, 200))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn insert_api_key(
+        &self,
+        id: &crate::domain::ApiKeyId,
+        name: &str,
+        key_hash: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)")
+            .bind(id.as_str())
+            .bind(name)
+            .bind(key_hash)
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT id, name FROM api_keys WHERE key_hash = ?")
+            .bind(key_hash)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(row.map(|r| ApiKeyRecord {
+            id: crate::domain::ApiKeyId::from_trusted(r.get("id")),
+            name: r.get("name"),
+        }))
+    }
+
+    async fn count_api_keys(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn idempotency_begin(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+        now: i64,
+        ttl_ms: i64,
+        stale_ms: i64,
+    ) -> StoreResult<IdempotencyBegin> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys WHERE scope = ? AND key = ?",
+        )
+        .bind(scope)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(r) = row {
+            let created: i64 = r.get("created_at");
+            let state: String = r.get("state");
+            let expired = now - created > ttl_ms;
+            let abandoned = state == "in_progress" && now - created > stale_ms;
+            if !expired && !abandoned {
+                let hash: String = r.get("request_hash");
+                if hash != request_hash {
+                    return Ok(IdempotencyBegin::Mismatch);
+                }
+                if state == "done" {
+                    return Ok(IdempotencyBegin::Replay {
+                        status: r.get::<i64, _>("response_status") as u16,
+                        body: r.get("response_body"),
+                    });
+                }
+                return Ok(IdempotencyBegin::InProgress);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) VALUES (?, ?, ?, 'in_progress', ?) \
+             ON CONFLICT (scope, key) DO UPDATE SET request_hash = excluded.request_hash, state = 'in_progress', \
+             response_status = NULL, response_body = NULL, created_at = excluded.created_at",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(request_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(IdempotencyBegin::Started)
+    }
+
+    async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_progress'")
+            .bind(scope)
+            .bind(key)
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
+        let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+            .bind(before)
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn insert_outbound(
+        &self,
+        m: NewOutbound,
+        idem: Option<IdempotencyCompletion<'_>>,
+    ) -> StoreResult<MessageRecord> {
+        let mut tx = self.begin().await?;
+        let opted: Option<i64> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?")
+            .bind(m.channel.as_str())
+            .bind(&m.to)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if opted.is_some() {
+            return Err(StoreError::OptedOut(format!(
+                "{} opted out of {} messages; they must text START to opt back in",
+                m.to, m.channel
+            )));
+        }
+        let conv_id = upsert_conversation(
+            &mut tx,
+            m.channel,
+            &m.to,
+            &m.from,
+            m.id.as_str(),
+            &preview(&m.body, m.media.len()),
+            Direction::Outbound,
+            m.now,
+        )
+        .await?;
+        let seq = next_seq(&mut tx).await?;
+        let status = if m.send_at.is_some() {
+            MessageStatus::Scheduled
+        } else {
+            MessageStatus::Queued
+        };
+        let due = m.send_at.unwrap_or(m.now);
+        sqlx::query(
+            "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
+             segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
+             validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq) \
+             VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+        )
+        .bind(m.id.as_str())
+        .bind(&conv_id)
+        .bind(m.channel.as_str())
+        .bind(&m.from)
+        .bind(&m.to)
+        .bind(&m.body)
+        .bind(serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?)
+        .bind(status.as_str())
+        .bind(i64::from(m.segments))
+        .bind(&m.encoding)
+        .bind(m.smart_encoding as i64)
+        .bind(&m.messaging_service_sid)
+        .bind(&m.content_sid)
+        .bind(&m.content_variables)
+        .bind(m.priority.as_i64())
+        .bind(m.send_at)
+        .bind(m.validity_period)
+        .bind(&m.rate_key)
+        .bind(i64::from(m.rate_cost))
+        .bind(due)
+        .bind(m.now)
+        .bind(m.now)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_event(
+            &mut tx,
+            Some(m.id.as_str()),
+            None,
+            status.as_str(),
+            None,
+            None,
+            "api",
+            true,
+            None,
+            m.now,
+        )
+        .await?;
+        let record = fetch_message(&mut tx, m.id.as_str()).await?;
+        if let Some(c) = idem {
+            sqlx::query(
+                "UPDATE idempotency_keys SET state = 'done', response_status = ?, response_body = ? WHERE scope = ? AND key = ?",
+            )
+            .bind(i64::from(c.status))
+            .bind((c.render)(&record))
+            .bind(c.scope)
+            .bind(c.key)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
+    }
+
+    async fn insert_inbound(&self, m: NewInbound) -> StoreResult<InboundOutcome> {
+        let mut tx = self.begin().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = ?")
+            .bind(&m.provider_sid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if exists.is_some() {
+            return Ok(InboundOutcome::Duplicate);
+        }
+        let conv_id = upsert_conversation(
+            &mut tx,
+            m.channel,
+            &m.from,
+            &m.to,
+            m.id.as_str(),
+            &preview(&m.body, m.media.len()),
+            Direction::Inbound,
+            m.now,
+        )
+        .await?;
+        let seq = next_seq(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, provider_sid, \
+             segments, encoding, raw_payload, created_at, updated_at, change_seq) \
+             VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(m.id.as_str())
+        .bind(&conv_id)
+        .bind(m.channel.as_str())
+        .bind(&m.from)
+        .bind(&m.to)
+        .bind(&m.body)
+        .bind(serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?)
+        .bind(&m.provider_sid)
+        .bind(i64::from(m.segments))
+        .bind(&m.encoding)
+        .bind(m.raw_payload.to_string())
+        .bind(m.now)
+        .bind(m.now)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_event(
+            &mut tx,
+            Some(m.id.as_str()),
+            Some(&m.provider_sid),
+            "received",
+            None,
+            None,
+            "twilio",
+            true,
+            None,
+            m.now,
+        )
+        .await?;
+        if let Some(change) = &m.opt_change {
+            set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
+        }
+        let record = fetch_message(&mut tx, m.id.as_str()).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(InboundOutcome::Created(Box::new(record)))
+    }
+
+    async fn record_status(&self, u: StatusUpdate) -> StoreResult<StatusOutcome> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE provider_sid = ?"))
+            .bind(&u.provider_sid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let msg = row.as_ref().map(message_from_row).transpose()?;
+        let mut applied = false;
+        if let (Some(m), Some(next)) = (&msg, u.status) {
+            applied = apply_status(&mut tx, m, next, u.error_code, u.error_message.as_deref(), u.now).await?;
+            if u.error_code
+                .is_some_and(crate::provider::twilio::error_codes::is_opt_out)
+            {
+                let change = OptChange {
+                    opt_out: true,
+                    keyword: "21610".into(),
+                };
+                set_opt_out(&mut tx, m.channel, &m.to, &change, "twilio", u.now).await?;
+            }
+        }
+        insert_event(
+            &mut tx,
+            msg.as_ref().map(|m| m.id.as_str()),
+            Some(&u.provider_sid),
+            &u.status_raw,
+            u.error_code,
+            u.error_message.as_deref(),
+            "twilio",
+            applied,
+            Some(&u.raw_payload),
+            u.now,
+        )
+        .await?;
+        let message = match &msg {
+            Some(m) => Some(fetch_message(&mut tx, m.id.as_str()).await?),
+            None => None,
+        };
+        tx.commit().await.map_err(map_err)?;
+        Ok(StatusOutcome { message, applied })
+    }
+
+    async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>> {
+        let mut tx = self.begin().await?;
+        // Scan a little more than asked: some candidates may share a sender whose rate is used up.
+        let scan = (req.limit * 4).max(32) as i64;
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS}, m.rate_key, m.rate_cost, m.lease_until, m.claimed_at, m.reconcile, t.tat \
+             FROM messages m LEFT JOIN sender_throttle t ON t.rate_key = m.rate_key \
+             WHERE m.next_attempt_at IS NOT NULL AND m.next_attempt_at <= ?1 \
+               AND (m.lease_until IS NULL OR m.lease_until <= ?1) \
+               AND (t.tat IS NULL OR t.tat <= ?1 + ?2) \
+             ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT ?3"
+        ))
+        .bind(req.now)
+        .bind(req.lookahead_ms)
+        .bind(scan)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut tats: HashMap<String, Option<i64>> = HashMap::new();
+        let mut claimed = Vec::new();
+        for r in &rows {
+            if claimed.len() >= req.limit {
+                break;
+            }
+            let key: String = r.get("rate_key");
+            let cost: i64 = r.get("rate_cost");
+            let tat = *tats
+                .entry(key.clone())
+                .or_insert_with(|| r.get::<Option<i64>, _>("tat"));
+            let Some((slot, new_tat)) =
+                take_slot(tat, req.now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
+            else {
+                continue;
+            };
+            tats.insert(key, Some(new_tat));
+            let had_lease = r.get::<Option<i64>, _>("lease_until").is_some();
+            let reconcile = had_lease || r.get::<i64, _>("reconcile") != 0;
+            claimed.push(ClaimedMessage {
+                message: message_from_row(r)?,
+                slot_at: slot,
+                reconcile,
+                previous_claim_at: r.get("claimed_at"),
+            });
+        }
+        for c in &claimed {
+            sqlx::query(
+                "UPDATE messages SET lease_until = ?, lease_owner = ?, claimed_at = ?, reconcile = ? WHERE id = ?",
+            )
+            .bind(req.now + req.lease_ms)
+            .bind(req.owner)
+            .bind(req.now)
+            .bind(c.reconcile as i64)
+            .bind(c.message.id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for (key, tat) in &tats {
+            if let Some(tat) = tat {
+                sqlx::query(
+                    "INSERT INTO sender_throttle (rate_key, tat) VALUES (?, ?) ON CONFLICT (rate_key) DO UPDATE SET tat = MAX(sender_throttle.tat, excluded.tat)",
+                )
+                .bind(key)
+                .bind(tat)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(claimed)
+    }
+
+    async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord> {
+        let mut tx = self.begin().await?;
+        let msg = fetch_message(&mut tx, id.as_str()).await?;
+        match &outcome {
+            AttemptOutcome::Accepted { sid, status, source } => {
+                let moved = msg.status.can_transition_to(*status);
+                let seq = next_seq(&mut tx).await?;
+                sqlx::query(
+                    "UPDATE messages SET provider_sid = ?, status = ?, attempts = attempts + 1, next_attempt_at = NULL, \
+                     lease_until = NULL, lease_owner = NULL, reconcile = 0, error_code = NULL, error_message = NULL, \
+                     updated_at = ?, change_seq = ? WHERE id = ?",
+                )
+                .bind(sid)
+                .bind(if moved { status.as_str() } else { msg.status.as_str() })
+                .bind(now)
+                .bind(seq)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                insert_event(
+                    &mut tx,
+                    Some(id.as_str()),
+                    Some(sid),
+                    status.as_str(),
+                    None,
+                    None,
+                    source,
+                    moved,
+                    None,
+                    now,
+                )
+                .await?;
+                // Callbacks that outran Twilio's answer to our create call wait here for the SID.
+                let orphans = sqlx::query(
+                    "SELECT id, status, error_code, error_message FROM status_events WHERE message_id IS NULL AND provider_sid = ? ORDER BY id",
+                )
+                .bind(sid)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                for o in orphans {
+                    let current = fetch_message(&mut tx, id.as_str()).await?;
+                    let raw: String = o.get("status");
+                    let applied = match MessageStatus::parse(&raw) {
+                        Some(next) => {
+                            apply_status(
+                                &mut tx,
+                                &current,
+                                next,
+                                o.get("error_code"),
+                                o.get::<Option<String>, _>("error_message").as_deref(),
+                                now,
+                            )
+                            .await?
+                        }
+                        None => false,
+                    };
+                    sqlx::query("UPDATE status_events SET message_id = ?, applied = ? WHERE id = ?")
+                        .bind(id.as_str())
+                        .bind(applied as i64)
+                        .bind(o.get::<i64, _>("id"))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                }
+            }
+            AttemptOutcome::Failed {
+                code,
+                message,
+                opt_out,
+                status,
+            } => {
+                let seq = next_seq(&mut tx).await?;
+                sqlx::query(
+                    "UPDATE messages SET status = ?, error_code = ?, error_message = ?, attempts = attempts + 1, \
+                     next_attempt_at = NULL, lease_until = NULL, lease_owner = NULL, reconcile = 0, updated_at = ?, change_seq = ? WHERE id = ?",
+                )
+                .bind(status.as_str())
+                .bind(code)
+                .bind(message)
+                .bind(now)
+                .bind(seq)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                insert_event(
+                    &mut tx,
+                    Some(id.as_str()),
+                    None,
+                    status.as_str(),
+                    *code,
+                    Some(message),
+                    "worker",
+                    true,
+                    None,
+                    now,
+                )
+                .await?;
+                if *opt_out {
+                    let change = OptChange {
+                        opt_out: true,
+                        keyword: "21610".into(),
+                    };
+                    set_opt_out(&mut tx, msg.channel, &msg.to, &change, "twilio", now).await?;
+                }
+            }
+            AttemptOutcome::Retry {
+                next_at,
+                code,
+                message,
+                reconcile,
+            } => {
+                let seq = next_seq(&mut tx).await?;
+                sqlx::query(
+                    "UPDATE messages SET error_code = ?, error_message = ?, attempts = attempts + 1, next_attempt_at = ?, \
+                     lease_until = NULL, lease_owner = NULL, reconcile = ?, updated_at = ?, change_seq = ? WHERE id = ?",
+                )
+                .bind(code)
+                .bind(message)
+                .bind(next_at)
+                .bind(*reconcile as i64)
+                .bind(now)
+                .bind(seq)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                insert_event(
+                    &mut tx,
+                    Some(id.as_str()),
+                    None,
+                    "retry_scheduled",
+                    *code,
+                    Some(message),
+                    "worker",
+                    false,
+                    None,
+                    now,
+                )
+                .await?;
+            }
+        }
+        let record = fetch_message(&mut tx, id.as_str()).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
+    }
+
+    async fn expire_all_leases(&self) -> StoreResult<u64> {
+        let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = ?")
+            .bind(sid)
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn cancel_message(&self, id: &MessageId, now: i64) -> StoreResult<MessageRecord> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "SELECT next_attempt_at, lease_until, status FROM messages WHERE id = ? AND direction = 'outbound'",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+        let waiting = row.get::<Option<i64>, _>("next_attempt_at").is_some();
+        let leased = row.get::<Option<i64>, _>("lease_until").is_some_and(|l| l > now);
+        if !waiting || leased {
+            let status: String = row.get("status");
+            return Err(StoreError::Conflict(format!(
+                "message {id} can no longer be canceled: it is {status} and {}",
+                if leased {
+                    "being handed to Twilio right now"
+                } else {
+                    "already with Twilio or finished"
+                }
+            )));
+        }
+        let seq = next_seq(&mut tx).await?;
+        sqlx::query(
+            "UPDATE messages SET status = 'canceled', next_attempt_at = NULL, updated_at = ?, change_seq = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(seq)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_event(
+            &mut tx,
+            Some(id.as_str()),
+            None,
+            "canceled",
+            None,
+            None,
+            "api",
+            true,
+            None,
+            now,
+        )
+        .await?;
+        let record = fetch_message(&mut tx, id.as_str()).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
+    }
+
+    async fn get_message(&self, id: &MessageId) -> StoreResult<Option<MessageRecord>> {
+        let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(message_from_row).transpose()
+    }
+
+    async fn message_history(&self, id: &MessageId) -> StoreResult<Vec<StatusEventRecord>> {
+        let rows = sqlx::query(
+            "SELECT status, error_code, error_message, source, applied, raw_payload, created_at FROM status_events WHERE message_id = ? ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| StatusEventRecord {
+                status: r.get("status"),
+                error_code: r.get("error_code"),
+                error_message: r.get("error_message"),
+                source: r.get("source"),
+                applied: r.get::<i64, _>("applied") != 0,
+                raw_payload: r
+                    .get::<Option<String>, _>("raw_payload")
+                    .and_then(|s| serde_json::from_str(&s).ok()),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn messages_changed_since(&self, cursor: i64, limit: u32) -> StoreResult<ChangedMessages> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE change_seq > ? ORDER BY change_seq LIMIT ?"
+        ))
+        .bind(cursor)
+        .bind(i64::from(limit.clamp(1, 200)))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let messages = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = messages.last().map(|m| m.change_seq).unwrap_or(cursor);
+        let mut ids: Vec<&str> = messages.iter().map(|m| m.conversation_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut conversations = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
+            if let Some(r) = row {
+                conversations.push(conversation_from_row(&r)?);
+            }
+        }
+        Ok(ChangedMessages {
+            messages,
+            conversations,
+            next_cursor,
+        })
+    }
+
+    async fn list_conversations(
+        &self,
+        filter: &ConversationFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<ConversationRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = match &page.cursor {
+            Some(c) => (Some(c.key), Some(c.id.clone())),
+            None => (None, None),
+        };
+        let rows = sqlx::query(&format!(
+            "{CONVERSATION_SELECT} WHERE (?1 IS NULL OR c.channel = ?1) \
+               AND (?2 IS NULL OR (?2 = 1 AND c.unread_count > 0) OR (?2 = 0 AND c.unread_count = 0)) \
+               AND (?3 IS NULL OR c.activity_at < ?3 OR (c.activity_at = ?3 AND c.id < ?4)) \
+             ORDER BY c.activity_at DESC, c.id DESC LIMIT ?5"
+        ))
+        .bind(filter.channel.map(|c| c.as_str()))
+        .bind(filter.unread.map(i64::from))
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let mut items = rows
+            .iter()
+            .map(conversation_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|c| Cursor {
+                key: c.last_message_at.unwrap_or(c.created_at),
+                id: c.id.to_string(),
+            })
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn get_conversation(&self, id: &ConversationId) -> StoreResult<Option<ConversationRecord>> {
+        let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(conversation_from_row).transpose()
+    }
+
+    async fn list_conversation_messages(
+        &self,
+        id: &ConversationId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<MessageRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = match &page.cursor {
+            Some(c) => (Some(c.key), Some(c.id.clone())),
+            None => (None, None),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 \
+               AND (?2 IS NULL OR created_at < ?2 OR (created_at = ?2 AND id < ?3)) \
+             ORDER BY created_at DESC, id DESC LIMIT ?4"
+        ))
+        .bind(id.as_str())
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let mut items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|m| Cursor {
+                key: m.created_at,
+                id: m.id.to_string(),
+            })
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord> {
+        let r = sqlx::query("UPDATE conversations SET unread_count = 0, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("conversation {id} not found")));
+        }
+        let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
+            .bind(id.as_str())
+            .fetch_one(&self.writer)
+            .await
+            .map_err(map_err)?;
+        conversation_from_row(&row)
+    }
+
+    async fn create_contact(&self, c: NewContact) -> StoreResult<ContactRecord> {
+        let r = sqlx::query(
+            "INSERT INTO contacts (id, phone_number, display_name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(c.id.as_str())
+        .bind(&c.phone_number)
+        .bind(&c.display_name)
+        .bind(c.now)
+        .bind(c.now)
+        .execute(&self.writer)
+        .await;
+        match r {
+            Err(e) => match map_err(e) {
+                StoreError::Conflict(_) => Err(StoreError::Conflict(format!(
+                    "a contact with phone number {} already exists",
+                    c.phone_number
+                ))),
+                other => Err(other),
+            },
+            Ok(_) => {
+                let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
+                    .bind(c.id.as_str())
+                    .fetch_one(&self.writer)
+                    .await
+                    .map_err(map_err)?;
+                Ok(contact_from_row(&row))
+            }
+        }
+    }
+
+    async fn get_contact(&self, id: &ContactId) -> StoreResult<Option<ContactRecord>> {
+        let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(row.as_ref().map(contact_from_row))
+    }
+
+    async fn list_contacts(&self, page: &PageRequest) -> StoreResult<Page<ContactRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = match &page.cursor {
+            Some(c) => (Some(c.key), Some(c.id.clone())),
+            None => (None, None),
+        };
+        let rows = sqlx::query(&format!(
+            "{CONTACT_SELECT} WHERE (?1 IS NULL OR ct.created_at < ?1 OR (ct.created_at = ?1 AND ct.id < ?2)) \
+             ORDER BY ct.created_at DESC, ct.id DESC LIMIT ?3"
+        ))
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let mut items: Vec<ContactRecord> = rows.iter().map(contact_from_row).collect();
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|c| Cursor {
+                key: c.created_at,
+                id: c.id.to_string(),
+            })
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
+        let r = sqlx::query("UPDATE contacts SET display_name = ?, updated_at = ? WHERE id = ?")
+            .bind(display_name)
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("contact {id} not found")));
+        }
+        let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
+            .bind(id.as_str())
+            .fetch_one(&self.writer)
+            .await
+            .map_err(map_err)?;
+        Ok(contact_from_row(&row))
+    }
+
+    async fn delete_contact(&self, id: &ContactId) -> StoreResult<()> {
+        let r = sqlx::query("DELETE FROM contacts WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&self.writer)
+            .await
+            .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("contact {id} not found")));
+        }
+        Ok(())
+    }
+
+    async fn is_opted_out(&self, channel: Channel, phone_number: &str) -> StoreResult<bool> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?")
+            .bind(channel.as_str())
+            .bind(phone_number)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn list_opt_outs(&self, page: &PageRequest) -> StoreResult<Page<OptOutRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = match &page.cursor {
+            Some(c) => (Some(c.key), Some(c.id.clone())),
+            None => (None, None),
+        };
+        let rows = sqlx::query(
+            "SELECT channel, phone_number, keyword, source, created_at, channel || ':' || phone_number AS k FROM opt_outs \
+             WHERE (?1 IS NULL OR created_at < ?1 OR (created_at = ?1 AND channel || ':' || phone_number < ?2)) \
+             ORDER BY created_at DESC, k DESC LIMIT ?3",
+        )
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let mut items = rows
+            .iter()
+            .map(|r| {
+                let channel: String = r.get("channel");
+                Ok(OptOutRecord {
+                    channel: Channel::parse(&channel)
+                        .context("stored channel")
+                        .map_err(StoreError::Other)?,
+                    phone_number: r.get("phone_number"),
+                    keyword: r.get("keyword"),
+                    source: r.get("source"),
+                    created_at: r.get("created_at"),
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|o| Cursor {
+                key: o.created_at,
+                id: format!("{}:{}", o.channel, o.phone_number),
+            })
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+}

@@ -1,0 +1,6 @@
+//! Black-box tests: the real gateway on port 0, a temp SQLite database each, the Twilio
+//! simulator over real HTTP.
+
+mod helpers;
+
+mod messages;
