@@ -3,4 +3,8 @@
 
 mod helpers;
 
+mod bad_input;
+mod delivery;
 mod messages;
+mod restart;
+mod webhooks;
