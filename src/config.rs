@@ -170,11 +170,14 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
+        let switchboard_env = Env::prefixed("SWITCHBOARD_").ignore(&["CONFIG"]).split("__");
+        let twilio_env = Env::prefixed("TWILIO_").map(|k| format!("twilio.{}", k.as_str()).into());
         fig = fig
-            .merge(Env::prefixed("SWITCHBOARD_").ignore(&["CONFIG"]).split("__"))
-            .merge(Env::prefixed("TWILIO_").map(|k| format!("twilio.{}", k.as_str()).into()));
+            .merge(Serialized::defaults(env_as_strings(&switchboard_env)))
+            .merge(Serialized::defaults(env_as_strings(&twilio_env)));
+        // Lossy: numbers and booleans arrive from the environment as strings.
         let config: Config = fig
-            .extract()
+            .extract_lossy()
             .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
         config.validate()?;
         Ok(config)
@@ -321,6 +324,32 @@ impl Config {
     pub fn twilio_timeout(&self) -> Duration {
         Duration::from_secs(self.twilio.request_timeout_secs)
     }
+}
+
+/// Environment variables as a nested map of *strings*. figment's own `Env` provider reads
+/// values as TOML-like literals, which turns `TWILIO_PHONE_NUMBER=+15005550006` into a
+/// number and would mangle all-digit secrets; numeric settings are converted later by
+/// `extract_lossy`.
+fn env_as_strings(env: &Env) -> serde_json::Value {
+    let mut root = serde_json::Map::new();
+    for (key, value) in env.iter() {
+        let mut node = &mut root;
+        let mut parts = key.as_str().split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                node.insert(part.to_string(), serde_json::Value::String(value.clone()));
+            } else {
+                let child = node
+                    .entry(part.to_string())
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if !child.is_object() {
+                    *child = serde_json::Value::Object(Default::default());
+                }
+                node = child.as_object_mut().expect("just made an object");
+            }
+        }
+    }
+    serde_json::Value::Object(root)
 }
 
 /// The two database backends, by URL scheme.
@@ -475,6 +504,35 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("supersecret-token"));
         assert!(!dbg.contains("another-secret-key"));
+    }
+
+    #[test]
+    fn environment_values_stay_strings_and_numbers_convert() {
+        figment::Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            jail.set_env(
+                "SWITCHBOARD_DATABASE_URL",
+                format!("sqlite://{}", dir.join("x.db").display()),
+            );
+            jail.set_env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef");
+            jail.set_env("TWILIO_AUTH_TOKEN", "00123456789012345678901234567890");
+            jail.set_env("TWILIO_PHONE_NUMBER", "+15005550006");
+            jail.set_env("SWITCHBOARD_DELIVERY__MAX_ATTEMPTS", "3");
+            jail.set_env("SWITCHBOARD_DELIVERY__DEFAULT_RATE", "2.5");
+            jail.set_env("SWITCHBOARD_DELIVERY__SENDER_RATES", "+15005550006=10");
+            jail.set_env("SWITCHBOARD_SIMULATOR__STATUS_CALLBACKS", "false");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.twilio.phone_number.as_deref(), Some("+15005550006"));
+            assert_eq!(
+                c.twilio.auth_token.as_ref().unwrap().expose_secret(),
+                "00123456789012345678901234567890"
+            );
+            assert_eq!(c.delivery.max_attempts, 3);
+            assert_eq!(c.delivery.default_rate, 2.5);
+            assert_eq!(c.delivery.sender_rates["+15005550006"], 10.0);
+            assert!(!c.simulator.status_callbacks);
+            Ok(())
+        });
     }
 
     #[test]
