@@ -216,6 +216,7 @@ fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
     let mut app = Router::new()
         .nest("/api/v1", crate::api::router(state.clone()))
         .merge(crate::webhooks::router())
+        .merge(crate::api::compat::router(state.clone()))
         .route("/health", get(health))
         .route("/ready", get(ready));
     if let Some(sim) = simulator {

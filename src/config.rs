@@ -41,6 +41,31 @@ pub struct Config {
     /// The embedded simulator, used when no Twilio credentials are configured
     /// (`SWITCHBOARD_SIMULATOR__*`).
     pub simulator: crate::simulator::SimulatorSettings,
+    /// The seeds' messenger APIs (`/api/sms-messenger`, `/api/whatsapp-messenger`;
+    /// `SWITCHBOARD_MESSENGER__*`).
+    pub messenger: MessengerConfig,
+}
+
+/// Settings of the messenger compatibility APIs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessengerConfig {
+    /// Require the API key (default true). Set false only behind a proxy that authenticates
+    /// users: without it anyone who can reach the gateway can read every SMS and WhatsApp
+    /// conversation and contact, and send messages at your expense.
+    pub require_api_key: bool,
+    /// How long `send` waits for the first attempt at Twilio, in ms (default 10000); a message
+    /// still queued then is answered as `pending`.
+    pub send_timeout_ms: u64,
+}
+
+impl Default for MessengerConfig {
+    fn default() -> Self {
+        Self {
+            require_api_key: true,
+            send_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// Log output format.
@@ -147,6 +172,7 @@ impl Default for Config {
             },
             delivery: DeliveryConfig::default(),
             simulator: Default::default(),
+            messenger: MessengerConfig::default(),
         }
     }
 }

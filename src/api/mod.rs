@@ -1,6 +1,7 @@
 //! The REST API (`/api/v1`), its authentication, and the shared HTTP plumbing (request ids,
 //! the JSON 404/405 answers).
 
+pub mod compat;
 pub mod contacts;
 pub mod conversations;
 pub mod extract;

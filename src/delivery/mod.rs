@@ -64,6 +64,7 @@ struct Inner {
     owner: String,
     wake: Notify,
     permits: Arc<Semaphore>,
+    attempted: tokio::sync::broadcast::Sender<crate::domain::MessageId>,
 }
 
 impl Delivery {
@@ -84,6 +85,7 @@ impl Delivery {
                 owner: format!("{}-{}", hostname(), ulid::Ulid::new()),
                 wake: Notify::new(),
                 permits,
+                attempted: tokio::sync::broadcast::channel(1024).0,
             }),
         }
     }
@@ -91,6 +93,12 @@ impl Delivery {
     /// Wakes an idle worker (a message was just queued).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// Notifies the IDs of messages whose attempt outcome this instance just recorded.
+    /// Receivers that lag lose notifications; callers must also re-read the database.
+    pub fn subscribe_attempts(&self) -> tokio::sync::broadcast::Receiver<crate::domain::MessageId> {
+        self.inner.attempted.subscribe()
     }
 
     /// One step: claims due messages (up to `limit`) and processes them all before returning.
@@ -202,7 +210,10 @@ impl Delivery {
             AttemptOutcome::Retry { .. } => "retry_scheduled",
         };
         match self.inner.store.record_attempt(&id, outcome, now_ms()).await {
-            Ok(m) => debug!(message_id = %id, status = final_status, sid = ?m.provider_sid, "attempt recorded"),
+            Ok(m) => {
+                debug!(message_id = %id, status = final_status, sid = ?m.provider_sid, "attempt recorded");
+                let _ = self.inner.attempted.send(id.clone());
+            }
             Err(e) => {
                 warn!(message_id = %id, error = %e, "could not record attempt outcome; the lease will expire and it will be reconciled")
             }

@@ -224,6 +224,34 @@ impl MessageBody {
     }
 }
 
+/// Splits `body` into consecutive parts of at most `max_chars` characters, cutting after
+/// whitespace where possible (a word longer than a part is cut where it must be). The
+/// whitespace at a cut stays at the end of the earlier part, so the parts concatenate back to
+/// exactly `body`.
+pub fn split_body(body: &str, max_chars: usize) -> Vec<String> {
+    let max_chars = max_chars.max(1);
+    let mut parts = Vec::new();
+    let mut rest: &str = body;
+    while rest.chars().count() > max_chars {
+        // Byte offset just past the first `max_chars` characters.
+        let limit = rest.char_indices().nth(max_chars).map(|(i, _)| i).unwrap_or(rest.len());
+        let window = &rest[..limit];
+        let cut = window
+            .char_indices()
+            .filter(|(_, c)| c.is_whitespace())
+            .map(|(i, c)| i + c.len_utf8())
+            .last()
+            .filter(|&i| i > 0)
+            .unwrap_or(limit);
+        parts.push(rest[..cut].to_string());
+        rest = &rest[cut..];
+    }
+    if !rest.is_empty() || parts.is_empty() {
+        parts.push(rest.to_string());
+    }
+    parts
+}
+
 /// The first characters of a body for conversation lists (at most 140 characters).
 pub fn preview(body: &str, media_count: usize) -> String {
     let trimmed = body.trim();
@@ -272,6 +300,32 @@ mod tests {
         assert!(MessageBody::parse(&"é".repeat(1600)).is_ok());
         assert_eq!(MessageBody::parse(&"a".repeat(1601)), Err(BodyError::TooLong(1601)));
         assert_eq!(MessageBody::parse("a\0b"), Err(BodyError::Nul));
+    }
+
+    #[test]
+    fn long_bodies_split_after_whitespace_and_join_back() {
+        let body = format!("{} {}", "word ".repeat(500), "end");
+        let parts = split_body(&body, 1600);
+        assert!(parts.len() == 2, "{}", parts.len());
+        assert!(parts.iter().all(|p| p.chars().count() <= 1600));
+        assert!(parts[0].ends_with(' '));
+        assert_eq!(parts.concat(), body);
+        let unbroken = "x".repeat(3500);
+        let parts = split_body(&unbroken, 1600);
+        assert_eq!(
+            parts.iter().map(|p| p.chars().count()).collect::<Vec<_>>(),
+            vec![1600, 1600, 300]
+        );
+        assert_eq!(split_body("short", 1600), vec!["short".to_string()]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_parts_are_bounded_and_lossless(s in "\\PC{0,5000}", max in 1usize..2000) {
+            let parts = split_body(&s, max);
+            proptest::prop_assert_eq!(parts.concat(), s);
+            proptest::prop_assert!(parts.iter().all(|p| p.chars().count() <= max));
+        }
     }
 
     #[test]

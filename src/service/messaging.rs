@@ -304,6 +304,7 @@ impl Messaging {
             validity_period: input.validity_period,
             rate_key,
             rate_cost,
+            part: None,
             now,
         })
     }
@@ -342,6 +343,90 @@ impl Messaging {
                 "from",
                 format!("no {channel} sender is configured: give 'from' or set the default sender"),
             )),
+        }
+    }
+
+    /// Queues `input`, splitting a body longer than Twilio's 1,600 characters into consecutive
+    /// parts (at most `max_chars` in all) that are sent in order and stored as one group.
+    /// Returns the stored parts (one element when no split was needed).
+    /// Errors: as [`Messaging::send`]; a body over `max_chars` is `invalid_request`.
+    pub async fn send_in_parts(&self, input: SendInput, max_chars: usize) -> Result<Vec<MessageRecord>> {
+        let body = input.body.clone().unwrap_or_default();
+        let n = body.chars().count();
+        if n > max_chars {
+            return Err(Error::invalid(
+                "body",
+                format!("body is {n} characters; at most {max_chars} are allowed"),
+            ));
+        }
+        let bodies = crate::domain::message::split_body(&body, crate::domain::message::MAX_BODY_CHARS);
+        if bodies.len() == 1 {
+            let rec = self
+                .store
+                .insert_outbound(self.parse_send(input, now_ms())?, None)
+                .await?;
+            self.delivery.wake();
+            return Ok(vec![rec]);
+        }
+        let now = now_ms();
+        let group_id = MessageId::new();
+        let count = bodies.len() as u32;
+        let mut parts = Vec::with_capacity(bodies.len());
+        for (i, part_body) in bodies.into_iter().enumerate() {
+            let mut draft = self.parse_send(
+                SendInput {
+                    body: Some(part_body),
+                    ..input.clone()
+                },
+                now,
+            )?;
+            if i == 0 {
+                draft.id = group_id.clone();
+            }
+            draft.part = Some(crate::store::Part {
+                group_id: group_id.clone(),
+                index: i as u32,
+                count,
+            });
+            parts.push(draft);
+        }
+        let recs = self.store.insert_outbound_parts(parts).await?;
+        self.delivery.wake();
+        Ok(recs)
+    }
+
+    /// Waits (at most `timeout`) until each of `ids` has had its first attempt at Twilio:
+    /// accepted (it has a SID), failed, or scheduled for a retry. Returns the messages as
+    /// they are then, decided or not.
+    pub async fn wait_first_attempt(
+        &self,
+        ids: &[MessageId],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<MessageRecord>> {
+        let mut notified = self.delivery.subscribe_attempts();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut current = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(m) = self.store.get_message(id).await? {
+                    current.push(m);
+                }
+            }
+            let any_failed = current
+                .iter()
+                .any(|m| m.status.is_terminal() && m.provider_sid.is_none());
+            let all_decided = current
+                .iter()
+                .all(|m| m.provider_sid.is_some() || m.attempts > 0 || m.status.is_terminal());
+            if any_failed || all_decided || tokio::time::Instant::now() >= deadline {
+                return Ok(current);
+            }
+            // Woken by this instance's worker, or re-read regularly (another instance may send it).
+            tokio::select! {
+                _ = notified.recv() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
         }
     }
 

@@ -100,6 +100,20 @@ pub struct MessageRecord {
     pub updated_at: i64,
     /// Position in the global change order (for `messages?since=`).
     pub change_seq: i64,
+    /// Part of a long body sent as several messages: the group (first part's ID), this
+    /// part's index from 0, and the number of parts.
+    pub part: Option<Part>,
+}
+
+/// One part of a body too long for one Twilio message, sent as consecutive messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The first part's ID, shared by every part.
+    pub group_id: MessageId,
+    /// 0-based position.
+    pub index: u32,
+    /// Number of parts.
+    pub count: u32,
 }
 
 /// One entry in a message's status history: every callback, every attempt outcome.
@@ -230,6 +244,9 @@ pub struct NewOutbound {
     pub rate_key: String,
     /// Cost against the rate limit, in segments.
     pub rate_cost: u32,
+    /// Set when this is one part of a split body; parts after the first wait until the one
+    /// before is accepted by Twilio, so they arrive in order.
+    pub part: Option<Part>,
     /// Now (ms).
     pub now: i64,
 }
@@ -526,6 +543,10 @@ pub trait Store: Send + Sync + 'static {
         msg: NewOutbound,
         idem: Option<IdempotencyCompletion<'_>>,
     ) -> StoreResult<MessageRecord>;
+    /// Inserts the parts of a split body in one transaction (one conversation entry). Only
+    /// the first part is due at once; each later part is released when the one before it is
+    /// accepted by Twilio, and ended with it if it fails. `OptedOut` as `insert_outbound`.
+    async fn insert_outbound_parts(&self, parts: Vec<NewOutbound>) -> StoreResult<Vec<MessageRecord>>;
     /// Inserts an inbound message idempotently on its MessageSid, updating the
     /// conversation summary and opt-out state in the same transaction.
     async fn insert_inbound(&self, msg: NewInbound) -> StoreResult<InboundOutcome>;
@@ -551,6 +572,26 @@ pub trait Store: Send + Sync + 'static {
     async fn message_history(&self, id: &MessageId) -> StoreResult<Vec<StatusEventRecord>>;
     /// Messages created or changed after `cursor` (a change sequence), with their conversations.
     async fn messages_changed_since(&self, cursor: i64, limit: u32) -> StoreResult<ChangedMessages>;
+
+    /// First parts (or whole messages) exchanged with `counterpart` on `channel`, across
+    /// our senders, newest first (the messenger APIs' thread view).
+    async fn list_counterpart_messages(
+        &self,
+        channel: Channel,
+        counterpart: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<MessageRecord>>;
+    /// Every part of the given groups, by group then part index.
+    async fn group_parts(&self, group_ids: &[String]) -> StoreResult<Vec<MessageRecord>>;
+    /// Messages on `channel` created or changed after `since_ms`, oldest change first.
+    async fn messages_updated_since(
+        &self,
+        channel: Channel,
+        since_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>>;
+    /// Contacts for the given E.164 numbers.
+    async fn contacts_by_phone(&self, phones: &[String]) -> StoreResult<Vec<ContactRecord>>;
 
     /// Conversations, newest activity first.
     async fn list_conversations(

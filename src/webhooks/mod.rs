@@ -69,7 +69,9 @@ pub fn twiml_ok() -> Response {
 
 async fn inbound(State(state): State<AppState>, SignedForm(params): SignedForm) -> Result<Response, Error> {
     match state.messaging.receive(&params).await? {
-        Some(m) => tracing::info!(message_id = %m.id, sid = m.provider_sid.as_deref().unwrap_or_default(), "inbound message stored"),
+        Some(m) => {
+            tracing::info!(message_id = %m.id, sid = m.provider_sid.as_deref().unwrap_or_default(), "inbound message stored")
+        }
         None => tracing::info!("inbound webhook replay ignored"),
     }
     Ok(twiml_ok())

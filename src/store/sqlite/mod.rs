@@ -71,7 +71,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
 const MESSAGE_COLS: &str = "id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
     provider_sid, error_code, error_message, segments, encoding, smart_encoding, messaging_service_sid, \
     content_sid, content_variables, priority, send_at, validity_period, attempts, next_attempt_at, \
-    created_at, updated_at, change_seq";
+    created_at, updated_at, change_seq, group_id, part_index, part_count";
 
 fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
     let media: String = r.get("media");
@@ -111,6 +111,11 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
         change_seq: r.get("change_seq"),
+        part: r.get::<Option<String>, _>("group_id").map(|g| Part {
+            group_id: MessageId::from_trusted(g),
+            index: r.get::<Option<i64>, _>("part_index").unwrap_or(0) as u32,
+            count: r.get::<Option<i64>, _>("part_count").unwrap_or(1) as u32,
+        }),
     })
 }
 
@@ -315,6 +320,180 @@ async fn apply_status(
     Ok(true)
 }
 
+/// Inserts one outbound message (checking the opt-out list first). `conversation` is given
+/// for the later parts of a split body, which join the first part's conversation entry
+/// without counting as another message.
+async fn insert_outbound_tx(
+    tx: &mut Transaction<'static, Sqlite>,
+    m: NewOutbound,
+    conversation: Option<String>,
+) -> StoreResult<MessageRecord> {
+    let opted: Option<i64> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?")
+        .bind(m.channel.as_str())
+        .bind(&m.to)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    if opted.is_some() {
+        return Err(StoreError::OptedOut(format!(
+            "{} opted out of {} messages; they must text START to opt back in",
+            m.to, m.channel
+        )));
+    }
+    let conv_id = match conversation {
+        Some(c) => c,
+        None => {
+            upsert_conversation(
+                tx,
+                m.channel,
+                &m.to,
+                &m.from,
+                m.id.as_str(),
+                &preview(&m.body, m.media.len()),
+                Direction::Outbound,
+                m.now,
+            )
+            .await?
+        }
+    };
+    let seq = next_seq(tx).await?;
+    let status = if m.send_at.is_some() {
+        MessageStatus::Scheduled
+    } else {
+        MessageStatus::Queued
+    };
+    // Later parts wait (no due time) until the part before them is accepted.
+    let due = match &m.part {
+        Some(p) if p.index > 0 => None,
+        _ => Some(m.send_at.unwrap_or(m.now)),
+    };
+    sqlx::query(
+        "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
+         segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
+         validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq, \
+         group_id, part_index, part_count) \
+         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(m.id.as_str())
+    .bind(&conv_id)
+    .bind(m.channel.as_str())
+    .bind(&m.from)
+    .bind(&m.to)
+    .bind(&m.body)
+    .bind(serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?)
+    .bind(status.as_str())
+    .bind(i64::from(m.segments))
+    .bind(&m.encoding)
+    .bind(m.smart_encoding as i64)
+    .bind(&m.messaging_service_sid)
+    .bind(&m.content_sid)
+    .bind(&m.content_variables)
+    .bind(m.priority.as_i64())
+    .bind(m.send_at)
+    .bind(m.validity_period)
+    .bind(&m.rate_key)
+    .bind(i64::from(m.rate_cost))
+    .bind(due)
+    .bind(m.now)
+    .bind(m.now)
+    .bind(seq)
+    .bind(m.part.as_ref().map(|p| p.group_id.to_string()))
+    .bind(m.part.as_ref().map(|p| i64::from(p.index)))
+    .bind(m.part.as_ref().map(|p| i64::from(p.count)))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    insert_event(
+        tx,
+        Some(m.id.as_str()),
+        None,
+        status.as_str(),
+        None,
+        None,
+        "api",
+        true,
+        None,
+        m.now,
+    )
+    .await?;
+    fetch_message(tx, m.id.as_str()).await
+}
+
+/// After a part of a split body is accepted, releases the next part.
+async fn release_next_part(tx: &mut Transaction<'static, Sqlite>, msg: &MessageRecord, now: i64) -> StoreResult<()> {
+    let Some(p) = &msg.part else { return Ok(()) };
+    if p.index + 1 >= p.count {
+        return Ok(());
+    }
+    let seq = next_seq(tx).await?;
+    sqlx::query(
+        "UPDATE messages SET next_attempt_at = ?, updated_at = ?, change_seq = ? \
+         WHERE group_id = ? AND part_index = ? AND status = 'queued' AND next_attempt_at IS NULL AND provider_sid IS NULL",
+    )
+    .bind(now)
+    .bind(now)
+    .bind(seq)
+    .bind(p.group_id.as_str())
+    .bind(i64::from(p.index + 1))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// When a part of a split body ends without reaching Twilio, the parts after it end too:
+/// sending them would deliver the text with a hole in it.
+async fn end_later_parts(
+    tx: &mut Transaction<'static, Sqlite>,
+    msg: &MessageRecord,
+    status: MessageStatus,
+    code: Option<i64>,
+    reason: &str,
+    now: i64,
+) -> StoreResult<()> {
+    let Some(p) = &msg.part else { return Ok(()) };
+    let later = sqlx::query_scalar::<_, String>(
+        "SELECT id FROM messages WHERE group_id = ? AND part_index > ? AND provider_sid IS NULL \
+         AND status IN ('queued', 'scheduled') ORDER BY part_index",
+    )
+    .bind(p.group_id.as_str())
+    .bind(i64::from(p.index))
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let text = format!("part {} of {} did not go out: {reason}", p.index + 1, p.count);
+    for id in later {
+        let seq = next_seq(tx).await?;
+        sqlx::query(
+            "UPDATE messages SET status = ?, error_code = ?, error_message = ?, next_attempt_at = NULL, \
+             lease_until = NULL, lease_owner = NULL, updated_at = ?, change_seq = ? WHERE id = ?",
+        )
+        .bind(status.as_str())
+        .bind(code)
+        .bind(&text)
+        .bind(now)
+        .bind(seq)
+        .bind(&id)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        insert_event(
+            tx,
+            Some(&id),
+            None,
+            status.as_str(),
+            code,
+            Some(&text),
+            "worker",
+            true,
+            None,
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 fn keyset_limit(page: &PageRequest) -> i64 {
     i64::from(page.limit.clamp(1, 200))
 }
@@ -441,82 +620,7 @@ impl Store for SqliteStore {
         idem: Option<IdempotencyCompletion<'_>>,
     ) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
-        let opted: Option<i64> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?")
-            .bind(m.channel.as_str())
-            .bind(&m.to)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        if opted.is_some() {
-            return Err(StoreError::OptedOut(format!(
-                "{} opted out of {} messages; they must text START to opt back in",
-                m.to, m.channel
-            )));
-        }
-        let conv_id = upsert_conversation(
-            &mut tx,
-            m.channel,
-            &m.to,
-            &m.from,
-            m.id.as_str(),
-            &preview(&m.body, m.media.len()),
-            Direction::Outbound,
-            m.now,
-        )
-        .await?;
-        let seq = next_seq(&mut tx).await?;
-        let status = if m.send_at.is_some() {
-            MessageStatus::Scheduled
-        } else {
-            MessageStatus::Queued
-        };
-        let due = m.send_at.unwrap_or(m.now);
-        sqlx::query(
-            "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
-             segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
-             validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq) \
-             VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
-        )
-        .bind(m.id.as_str())
-        .bind(&conv_id)
-        .bind(m.channel.as_str())
-        .bind(&m.from)
-        .bind(&m.to)
-        .bind(&m.body)
-        .bind(serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?)
-        .bind(status.as_str())
-        .bind(i64::from(m.segments))
-        .bind(&m.encoding)
-        .bind(m.smart_encoding as i64)
-        .bind(&m.messaging_service_sid)
-        .bind(&m.content_sid)
-        .bind(&m.content_variables)
-        .bind(m.priority.as_i64())
-        .bind(m.send_at)
-        .bind(m.validity_period)
-        .bind(&m.rate_key)
-        .bind(i64::from(m.rate_cost))
-        .bind(due)
-        .bind(m.now)
-        .bind(m.now)
-        .bind(seq)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        insert_event(
-            &mut tx,
-            Some(m.id.as_str()),
-            None,
-            status.as_str(),
-            None,
-            None,
-            "api",
-            true,
-            None,
-            m.now,
-        )
-        .await?;
-        let record = fetch_message(&mut tx, m.id.as_str()).await?;
+        let record = insert_outbound_tx(&mut tx, m, None).await?;
         if let Some(c) = idem {
             sqlx::query(
                 "UPDATE idempotency_keys SET state = 'done', response_status = ?, response_body = ? WHERE scope = ? AND key = ?",
@@ -531,6 +635,17 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(map_err)?;
         Ok(record)
+    }
+
+    async fn insert_outbound_parts(&self, parts: Vec<NewOutbound>) -> StoreResult<Vec<MessageRecord>> {
+        let mut tx = self.begin().await?;
+        let mut out: Vec<MessageRecord> = Vec::with_capacity(parts.len());
+        for p in parts {
+            let conv = out.first().map(|first| first.conversation_id.to_string());
+            out.push(insert_outbound_tx(&mut tx, p, conv).await?);
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(out)
     }
 
     async fn insert_inbound(&self, m: NewInbound) -> StoreResult<InboundOutcome> {
@@ -779,6 +894,7 @@ impl Store for SqliteStore {
                         .await
                         .map_err(map_err)?;
                 }
+                release_next_part(&mut tx, &msg, now).await?;
             }
             AttemptOutcome::Failed {
                 code,
@@ -813,6 +929,7 @@ impl Store for SqliteStore {
                     now,
                 )
                 .await?;
+                end_later_parts(&mut tx, &msg, *status, *code, message, now).await?;
                 if *opt_out {
                     let change = OptChange {
                         opt_out: true,
@@ -925,6 +1042,16 @@ impl Store for SqliteStore {
             now,
         )
         .await?;
+        let canceled = fetch_message(&mut tx, id.as_str()).await?;
+        end_later_parts(
+            &mut tx,
+            &canceled,
+            MessageStatus::Canceled,
+            None,
+            "an earlier part was canceled",
+            now,
+        )
+        .await?;
         let record = fetch_message(&mut tx, id.as_str()).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(record)
@@ -993,6 +1120,95 @@ impl Store for SqliteStore {
             conversations,
             next_cursor,
         })
+    }
+
+    async fn list_counterpart_messages(
+        &self,
+        channel: Channel,
+        counterpart: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<MessageRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = match &page.cursor {
+            Some(c) => (Some(c.key), Some(c.id.clone())),
+            None => (None, None),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id IN \
+               (SELECT id FROM conversations WHERE channel = ?1 AND counterpart = ?2) \
+               AND (part_index IS NULL OR part_index = 0) \
+               AND (?3 IS NULL OR created_at < ?3 OR (created_at = ?3 AND id < ?4)) \
+             ORDER BY created_at DESC, id DESC LIMIT ?5"
+        ))
+        .bind(channel.as_str())
+        .bind(counterpart)
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let mut items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|m| Cursor {
+                key: m.created_at,
+                id: m.id.to_string(),
+            })
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn group_parts(&self, group_ids: &[String]) -> StoreResult<Vec<MessageRecord>> {
+        let mut out = Vec::new();
+        for g in group_ids {
+            let rows = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE group_id = ? ORDER BY part_index"
+            ))
+            .bind(g)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+            for r in &rows {
+                out.push(message_from_row(r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn messages_updated_since(
+        &self,
+        channel: Channel,
+        since_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE channel = ? AND updated_at > ? ORDER BY updated_at, id LIMIT ?"
+        ))
+        .bind(channel.as_str())
+        .bind(since_ms)
+        .bind(i64::from(limit.clamp(1, 1000)))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn contacts_by_phone(&self, phones: &[String]) -> StoreResult<Vec<ContactRecord>> {
+        let mut out = Vec::new();
+        for p in phones {
+            let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.phone_number = ?"))
+                .bind(p)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
+            if let Some(r) = row {
+                out.push(contact_from_row(&r));
+            }
+        }
+        Ok(out)
     }
 
     async fn list_conversations(
