@@ -533,6 +533,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
     fn environment_values_stay_strings_and_numbers_convert() {
         figment::Jail::expect_with(|jail| {
             let dir = jail.directory().to_path_buf();

@@ -334,7 +334,7 @@ fn thread_summaries(conversations: Vec<ConversationRecord>) -> Vec<ThreadSummary
         }
     }
     let mut threads: Vec<ThreadSummary> = by_counterpart.into_values().collect();
-    threads.sort_by(|a, b| b.last_message_timestamp.cmp(&a.last_message_timestamp));
+    threads.sort_by_key(|t| std::cmp::Reverse(t.last_message_timestamp));
     threads
 }
 

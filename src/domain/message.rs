@@ -238,9 +238,9 @@ pub fn split_body(body: &str, max_chars: usize) -> Vec<String> {
         let window = &rest[..limit];
         let cut = window
             .char_indices()
-            .filter(|(_, c)| c.is_whitespace())
+            .rev()
+            .find(|(_, c)| c.is_whitespace())
             .map(|(i, c)| i + c.len_utf8())
-            .last()
             .filter(|&i| i > 0)
             .unwrap_or(limit);
         parts.push(rest[..cut].to_string());
