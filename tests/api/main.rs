@@ -3,8 +3,10 @@
 
 mod helpers;
 
+mod compat;
 mod bad_input;
 mod delivery;
 mod messages;
 mod restart;
 mod webhooks;
+
