@@ -67,10 +67,11 @@ impl Server {
     }
 }
 
-/// Opens the store named by `database_url`, applying migrations.
-pub async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store named by `database_url` with at most `max_connections` connections,
+/// applying migrations.
+pub async fn open_store(database_url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
     match DatabaseKind::parse(database_url) {
-        Some(DatabaseKind::Sqlite(path)) => Ok(Arc::new(SqliteStore::open(&path).await?)),
+        Some(DatabaseKind::Sqlite(path)) => Ok(Arc::new(SqliteStore::open(&path, max_connections).await?)),
         Some(DatabaseKind::Postgres(_)) => {
             anyhow::bail!("PostgreSQL is not supported by this build yet: use a sqlite:// database URL")
         }
@@ -90,7 +91,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         .unwrap_or_else(|| format!("http://{local_addr}"))
         .trim_end_matches('/')
         .to_string();
-    let store = open_store(&config.database_url).await?;
+    let store = open_store(&config.database_url, config.database_max_connections).await?;
     // One process owns a SQLite file, so claims left by a previous process are dead now.
     if matches!(DatabaseKind::parse(&config.database_url), Some(DatabaseKind::Sqlite(_))) {
         let n = store.expire_all_leases().await?;

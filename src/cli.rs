@@ -155,7 +155,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let config = load(config.as_deref())?;
             crate::telemetry::init(config.log_format);
-            let store = crate::app::open_store(&config.database_url).await?;
+            let store = crate::app::open_store(&config.database_url, config.database_max_connections).await?;
             let key = crate::service::api_keys::ApiKeys::new(store).create(&name).await?;
             println!("{key}");
             Ok(())
@@ -163,7 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(a) => {
             let config = load(a.config.as_deref())?;
             crate::telemetry::init(config.log_format);
-            crate::app::open_store(&config.database_url).await?;
+            crate::app::open_store(&config.database_url, config.database_max_connections).await?;
             tracing::info!(database = %redact_url(&config.database_url), "migrations applied");
             Ok(())
         }

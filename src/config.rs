@@ -22,6 +22,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `sqlite://PATH` or `postgres://…` (`SWITCHBOARD_DATABASE_URL`).
     pub database_url: String,
+    /// Most database connections this instance opens (`SWITCHBOARD_DATABASE_MAX_CONNECTIONS`,
+    /// default 16). PostgreSQL: size it so that instances × this stays under the server's
+    /// `max_connections`. SQLite uses one writer plus up to this many readers.
+    pub database_max_connections: u32,
     /// The URL Twilio uses to reach this gateway (`SWITCHBOARD_PUBLIC_URL`); signature
     /// checks and StatusCallback URLs use it. Default: `http://` + the bound address.
     pub public_url: Option<String>,
@@ -161,6 +165,7 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1:8080".parse().expect("static address"),
             database_url: "sqlite://switchboard.db".into(),
+            database_max_connections: 16,
             public_url: None,
             api_key: None,
             default_region: "US".into(),
@@ -329,6 +334,9 @@ impl Config {
         }
         if d.lease_secs < 5 {
             problems.push("SWITCHBOARD_DELIVERY__LEASE_SECS must be at least 5".into());
+        }
+        if self.database_max_connections == 0 {
+            problems.push("SWITCHBOARD_DATABASE_MAX_CONNECTIONS must be at least 1".into());
         }
         if self.max_body_bytes < 1024 {
             problems.push("SWITCHBOARD_MAX_BODY_BYTES must be at least 1024".into());

@@ -28,7 +28,8 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path` and applies migrations.
-    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+    /// `max_readers` bounds the read pool (writes always use one connection).
+    pub async fn open(path: &Path, max_readers: u32) -> anyhow::Result<Self> {
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -46,7 +47,7 @@ impl SqliteStore {
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
         MIGRATOR.run(&writer).await.context("applying SQLite migrations")?;
         let reader = SqlitePoolOptions::new()
-            .max_connections(8)
+            .max_connections(max_readers.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts.read_only(true))
             .await?;
