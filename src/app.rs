@@ -72,9 +72,9 @@ impl Server {
 pub async fn open_store(database_url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
     match DatabaseKind::parse(database_url) {
         Some(DatabaseKind::Sqlite(path)) => Ok(Arc::new(SqliteStore::open(&path, max_connections).await?)),
-        Some(DatabaseKind::Postgres(_)) => {
-            anyhow::bail!("PostgreSQL is not supported by this build yet: use a sqlite:// database URL")
-        }
+        Some(DatabaseKind::Postgres(url)) => Ok(Arc::new(
+            crate::store::postgres::PostgresStore::connect(&url, max_connections).await?,
+        )),
         None => anyhow::bail!("unsupported database URL '{database_url}'"),
     }
 }
@@ -219,12 +219,23 @@ fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
         .merge(crate::webhooks::router())
         .merge(crate::api::compat::router(state.clone()))
         .route("/health", get(health))
-        .route("/ready", get(ready));
+        .route("/ready", get(ready))
+        .route("/api/openapi.json", get(crate::api::openapi::openapi_json));
     if let Some(sim) = simulator {
         let control = sim
             .control_router()
             .layer(from_fn_with_state(state.clone(), loopback_or_api_key));
-        app = app.nest_service("/simulator", sim.twilio_router().merge(control));
+        // Twilio answers unknown paths with its own 404 body, not our envelope.
+        let twilio_404 = |uri: axum::http::Uri| async move {
+            let body = serde_json::json!({
+                "code": 20404,
+                "message": format!("The requested resource {} was not found", uri.path()),
+                "more_info": "https://www.twilio.com/docs/errors/20404",
+                "status": 404,
+            });
+            (axum::http::StatusCode::NOT_FOUND, Json(body))
+        };
+        app = app.nest_service("/simulator", sim.twilio_router().merge(control).fallback(twilio_404));
     }
     app.fallback(crate::api::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -238,7 +249,7 @@ async fn loopback_or_api_key(State(state): State<AppState>, req: Request, next: 
     let loopback = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|c| c.0.ip().is_loopback());
+        .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
     if loopback {
         return next.run(req).await;
     }

@@ -16,6 +16,30 @@ pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.clone()).ok()
 }
 
+/// The error envelope every `/api/v1` endpoint answers with (documentation type).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorEnvelope {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+/// The body of [`ErrorEnvelope`].
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable snake_case code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `method_not_allowed`, `conflict`, `idempotency_key_reused`, `opted_out`,
+    /// `whatsapp_window_closed`, `payload_too_large`, `rate_limited`, `provider_error`,
+    /// `unavailable`, `internal_error`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Specifics, e.g. `{"field": "to"}`.
+    #[schema(value_type = Object)]
+    pub details: Value,
+    /// The request id (also in the `X-Request-Id` header).
+    pub request_id: Option<String>,
+}
+
 /// `Result` with the crate [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -146,7 +146,7 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
 }
 
 /// Seed `Message`.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     /// ID (the first part's ID for a body sent in parts).
@@ -171,8 +171,87 @@ pub struct Message {
     pub contact_id: Option<String>,
 }
 
+/// Seed error body.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+pub struct CompatErrorBody {
+    /// Always false.
+    pub success: bool,
+    /// Human-readable message.
+    pub error: String,
+    /// `INVALID_INPUT` | `NOT_FOUND` | `UNAUTHORIZED` | `INTERNAL_ERROR` | `TWILIO_ERROR`.
+    pub code: String,
+}
+
+/// Seed `SendWhatsAppResponse` (also the SMS send answer). On `TWILIO_ERROR` it carries
+/// `error`, `code` and the stored (failed) `message`.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+pub struct SendResponse {
+    /// True when Twilio accepted the message (or it is still queued: status `pending`).
+    pub success: bool,
+    /// The stored message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `TWILIO_ERROR` on failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+}
+
+/// Seed `MessagesResponse`.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagesResponse {
+    /// Always true.
+    pub success: bool,
+    /// Newest first.
+    pub messages: Vec<Message>,
+    /// Pass back as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// True on the last page.
+    pub list_complete: bool,
+}
+
+/// Seed `MessagesSinceResponse`.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+pub struct MessagesSinceResponse {
+    /// Always true.
+    pub success: bool,
+    /// Messages created or changed since `since` (and up to 2 s before; merge by `id`).
+    pub messages: Vec<Message>,
+    /// The threads they belong to.
+    pub threads: Vec<ThreadSummary>,
+    /// Server clock (Unix ms) to pass as `since` next time.
+    pub timestamp: i64,
+}
+
+/// Seed `ThreadListResponse`.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+pub struct ThreadListResponse {
+    /// Newest activity first.
+    pub threads: Vec<ThreadSummary>,
+}
+
+/// Seed `ContactListResponse`.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+pub struct ContactListResponse {
+    /// Every contact.
+    pub contacts: Vec<Contact>,
+}
+
+/// Seed `ContactMutationResult`.
+#[derive(Serialize, Debug, utoipa::ToSchema)]
+pub struct ContactMutationResult {
+    /// Always true (errors use the error body).
+    pub success: bool,
+    /// The contact.
+    pub contact: Contact,
+}
+
 /// Seed `ThreadSummary`.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ThreadSummary {
     /// The other party, E.164.
@@ -194,7 +273,7 @@ pub struct ThreadSummary {
 }
 
 /// Seed `Contact`.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Contact {
     /// ID.
@@ -360,7 +439,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> CompatResult<T> {
 }
 
 /// `POST send` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SendRequest {
     /// Recipient, E.164 (other forms are normalised).
@@ -369,7 +448,12 @@ pub struct SendRequest {
     pub message: String,
 }
 
-async fn send(
+/// Send a message (waits for the first attempt at Twilio)
+#[utoipa::path(post, path = "/api/{messenger}/send", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")), request_body = SendRequest,
+    responses((status = 200, body = SendResponse), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody),
+        (status = 502, description = "Twilio refused it; the message is stored as failed", body = SendResponse)),
+    security(("api_key" = [])))]
+pub(crate) async fn send(
     State(state): State<AppState>,
     Extension(flavor): Extension<Flavor>,
     body: Result<Json<SendRequest>, JsonRejection>,
@@ -395,27 +479,43 @@ async fn send(
         .cloned();
     let message = logical_messages(&state, after).await?.into_iter().next();
     match failed {
-        None => Ok(Json(json!({"success": true, "message": message})).into_response()),
+        None => Ok(Json(SendResponse {
+            success: true,
+            message,
+            error: None,
+            code: None,
+        })
+        .into_response()),
         Some(f) => {
             let code = f.error_code.map(|c| format!(" {c}")).unwrap_or_default();
             let text = format!("Twilio error{code}: {}", f.error_message.unwrap_or_default());
-            Ok((
-                StatusCode::BAD_GATEWAY,
-                Json(json!({"success": false, "error": text, "code": "TWILIO_ERROR", "message": message})),
-            )
-                .into_response())
+            let body = SendResponse {
+                success: false,
+                message,
+                error: Some(text),
+                code: Some("TWILIO_ERROR"),
+            };
+            Ok((StatusCode::BAD_GATEWAY, Json(body)).into_response())
         }
     }
 }
 
-#[derive(Deserialize)]
-struct MessagesQuery {
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct MessagesQuery {
+    /// The other party's number (required).
     counterpart: Option<String>,
+    /// From the previous page.
     cursor: Option<String>,
+    /// 1–200, default 50.
     limit: Option<String>,
 }
 
-async fn messages(
+/// Messages with one counterpart, newest first
+#[utoipa::path(get, path = "/api/{messenger}/messages", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), MessagesQuery),
+    responses((status = 200, body = MessagesResponse), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody)),
+    security(("api_key" = [])))]
+pub(crate) async fn messages(
     State(state): State<AppState>,
     Extension(flavor): Extension<Flavor>,
     q: Result<Query<MessagesQuery>, QueryRejection>,
@@ -447,19 +547,27 @@ async fn messages(
         .await?;
     let next = page.next_cursor.map(|c| c.encode());
     let messages = logical_messages(&state, page.items).await?;
-    let mut body = json!({"success": true, "messages": messages, "listComplete": next.is_none()});
-    if let Some(c) = next {
-        body["cursor"] = json!(c);
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(MessagesResponse {
+        success: true,
+        messages,
+        list_complete: next.is_none(),
+        cursor: next,
+    })
+    .into_response())
 }
 
-#[derive(Deserialize)]
-struct SinceQuery {
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct SinceQuery {
+    /// Unix ms (required).
     since: Option<String>,
 }
 
-async fn messages_since(
+/// Messages since a time, the threads they touched, and the server clock
+#[utoipa::path(get, path = "/api/{messenger}/messages-since", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), SinceQuery),
+    responses((status = 200, body = MessagesSinceResponse), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody)),
+    security(("api_key" = [])))]
+pub(crate) async fn messages_since(
     State(state): State<AppState>,
     Extension(flavor): Extension<Flavor>,
     q: Result<Query<SinceQuery>, QueryRejection>,
@@ -487,12 +595,12 @@ async fn messages_since(
         }
     }
     let messages = logical_messages(&state, rows).await?;
-    Ok(Json(json!({
-        "success": true,
-        "messages": messages,
-        "threads": thread_summaries(conversations),
-        "timestamp": timestamp,
-    }))
+    Ok(Json(MessagesSinceResponse {
+        success: true,
+        messages,
+        threads: thread_summaries(conversations),
+        timestamp,
+    })
     .into_response())
 }
 
@@ -516,12 +624,24 @@ async fn all_conversations(state: &AppState, channel: Channel) -> CompatResult<V
     }
 }
 
-async fn threads(State(state): State<AppState>, Extension(flavor): Extension<Flavor>) -> CompatResult<Response> {
+/// Every thread, newest activity first
+#[utoipa::path(get, path = "/api/{messenger}/threads", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
+    responses((status = 200, body = ThreadListResponse), (status = 401, body = CompatErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn threads(
+    State(state): State<AppState>,
+    Extension(flavor): Extension<Flavor>,
+) -> CompatResult<Response> {
     let conversations = all_conversations(&state, flavor.channel).await?;
-    Ok(Json(json!({ "threads": thread_summaries(conversations) })).into_response())
+    Ok(Json(ThreadListResponse {
+        threads: thread_summaries(conversations),
+    })
+    .into_response())
 }
 
-async fn list_contacts(State(state): State<AppState>) -> CompatResult<Response> {
+/// Every contact (shared by both messenger APIs)
+#[utoipa::path(get, path = "/api/{messenger}/contacts", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
+    responses((status = 200, body = ContactListResponse), (status = 401, body = CompatErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn list_contacts(State(state): State<AppState>) -> CompatResult<Response> {
     let mut page = PageRequest {
         cursor: None,
         limit: 200,
@@ -535,11 +655,11 @@ async fn list_contacts(State(state): State<AppState>) -> CompatResult<Response> 
             None => break,
         }
     }
-    Ok(Json(json!({ "contacts": contacts })).into_response())
+    Ok(Json(ContactListResponse { contacts }).into_response())
 }
 
 /// `POST contacts` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContactCreatePayload {
     /// E.164 (other forms are normalised).
@@ -549,14 +669,17 @@ pub struct ContactCreatePayload {
 }
 
 /// `PATCH contacts/{id}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContactUpdatePayload {
     /// The new name.
     pub display_name: String,
 }
 
-async fn create_contact(
+/// Create a contact; a phone number already in use is INVALID_INPUT
+#[utoipa::path(post, path = "/api/{messenger}/contacts", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")), request_body = ContactCreatePayload,
+    responses((status = 200, body = ContactMutationResult), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn create_contact(
     State(state): State<AppState>,
     body: Result<Json<ContactCreatePayload>, JsonRejection>,
 ) -> CompatResult<Response> {
@@ -578,10 +701,19 @@ async fn create_contact(
             StoreError::Conflict(m) => CompatError(Error::invalid("phoneNumber", m)),
             other => CompatError(other.into()),
         })?;
-    Ok(Json(json!({"success": true, "contact": Contact::from(c)})).into_response())
+    Ok(Json(ContactMutationResult {
+        success: true,
+        contact: Contact::from(c),
+    })
+    .into_response())
 }
 
-async fn update_contact(
+/// Rename a contact (only displayName changes; updatedAt moves)
+#[utoipa::path(patch, path = "/api/{messenger}/contacts/{contactId}", tag = "messenger",
+    params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), ("contactId" = String, Path, description = "ct_…")), request_body = ContactUpdatePayload,
+    responses((status = 200, body = ContactMutationResult), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody), (status = 404, body = CompatErrorBody)),
+    security(("api_key" = [])))]
+pub(crate) async fn update_contact(
     State(state): State<AppState>,
     Path(contact_id): Path<String>,
     body: Result<Json<ContactUpdatePayload>, JsonRejection>,
@@ -590,12 +722,20 @@ async fn update_contact(
     let p = json_body(body)?;
     let name = crate::api::contacts::parse_display_name(&p.display_name)?;
     let c = state.messaging.store().update_contact(&id, &name, now_ms()).await?;
-    Ok(Json(json!({"success": true, "contact": Contact::from(c)})).into_response())
+    Ok(Json(ContactMutationResult {
+        success: true,
+        contact: Contact::from(c),
+    })
+    .into_response())
 }
 
 /// Twilio's inbound webhook for this API's channel: the same signature check (against
 /// this path), idempotency and TwiML answer as `/webhooks/twilio/messages`.
-async fn webhook(
+#[utoipa::path(post, path = "/api/{messenger}/webhook", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "Twilio's inbound message parameters, signed with X-Twilio-Signature"),
+    responses((status = 200, description = "empty TwiML", content_type = "text/xml", body = String), (status = 400, body = CompatErrorBody),
+        (status = 403, description = "missing or wrong X-Twilio-Signature", body = CompatErrorBody)))]
+pub(crate) async fn webhook(
     State(state): State<AppState>,
     Extension(flavor): Extension<Flavor>,
     req: Request,

@@ -25,7 +25,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /api/v1/contacts`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactIn {
     /// Any phone number form; stored as E.164.
@@ -35,7 +35,7 @@ pub struct ContactIn {
 }
 
 /// Body of `PATCH /api/v1/contacts/{id}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactPatch {
     /// New name.
@@ -61,13 +61,25 @@ fn parse_id(id: &str) -> Result<ContactId> {
     ContactId::parse(id).ok_or_else(|| Error::NotFound(format!("contact {id} not found")))
 }
 
-async fn list(State(state): State<AppState>, ApiQuery(p): ApiQuery<PageParams>) -> Result<Json<ListOut<ContactOut>>> {
+/// Contacts, newest first
+#[utoipa::path(get, path = "/api/v1/contacts", tag = "contacts", params(PageParams),
+    responses((status = 200, body = ListOut<ContactOut>), (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> Result<Json<ListOut<ContactOut>>> {
     let page = p.into_page()?;
     let result = state.messaging.store().list_contacts(&page).await?;
     Ok(Json(ListOut::from_page(result, ContactOut::from)))
 }
 
-async fn create(
+/// Create a contact (one per phone number)
+#[utoipa::path(post, path = "/api/v1/contacts", tag = "contacts", request_body = ContactIn,
+    responses((status = 201, body = ContactOut), (status = 409, description = "phone number taken", body = crate::error::ErrorEnvelope),
+        (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn create(
     State(state): State<AppState>,
     ApiJson(input, _): ApiJson<ContactIn>,
 ) -> Result<(StatusCode, Json<ContactOut>)> {
@@ -91,7 +103,11 @@ async fn create(
     Ok((StatusCode::CREATED, Json(c.into())))
 }
 
-async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ContactOut>> {
+/// One contact
+#[utoipa::path(get, path = "/api/v1/contacts/{id}", tag = "contacts", params(("id" = String, Path, description = "ct_…")),
+    responses((status = 200, body = ContactOut), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ContactOut>> {
     let id = parse_id(&id)?;
     let c = state
         .messaging
@@ -102,7 +118,11 @@ async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(c.into()))
 }
 
-async fn update(
+/// Rename a contact
+#[utoipa::path(patch, path = "/api/v1/contacts/{id}", tag = "contacts", params(("id" = String, Path, description = "ct_…")), request_body = ContactPatch,
+    responses((status = 200, body = ContactOut), (status = 404, body = crate::error::ErrorEnvelope), (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn update(
     State(state): State<AppState>,
     Path(id): Path<String>,
     ApiJson(p, _): ApiJson<ContactPatch>,
@@ -113,7 +133,11 @@ async fn update(
     Ok(Json(c.into()))
 }
 
-async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+/// Delete a contact
+#[utoipa::path(delete, path = "/api/v1/contacts/{id}", tag = "contacts", params(("id" = String, Path, description = "ct_…")),
+    responses((status = 204, description = "deleted"), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
     let id = parse_id(&id)?;
     state.messaging.store().delete_contact(&id).await?;
     Ok(StatusCode::NO_CONTENT)

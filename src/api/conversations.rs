@@ -22,12 +22,17 @@ pub fn router() -> Router<AppState> {
         .route("/conversations/{id}/read", post(mark_read))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// `sms` or `whatsapp`.
     channel: Option<String>,
+    /// Only conversations with (true) or without (false) unread messages.
     unread: Option<bool>,
+    /// From the previous page's `next_cursor`.
     cursor: Option<String>,
+    /// 1–200, default 50.
     limit: Option<u32>,
 }
 
@@ -35,7 +40,11 @@ fn parse_id(id: &str) -> Result<ConversationId> {
     ConversationId::parse(id).ok_or_else(|| Error::NotFound(format!("conversation {id} not found")))
 }
 
-async fn list(
+/// Conversations, newest activity first
+#[utoipa::path(get, path = "/api/v1/conversations", tag = "conversations", params(ListParams),
+    responses((status = 200, body = ListOut<ConversationOut>), (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn list(
     State(state): State<AppState>,
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<Json<ListOut<ConversationOut>>> {
@@ -59,7 +68,11 @@ async fn list(
     Ok(Json(ListOut::from_page(result, ConversationOut::from)))
 }
 
-async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ConversationOut>> {
+/// One conversation
+#[utoipa::path(get, path = "/api/v1/conversations/{id}", tag = "conversations", params(("id" = String, Path, description = "conv_…")),
+    responses((status = 200, body = ConversationOut), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ConversationOut>> {
     let id = parse_id(&id)?;
     let c = state
         .messaging
@@ -70,7 +83,12 @@ async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(c.into()))
 }
 
-async fn messages(
+/// A conversation's messages, newest first
+#[utoipa::path(get, path = "/api/v1/conversations/{id}/messages", tag = "conversations",
+    params(("id" = String, Path, description = "conv_…"), PageParams),
+    responses((status = 200, body = ListOut<MessageOut>), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn messages(
     State(state): State<AppState>,
     Path(id): Path<String>,
     ApiQuery(p): ApiQuery<PageParams>,
@@ -85,7 +103,11 @@ async fn messages(
     Ok(Json(ListOut::from_page(result, |m| MessageOut::from(&m))))
 }
 
-async fn mark_read(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ConversationOut>> {
+/// Mark a conversation read (unread count to 0)
+#[utoipa::path(post, path = "/api/v1/conversations/{id}/read", tag = "conversations", params(("id" = String, Path, description = "conv_…")),
+    responses((status = 200, body = ConversationOut), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn mark_read(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ConversationOut>> {
     let id = parse_id(&id)?;
     let c = state.messaging.store().mark_conversation_read(&id, now_ms()).await?;
     Ok(Json(c.into()))

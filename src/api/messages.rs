@@ -32,7 +32,22 @@ fn render(m: &crate::store::MessageRecord) -> String {
     serde_json::to_string(&MessageOut::from(m)).unwrap_or_default()
 }
 
-async fn send(
+/// Send a message
+///
+/// Validates and queues the message (`queued`, or `scheduled` with `send_at`) in one
+/// transaction with its idempotency record; a worker hands it to Twilio. The opt-out list is
+/// checked first: an opted-out recipient gets `opted_out` and nothing is queued.
+#[utoipa::path(post, path = "/api/v1/messages", tag = "messages", request_body = SendInput,
+    params(("Idempotency-Key" = Option<String>, Header, description = "same key + same body replays the first response (24 h)")),
+    responses(
+        (status = 202, description = "queued", body = MessageOut),
+        (status = 400, description = "unreadable JSON", body = crate::error::ErrorEnvelope),
+        (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope),
+        (status = 409, description = "same Idempotency-Key still in progress", body = crate::error::ErrorEnvelope),
+        (status = 413, description = "body too large", body = crate::error::ErrorEnvelope),
+        (status = 422, description = "invalid field, opted_out, idempotency_key_reused", body = crate::error::ErrorEnvelope),
+    ), security(("api_key" = [])))]
+pub(crate) async fn send(
     State(state): State<AppState>,
     Extension(auth): Extension<AuthContext>,
     headers: HeaderMap,
@@ -74,7 +89,11 @@ pub(crate) fn parse_message_id(id: &str) -> Result<MessageId> {
     MessageId::parse(id).ok_or_else(|| Error::NotFound(format!("message {id} not found")))
 }
 
-async fn get_message(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<MessageOut>> {
+/// A message with its status history
+#[utoipa::path(get, path = "/api/v1/messages/{id}", tag = "messages", params(("id" = String, Path, description = "msg_…")),
+    responses((status = 200, body = MessageOut), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn get_message(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<MessageOut>> {
     let id = parse_message_id(&id)?;
     let store = state.messaging.store();
     let m = store
@@ -87,29 +106,44 @@ async fn get_message(State(state): State<AppState>, Path(id): Path<String>) -> R
     Ok(Json(out))
 }
 
-async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<MessageOut>> {
+/// Cancel a message not yet handed to Twilio
+#[utoipa::path(post, path = "/api/v1/messages/{id}/cancel", tag = "messages", params(("id" = String, Path, description = "msg_…")),
+    responses((status = 200, body = MessageOut), (status = 404, body = crate::error::ErrorEnvelope),
+        (status = 409, description = "already with Twilio or finished", body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<MessageOut>> {
     let id = parse_message_id(&id)?;
     let m = state.messaging.cancel(&id).await?;
     Ok(Json(MessageOut::from(&m)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct SinceParams {
+#[into_params(parameter_in = Query)]
+pub(crate) struct SinceParams {
+    /// Cursor from the previous answer's `next_cursor` (start with 0).
     since: Option<String>,
+    /// 1–200, default 100.
     limit: Option<u32>,
 }
 
 /// The polling answer: messages created or changed after the cursor.
-#[derive(Serialize)]
-struct ChangedOut {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ChangedOut {
     data: Vec<MessageOut>,
     conversations: Vec<ConversationOut>,
     next_cursor: String,
     server_time: String,
 }
 
-async fn changed_since(State(state): State<AppState>, ApiQuery(p): ApiQuery<SinceParams>) -> Result<Json<ChangedOut>> {
+/// Poll for messages created or changed after a cursor
+#[utoipa::path(get, path = "/api/v1/messages", tag = "messages", params(SinceParams),
+    responses((status = 200, body = ChangedOut), (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn changed_since(
+    State(state): State<AppState>,
+    ApiQuery(p): ApiQuery<SinceParams>,
+) -> Result<Json<ChangedOut>> {
     let cursor = match p.since.as_deref().filter(|s| !s.is_empty()) {
         None => 0,
         Some(s) => s

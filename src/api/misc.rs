@@ -19,7 +19,11 @@ pub fn router() -> Router<AppState> {
         .route("/segments", post(segments_preview))
 }
 
-async fn opt_outs(
+/// Opted-out numbers, newest first
+#[utoipa::path(get, path = "/api/v1/opt-outs", tag = "opt-outs", params(PageParams),
+    responses((status = 200, body = ListOut<OptOutOut>), (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn opt_outs(
     State(state): State<AppState>,
     ApiQuery(p): ApiQuery<PageParams>,
 ) -> Result<Json<ListOut<OptOutOut>>> {
@@ -28,17 +32,17 @@ async fn opt_outs(
     Ok(Json(ListOut::from_page(result, OptOutOut::from)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SegmentsIn {
+pub(crate) struct SegmentsIn {
     body: String,
     #[serde(default)]
     smart_encoding: bool,
 }
 
 /// `POST /api/v1/segments` answer.
-#[derive(Serialize)]
-struct SegmentsOut {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct SegmentsOut {
     encoding: &'static str,
     segments: u32,
     characters: u32,
@@ -46,7 +50,11 @@ struct SegmentsOut {
     body: String,
 }
 
-async fn segments_preview(ApiJson(input, _): ApiJson<SegmentsIn>) -> Result<Json<SegmentsOut>> {
+/// Encoding and segment preview, as Twilio's segment calculator counts
+#[utoipa::path(post, path = "/api/v1/segments", tag = "segments", request_body = SegmentsIn,
+    responses((status = 200, body = SegmentsOut), (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn segments_preview(ApiJson(input, _): ApiJson<SegmentsIn>) -> Result<Json<SegmentsOut>> {
     let n = input.body.chars().count();
     if n > MAX_BODY_CHARS {
         return Err(Error::invalid(

@@ -7,6 +7,7 @@ pub mod conversations;
 pub mod extract;
 pub mod messages;
 pub mod misc;
+pub mod openapi;
 pub mod types;
 
 use axum::extract::{Request, State};

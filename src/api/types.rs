@@ -7,7 +7,7 @@ use crate::store::{ContactRecord, ConversationRecord, Media, MessageRecord, OptO
 use crate::util::rfc3339;
 
 /// A list page: `{"data": [...], "next_cursor": "..." | null}`.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ListOut<T> {
     /// Items.
     pub data: Vec<T>,
@@ -26,7 +26,7 @@ impl<T> ListOut<T> {
 }
 
 /// A message.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MessageOut {
     /// `msg_…`.
     pub id: String,
@@ -108,7 +108,7 @@ impl From<&MessageRecord> for MessageOut {
 }
 
 /// One status history entry.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct StatusEventOut {
     /// The status word reported.
     pub status: String,
@@ -142,7 +142,7 @@ impl From<StatusEventRecord> for StatusEventOut {
 }
 
 /// A contact.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ContactOut {
     /// `ct_…`.
     pub id: String,
@@ -172,7 +172,7 @@ impl From<ContactRecord> for ContactOut {
 }
 
 /// The last message of a conversation.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct LastMessageOut {
     /// Up to 140 characters.
     pub preview: String,
@@ -183,7 +183,7 @@ pub struct LastMessageOut {
 }
 
 /// A conversation with its summary.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ConversationOut {
     /// `conv_…`.
     pub id: String,
@@ -236,7 +236,7 @@ impl From<ConversationRecord> for ConversationOut {
 }
 
 /// An opted-out number.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct OptOutOut {
     /// `sms` | `whatsapp`.
     pub channel: &'static str,

@@ -150,7 +150,7 @@ impl Direction {
 }
 
 /// Delivery priority: `high` messages are claimed before `normal` ones from the same sender.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// The default.

@@ -51,7 +51,7 @@ pub struct Senders {
 }
 
 /// A send request as it arrives (wire form, shared/API.md `POST /api/v1/messages`).
-#[derive(Debug, Clone, serde::Deserialize, Default)]
+#[derive(Debug, Clone, serde::Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendInput {
     /// Recipient: E.164, national (read in the default region), or `whatsapp:+…`.
@@ -73,6 +73,7 @@ pub struct SendInput {
     pub content_sid: Option<String>,
     /// Template variables: a JSON object of strings (or such an object encoded as a string).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub content_variables: Option<Value>,
     /// RFC 3339 time to send at, 15 minutes to 35 days ahead.
     #[serde(default)]

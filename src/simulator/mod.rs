@@ -729,6 +729,45 @@ mod tests {
         assert!(peer_is_loopback(&req));
     }
 
+    #[tokio::test]
+    async fn serve_standalone_stops_on_cancel_even_with_a_hanging_create() {
+        let sim = Simulator::new(SimulatorSettings::default());
+        sim.state().faults.push_back(Fault {
+            status: None,
+            code: None,
+            message: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let token = CancellationToken::new();
+        let server = tokio::spawn(serve_standalone(sim.clone(), listener, token.clone()));
+        let url = format!("http://{addr}/2010-04-01/Accounts/{}/Messages.json", sim.account_sid());
+        let auth = (
+            sim.account_sid().to_owned(),
+            secrecy::ExposeSecret::expose_secret(sim.auth_token()).to_owned(),
+        );
+        let hanging = tokio::spawn(async move {
+            reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client")
+                .post(url)
+                .basic_auth(auth.0, Some(auth.1))
+                .form(&[("To", "+15551234567"), ("From", "+15005550006"), ("Body", "hi")])
+                .send()
+                .await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sim.sent_messages().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "create never recorded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        token.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(5), server).await;
+        assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+        hanging.abort();
+    }
+
     #[test]
     fn two_simulators_have_independent_credentials_and_state() {
         let a = Simulator::new(SimulatorSettings::default());

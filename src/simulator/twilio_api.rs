@@ -802,7 +802,7 @@ fn list_inner(
     };
     let current_token = param(&params, "PageToken").map(str::to_owned);
     let next_page_uri = match items.last() {
-        Some(last) if end < total => Some(page_uri(page + 1, Some(format!("PT{}", last.seq)))),
+        Some(last) if end < total => Some(page_uri(page.saturating_add(1), Some(format!("PT{}", last.seq)))),
         _ => None,
     };
     let previous_page_uri = match items.first() {
@@ -1144,9 +1144,23 @@ mod tests {
             .expect("json");
         assert_eq!(body["messages"].as_array().map(Vec::len), Some(0));
         assert_eq!(body["next_page_uri"], Value::Null);
-        let url = format!("{}?PageSize=abc", t.messages_url());
-        let response = t.authed(t.client.get(&url)).send().await.expect("send");
-        assert_eq!(response.status().as_u16(), 400);
+        for query in ["PageSize=abc", "Page=-1", "PageToken=XX1", "DateSent=yesterday"] {
+            let url = format!("{}?{query}", t.messages_url());
+            let response = t.authed(t.client.get(&url)).send().await.expect("send");
+            assert_eq!(response.status().as_u16(), 400, "{query}");
+            let body: Value = response.json().await.expect("json");
+            assert_eq!(body["status"], 400);
+        }
+        // Extreme but well-formed values never panic.
+        for query in [
+            "Page=18446744073709551615&PageSize=1&PageToken=PT18446744073709551615",
+            "Page=18446744073709551615&PageSize=0",
+            "PageSize=999999&PageToken=PB0",
+        ] {
+            let url = format!("{}?{query}", t.messages_url());
+            let response = t.authed(t.client.get(&url)).send().await.expect("send");
+            assert_eq!(response.status().as_u16(), 200, "{query}");
+        }
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //!
 //! Times are Unix milliseconds (`i64`) throughout, which both backends store natively.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -37,7 +38,7 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// One media item of a message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Media {
     /// Where the file is (Twilio's media URL for inbound; the caller's URL for outbound).
     pub url: String,

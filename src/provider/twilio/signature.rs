@@ -85,7 +85,7 @@ pub fn validate_signature(auth_token: &str, signature: &str, url: &str, params: 
     bool::from(url.matches(auth_token, signature.as_bytes(), suffix.as_bytes()))
 }
 
-/// JSON-body webhooks (§5.3): `url` carries bodySHA256=<hex>; validates the URL-only signature AND sha256(raw body) == bodySHA256 (constant-time).
+/// JSON-body webhooks (§5.3): `url` carries `bodySHA256=<hex>`; validates the URL-only signature AND sha256(raw body) == bodySHA256 (constant-time).
 ///
 /// * `url` – the requested URL including its `bodySHA256` query parameter; the port variants of
 ///   [`validate_signature`] apply.

@@ -1009,12 +1009,17 @@ impl Store for SqliteStore {
         .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
         let waiting = row.get::<Option<i64>, _>("next_attempt_at").is_some();
         let leased = row.get::<Option<i64>, _>("lease_until").is_some_and(|l| l > now);
-        if !waiting || leased {
+        // An earlier attempt that may have reached Twilio (timeout, 5xx) means the message may
+        // already be on its way: canceling our copy would not stop it.
+        let maybe_sent = row.get::<i64, _>("reconcile") != 0;
+        if !waiting || leased || maybe_sent {
             let status: String = row.get("status");
             return Err(StoreError::Conflict(format!(
                 "message {id} can no longer be canceled: it is {status} and {}",
                 if leased {
                     "being handed to Twilio right now"
+                } else if maybe_sent {
+                    "an earlier attempt may already have reached Twilio"
                 } else {
                     "already with Twilio or finished"
                 }
@@ -1383,7 +1388,8 @@ impl Store for SqliteStore {
     }
 
     async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
-        let r = sqlx::query("UPDATE contacts SET display_name = ?, updated_at = ? WHERE id = ?")
+        // updated_at strictly increases, even for two changes in the same millisecond.
+        let r = sqlx::query("UPDATE contacts SET display_name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?")
             .bind(display_name)
             .bind(now)
             .bind(id.as_str())

@@ -1,0 +1,1596 @@
+//! PostgreSQL backend: several gateway instances share one database, so everything SQLite
+//! gets from its single writer is done here with row locks, advisory locks and
+//! `ON CONFLICT`, and the observable behaviour stays that of the SQLite backend (the
+//! reference; `tests/store.rs` runs the same scenarios against both).
+//!
+//! How the cross-instance rules hold:
+//! - **Claims** pick due rows with `FOR UPDATE SKIP LOCKED`, so one instance at a time owns
+//!   a message; the row is re-checked under the lock, so a lease another instance committed
+//!   in the meantime excludes it.
+//! - **Rate slots**: the claim locks the `sender_throttle` rows of the senders it serves
+//!   (created first if missing, then `SELECT … FOR UPDATE` in key order) before computing
+//!   slots, so two instances never hand out overlapping slots for one sender.
+//! - **`change_seq`** (the cursor of `messages?since=`) is allocated in commit order; see
+//!   [`Tx::stamp`].
+//! - **Status callbacks racing the SID**: a callback can arrive before the worker has
+//!   recorded Twilio's answer. Both sides take a transaction advisory lock on the SID, so the
+//!   callback either sees the stored SID or leaves an orphan event the worker then sees.
+//! - **Duplicates** (inbound MessageSid, idempotency keys) are settled by unique keys with
+//!   `ON CONFLICT DO NOTHING`, which waits for a concurrent inserter instead of failing and
+//!   never leaves the transaction aborted.
+//!
+//! Every multi-statement method runs in one `READ COMMITTED` transaction (set explicitly:
+//! the reasoning above relies on each statement seeing the latest committed rows and on
+//! locking reads returning the newest row version).
+//!
+//! Lock order, to keep transactions from deadlocking: SID advisory lock → message rows (a
+//! group's parts in part order) → conversation / opt-out / idempotency rows → the
+//! `change_seq` lock last. The holder of the `change_seq` lock only touches rows it has
+//! already locked, so it never waits on another transaction.
+
+mod rows;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::*;
+use crate::delivery::rate::take_slot;
+use crate::domain::message::preview;
+use rows::*;
+
+/// Embedded migrations for this backend (`migrations/postgres`). sqlx serialises concurrent
+/// runs with an advisory lock, so instances starting together are safe.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Key of the transaction advisory lock that orders `change_seq` allocation (one-bigint
+/// form; the SID locks use the two-int form, a separate key space).
+const CHANGE_SEQ_LOCK: i64 = 0x5357_4348_0000_0001;
+/// Class (first key) of the per-SID advisory locks; the second key is `hashtext(sid)`.
+/// A hash collision only makes two SIDs wait for each other.
+const SID_LOCK_CLASS: i32 = 0x5357_0002;
+/// How long a request waits for a pooled connection before answering `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The PostgreSQL store: one connection pool shared by API handlers, webhooks and workers.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://…` / `postgresql://…`) with a pool of at most
+    /// `max_connections` and applies the embedded migrations.
+    ///
+    /// Errors when the URL does not parse, the server cannot be reached within 5 s, or a
+    /// migration fails. Once running, the pool needs no supervision: connections are checked
+    /// before use and replaced when PostgreSQL restarts; while it is down, calls fail with
+    /// [`StoreError::Unavailable`] after at most 5 s.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        // The URL is left out of error messages: it may carry a password.
+        let opts = PgConnectOptions::from_str(url)
+            .context("parsing the PostgreSQL database URL")?
+            .application_name("switchboard");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // Catches connections PostgreSQL closed (restart, failover, idle kill) before a
+            // request uses one, so the pool heals without a restart of the gateway.
+            .test_before_acquire(true)
+            .connect_with(opts)
+            .await
+            .context("connecting to PostgreSQL")?;
+        MIGRATOR.run(&pool).await.context("applying PostgreSQL migrations")?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool, for PostgreSQL-only features outside the [`Store`] trait
+    /// (e.g. `LISTEN/NOTIFY` of the event bus).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin(&self) -> StoreResult<Tx> {
+        let inner = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(map_err)?;
+        Ok(Tx {
+            inner,
+            changed: Vec::new(),
+        })
+    }
+}
+
+/// Sorts driver errors into what callers treat differently: lost connections, a full pool
+/// and PostgreSQL shutting down, refusing connections or aborting a transaction for a
+/// deadlock/serialization failure are `Unavailable` (503, worth retrying); unique
+/// violations are `Conflict`.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(db.message().to_string()),
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| is_transient(&c)) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Other(anyhow::Error::new(e)),
+    }
+}
+
+/// SQLSTATEs after which the same request can succeed later: connection exceptions (08),
+/// admin/crash shutdown and "cannot connect now" (57P01–57P03), too many connections
+/// (53300), serialization failure (40001) and deadlock (40P01).
+fn is_transient(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+}
+
+/// A transaction that knows which messages it changed, to give them their `change_seq`
+/// just before it commits.
+struct Tx {
+    inner: Transaction<'static, Postgres>,
+    /// Messages changed so far, in order of their last change, each once.
+    changed: Vec<String>,
+}
+
+impl Tx {
+    /// Notes that message `id` changed: it gets a new `change_seq` at [`Tx::stamp`].
+    fn changed(&mut self, id: &str) {
+        self.changed.retain(|c| c != id);
+        self.changed.push(id.to_string());
+    }
+
+    /// Allocates `change_seq` values for the messages changed so far and writes them.
+    /// Returns the values by message ID so that records read before can be patched.
+    ///
+    /// Why a lock: pollers of `messages?since=` read `change_seq > cursor` and move the
+    /// cursor to the last value seen. With a plain sequence, a transaction holding seq 10
+    /// could commit after one holding 11, and a poller that saw 11 would skip 10 forever.
+    /// Taking `pg_advisory_xact_lock(CHANGE_SEQ_LOCK)` before `nextval` and holding it until
+    /// commit makes allocation order equal commit order: a transaction only allocates after
+    /// every earlier allocator has committed (or rolled back, leaving a harmless gap) and
+    /// become visible — PostgreSQL releases transaction locks after making the commit
+    /// visible — so a poller that sees seq N already sees every committed seq below N.
+    ///
+    /// The trade-off: commits of transactions that change messages are serialised (one
+    /// WAL flush after another instead of group commit), which bounds such writes at roughly
+    /// 1 / (commit latency) per second across all instances. To keep that section short, the
+    /// allocation is deferred to here (rows are written with `change_seq = 0` first, never
+    /// visible since this runs before commit), and the lock is taken after every other lock
+    /// of the transaction, so its holder never waits on anyone.
+    async fn stamp(&mut self) -> StoreResult<HashMap<String, i64>> {
+        if self.changed.is_empty() {
+            return Ok(HashMap::new());
+        }
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CHANGE_SEQ_LOCK)
+            .execute(&mut *self.inner)
+            .await
+            .map_err(map_err)?;
+        // nextval runs after the ORDER BY (volatile target-list functions are evaluated
+        // after sorting), so the last-changed message gets the highest value.
+        let rows = sqlx::query(
+            "UPDATE messages m SET change_seq = s.seq \
+             FROM (SELECT u.id, nextval('message_change_seq') AS seq \
+                   FROM unnest($1::text[]) WITH ORDINALITY AS u(id, ord) ORDER BY u.ord) s \
+             WHERE m.id = s.id RETURNING m.id, m.change_seq",
+        )
+        .bind(&self.changed[..])
+        .fetch_all(&mut *self.inner)
+        .await
+        .map_err(map_err)?;
+        self.changed.clear();
+        Ok(rows.iter().map(|r| (r.get("id"), r.get("change_seq"))).collect())
+    }
+
+    /// Stamps whatever is left (see [`Tx::stamp`]) and commits.
+    async fn commit(mut self) -> StoreResult<()> {
+        self.stamp().await?;
+        self.inner.commit().await.map_err(map_err)
+    }
+}
+
+/// Sets the `change_seq` that [`Tx::stamp`] gave a record read before it.
+fn patch_seq(rec: &mut MessageRecord, seqs: &HashMap<String, i64>) {
+    if let Some(s) = seqs.get(rec.id.as_str()) {
+        rec.change_seq = *s;
+    }
+}
+
+/// Serialises everything done for one MessageSid (recording it on a message, recording a
+/// callback for it) across instances, until the transaction ends.
+async fn lock_sid(tx: &mut Tx, sid: &str) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(SID_LOCK_CLASS)
+        .bind(sid)
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+async fn fetch_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
+    let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+    message_from_row(&row)
+}
+
+/// Reads a message and locks it until the transaction ends, so concurrent outcomes and
+/// callbacks for it apply one after the other, each to the state the previous one left.
+async fn lock_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
+    let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+    message_from_row(&row)
+}
+
+async fn fetch_messages(tx: &mut Tx, ids: &[String]) -> StoreResult<Vec<MessageRecord>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {MESSAGE_COLS} FROM unnest($1::text[]) WITH ORDINALITY AS u(want, ord) \
+         JOIN messages ON messages.id = u.want ORDER BY u.ord"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *tx.inner)
+    .await
+    .map_err(map_err)?;
+    rows.iter().map(message_from_row).collect()
+}
+
+/// Creates the conversation if needed and folds one new message into its summary. Locks the
+/// conversation row, so concurrent messages of one conversation each count once.
+#[allow(clippy::too_many_arguments)]
+async fn upsert_conversation(
+    tx: &mut Tx,
+    channel: Channel,
+    counterpart: &str,
+    sender: &str,
+    message_id: &str,
+    preview_text: &str,
+    direction: Direction,
+    now: i64,
+) -> StoreResult<String> {
+    let unread = i64::from(direction == Direction::Inbound);
+    sqlx::query_scalar(
+        "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
+             last_message_at, activity_at, message_count, unread_count, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1, $9, $8, $8) \
+         ON CONFLICT (channel, counterpart, sender) DO UPDATE SET \
+             last_message_id = EXCLUDED.last_message_id, last_preview = EXCLUDED.last_preview, \
+             last_direction = EXCLUDED.last_direction, last_message_at = EXCLUDED.last_message_at, \
+             activity_at = EXCLUDED.activity_at, message_count = conversations.message_count + 1, \
+             unread_count = conversations.unread_count + EXCLUDED.unread_count, updated_at = EXCLUDED.updated_at \
+         RETURNING id",
+    )
+    .bind(ConversationId::new().as_str())
+    .bind(channel.as_str())
+    .bind(pg_text(counterpart))
+    .bind(pg_text(sender))
+    .bind(message_id)
+    .bind(pg_text(preview_text))
+    .bind(direction.as_str())
+    .bind(now)
+    .bind(unread)
+    .fetch_one(&mut *tx.inner)
+    .await
+    .map_err(map_err)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_event(
+    tx: &mut Tx,
+    message_id: Option<&str>,
+    provider_sid: Option<&str>,
+    status: &str,
+    error_code: Option<i64>,
+    error_message: Option<&str>,
+    source: &str,
+    applied: bool,
+    raw: Option<&Value>,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO status_events (message_id, provider_sid, status, error_code, error_message, source, applied, \
+         raw_payload, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)",
+    )
+    .bind(message_id)
+    .bind(provider_sid)
+    .bind(pg_text(status))
+    .bind(error_code)
+    .bind(pg_opt_text(error_message))
+    .bind(source)
+    .bind(applied)
+    .bind(raw.map(pg_json))
+    .bind(now)
+    .execute(&mut *tx.inner)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn set_opt_out(
+    tx: &mut Tx,
+    channel: Channel,
+    phone: &str,
+    change: &OptChange,
+    source: &str,
+    now: i64,
+) -> StoreResult<()> {
+    if change.opt_out {
+        sqlx::query(
+            "INSERT INTO opt_outs (channel, phone_number, keyword, source, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (channel, phone_number) DO NOTHING",
+        )
+        .bind(channel.as_str())
+        .bind(pg_text(phone))
+        .bind(pg_text(&change.keyword))
+        .bind(source)
+        .bind(now)
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+    } else {
+        sqlx::query("DELETE FROM opt_outs WHERE channel = $1 AND phone_number = $2")
+            .bind(channel.as_str())
+            .bind(pg_text(phone))
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Moves a message to `next` if the state machine allows it; returns whether it moved.
+/// `msg` must be the current state of a row this transaction has locked.
+async fn apply_status(
+    tx: &mut Tx,
+    msg: &MessageRecord,
+    next: MessageStatus,
+    error_code: Option<i64>,
+    error_message: Option<&str>,
+    now: i64,
+) -> StoreResult<bool> {
+    if !msg.status.can_transition_to(next) {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE messages SET status = $1, error_code = COALESCE($2, error_code), \
+         error_message = COALESCE($3, error_message), updated_at = $4 WHERE id = $5",
+    )
+    .bind(next.as_str())
+    .bind(error_code)
+    .bind(pg_opt_text(error_message))
+    .bind(now)
+    .bind(msg.id.as_str())
+    .execute(&mut *tx.inner)
+    .await
+    .map_err(map_err)?;
+    tx.changed(msg.id.as_str());
+    Ok(true)
+}
+
+/// Inserts one outbound message (checking the opt-out list first, in this transaction).
+/// `conversation` is given for the later parts of a split body, which join the first part's
+/// conversation entry without counting as another message. Returns the conversation ID.
+async fn insert_outbound_tx(tx: &mut Tx, m: &NewOutbound, conversation: Option<String>) -> StoreResult<String> {
+    let opted: Option<i32> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = $1 AND phone_number = $2")
+        .bind(m.channel.as_str())
+        .bind(pg_text(&m.to))
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+    if opted.is_some() {
+        return Err(StoreError::OptedOut(format!(
+            "{} opted out of {} messages; they must text START to opt back in",
+            m.to, m.channel
+        )));
+    }
+    let conv_id = match conversation {
+        Some(c) => c,
+        None => {
+            upsert_conversation(
+                tx,
+                m.channel,
+                &m.to,
+                &m.from,
+                m.id.as_str(),
+                &preview(&m.body, m.media.len()),
+                Direction::Outbound,
+                m.now,
+            )
+            .await?
+        }
+    };
+    let status = if m.send_at.is_some() {
+        MessageStatus::Scheduled
+    } else {
+        MessageStatus::Queued
+    };
+    // Later parts wait (no due time) until the part before them is accepted.
+    let due = match &m.part {
+        Some(p) if p.index > 0 => None,
+        _ => Some(m.send_at.unwrap_or(m.now)),
+    };
+    let media = serde_json::to_value(&m.media).map_err(|e| StoreError::Other(e.into()))?;
+    sqlx::query(
+        "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
+         segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
+         validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq, \
+         group_id, part_index, part_count) \
+         VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+         $19, 0, $20, $21, $21, 0, $22, $23, $24)",
+    )
+    .bind(m.id.as_str())
+    .bind(&conv_id)
+    .bind(m.channel.as_str())
+    .bind(pg_text(&m.from))
+    .bind(pg_text(&m.to))
+    .bind(pg_text(&m.body))
+    .bind(pg_json(&media))
+    .bind(status.as_str())
+    .bind(i64::from(m.segments))
+    .bind(&m.encoding)
+    .bind(m.smart_encoding)
+    .bind(pg_opt_text(m.messaging_service_sid.as_deref()))
+    .bind(pg_opt_text(m.content_sid.as_deref()))
+    .bind(pg_opt_text(m.content_variables.as_deref()))
+    .bind(m.priority.as_i64())
+    .bind(m.send_at)
+    .bind(m.validity_period)
+    .bind(pg_text(&m.rate_key))
+    .bind(i64::from(m.rate_cost))
+    .bind(due)
+    .bind(m.now)
+    .bind(m.part.as_ref().map(|p| p.group_id.to_string()))
+    .bind(m.part.as_ref().map(|p| i64::from(p.index)))
+    .bind(m.part.as_ref().map(|p| i64::from(p.count)))
+    .execute(&mut *tx.inner)
+    .await
+    .map_err(map_err)?;
+    tx.changed(m.id.as_str());
+    insert_event(
+        tx,
+        Some(m.id.as_str()),
+        None,
+        status.as_str(),
+        None,
+        None,
+        "api",
+        true,
+        None,
+        m.now,
+    )
+    .await?;
+    Ok(conv_id)
+}
+
+/// After a part of a split body is accepted, releases the next part.
+async fn release_next_part(tx: &mut Tx, msg: &MessageRecord, now: i64) -> StoreResult<()> {
+    let Some(p) = &msg.part else { return Ok(()) };
+    if p.index + 1 >= p.count {
+        return Ok(());
+    }
+    let released: Vec<String> = sqlx::query_scalar(
+        "UPDATE messages SET next_attempt_at = $1, updated_at = $1 \
+         WHERE group_id = $2 AND part_index = $3 AND status = 'queued' AND next_attempt_at IS NULL \
+           AND provider_sid IS NULL RETURNING id",
+    )
+    .bind(now)
+    .bind(p.group_id.as_str())
+    .bind(i64::from(p.index + 1))
+    .fetch_all(&mut *tx.inner)
+    .await
+    .map_err(map_err)?;
+    for id in &released {
+        tx.changed(id);
+    }
+    Ok(())
+}
+
+/// When a part of a split body ends without reaching Twilio, the parts after it end too:
+/// sending them would deliver the text with a hole in it.
+async fn end_later_parts(
+    tx: &mut Tx,
+    msg: &MessageRecord,
+    status: MessageStatus,
+    code: Option<i64>,
+    reason: &str,
+    now: i64,
+) -> StoreResult<()> {
+    let Some(p) = &msg.part else { return Ok(()) };
+    // Locked in part order (the order every transaction locks a group's parts in); the
+    // conditions are re-checked on the newest row versions once locked.
+    let later = sqlx::query_scalar::<_, String>(
+        "SELECT id FROM messages WHERE group_id = $1 AND part_index > $2 AND provider_sid IS NULL \
+         AND status IN ('queued', 'scheduled') ORDER BY part_index FOR UPDATE",
+    )
+    .bind(p.group_id.as_str())
+    .bind(i64::from(p.index))
+    .fetch_all(&mut *tx.inner)
+    .await
+    .map_err(map_err)?;
+    let text = format!("part {} of {} did not go out: {reason}", p.index + 1, p.count);
+    for id in later {
+        sqlx::query(
+            "UPDATE messages SET status = $1, error_code = $2, error_message = $3, next_attempt_at = NULL, \
+             lease_until = NULL, lease_owner = NULL, updated_at = $4 WHERE id = $5",
+        )
+        .bind(status.as_str())
+        .bind(code)
+        .bind(pg_text(&text))
+        .bind(now)
+        .bind(&id)
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        tx.changed(&id);
+        insert_event(
+            tx,
+            Some(&id),
+            None,
+            status.as_str(),
+            code,
+            Some(&text),
+            "worker",
+            true,
+            None,
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn keyset_limit(page: &PageRequest) -> i64 {
+    i64::from(page.limit.clamp(1, 200))
+}
+
+fn cursor_parts(page: &PageRequest) -> (Option<i64>, Option<String>) {
+    match &page.cursor {
+        Some(c) => (Some(c.key), Some(c.id.clone())),
+        None => (None, None),
+    }
+}
+
+/// Cuts the `limit + 1` rows fetched to a page, with a cursor when there are more.
+fn into_page<T>(mut items: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> Cursor) -> Page<T> {
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(cursor_of)
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn insert_api_key(
+        &self,
+        id: &crate::domain::ApiKeyId,
+        name: &str,
+        key_hash: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO api_keys (id, name, key_hash, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(id.as_str())
+            .bind(pg_text(name))
+            .bind(key_hash)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT id, name FROM api_keys WHERE key_hash = $1")
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.map(|r| ApiKeyRecord {
+            id: crate::domain::ApiKeyId::from_trusted(r.get("id")),
+            name: r.get("name"),
+        }))
+    }
+
+    async fn count_api_keys(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn idempotency_begin(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+        now: i64,
+        ttl_ms: i64,
+        stale_ms: i64,
+    ) -> StoreResult<IdempotencyBegin> {
+        let key = pg_text(key);
+        // A key deleted (abandoned, purged) between our failed insert and our read makes us
+        // start over; a few rounds are plenty, since each needs a concurrent delete.
+        for _ in 0..5 {
+            let mut tx = self.begin().await?;
+            // Concurrent first uses: one insert wins, the others wait for it to commit and
+            // then find its row.
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) \
+                 VALUES ($1, $2, $3, 'in_progress', $4) ON CONFLICT (scope, key) DO NOTHING",
+            )
+            .bind(scope)
+            .bind(&*key)
+            .bind(request_hash)
+            .bind(now)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+            if inserted == 1 {
+                tx.commit().await?;
+                return Ok(IdempotencyBegin::Started);
+            }
+            // Locked, so that of two requests taking over an expired or stale key only the
+            // first does; the second then sees a fresh in-progress key.
+            let Some(r) = sqlx::query(
+                "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys \
+                 WHERE scope = $1 AND key = $2 FOR UPDATE",
+            )
+            .bind(scope)
+            .bind(&*key)
+            .fetch_optional(&mut *tx.inner)
+            .await
+            .map_err(map_err)?
+            else {
+                continue;
+            };
+            let created: i64 = r.get("created_at");
+            let state: String = r.get("state");
+            let expired = now - created > ttl_ms;
+            let abandoned = state == "in_progress" && now - created > stale_ms;
+            if !expired && !abandoned {
+                let hash: String = r.get("request_hash");
+                if hash != request_hash {
+                    return Ok(IdempotencyBegin::Mismatch);
+                }
+                if state == "done" {
+                    return Ok(IdempotencyBegin::Replay {
+                        status: r.get::<Option<i64>, _>("response_status").unwrap_or(200) as u16,
+                        body: r.get::<Option<String>, _>("response_body").unwrap_or_default(),
+                    });
+                }
+                return Ok(IdempotencyBegin::InProgress);
+            }
+            sqlx::query(
+                "UPDATE idempotency_keys SET request_hash = $3, state = 'in_progress', response_status = NULL, \
+                 response_body = NULL, created_at = $4 WHERE scope = $1 AND key = $2",
+            )
+            .bind(scope)
+            .bind(&*key)
+            .bind(request_hash)
+            .bind(now)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+            tx.commit().await?;
+            return Ok(IdempotencyBegin::Started);
+        }
+        Err(StoreError::Unavailable(
+            "idempotency key kept changing under concurrent requests; retry".into(),
+        ))
+    }
+
+    async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'in_progress'")
+            .bind(scope)
+            .bind(pg_text(key))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
+        let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn insert_outbound(
+        &self,
+        m: NewOutbound,
+        idem: Option<IdempotencyCompletion<'_>>,
+    ) -> StoreResult<MessageRecord> {
+        let mut tx = self.begin().await?;
+        insert_outbound_tx(&mut tx, &m, None).await?;
+        if let Some(c) = &idem {
+            // Locked before the change_seq lock (see Tx::stamp), so that the update below,
+            // made while holding it, cannot wait.
+            sqlx::query("SELECT 1 FROM idempotency_keys WHERE scope = $1 AND key = $2 FOR UPDATE")
+                .bind(c.scope)
+                .bind(pg_text(c.key))
+                .execute(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+        }
+        let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
+        let seqs = tx.stamp().await?;
+        patch_seq(&mut record, &seqs);
+        if let Some(c) = idem {
+            sqlx::query(
+                "UPDATE idempotency_keys SET state = 'done', response_status = $1, response_body = $2 \
+                 WHERE scope = $3 AND key = $4",
+            )
+            .bind(i64::from(c.status))
+            .bind(pg_text(&(c.render)(&record)))
+            .bind(c.scope)
+            .bind(pg_text(c.key))
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn insert_outbound_parts(&self, parts: Vec<NewOutbound>) -> StoreResult<Vec<MessageRecord>> {
+        let mut tx = self.begin().await?;
+        let mut conversation: Option<String> = None;
+        for p in &parts {
+            let conv = insert_outbound_tx(&mut tx, p, conversation.clone()).await?;
+            conversation.get_or_insert(conv);
+        }
+        let ids: Vec<String> = parts.iter().map(|p| p.id.to_string()).collect();
+        let mut out = fetch_messages(&mut tx, &ids).await?;
+        let seqs = tx.stamp().await?;
+        out.iter_mut().for_each(|r| patch_seq(r, &seqs));
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn insert_inbound(&self, m: NewInbound) -> StoreResult<InboundOutcome> {
+        let mut tx = self.begin().await?;
+        // Cheap exit for replays of a committed SID (Twilio retries), before touching the
+        // conversation; concurrent first deliveries are settled by the insert below.
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = $1")
+            .bind(pg_text(&m.provider_sid))
+            .fetch_optional(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        if exists.is_some() {
+            return Ok(InboundOutcome::Duplicate);
+        }
+        let conv_id = upsert_conversation(
+            &mut tx,
+            m.channel,
+            &m.from,
+            &m.to,
+            m.id.as_str(),
+            &preview(&m.body, m.media.len()),
+            Direction::Inbound,
+            m.now,
+        )
+        .await?;
+        let media = serde_json::to_value(&m.media).map_err(|e| StoreError::Other(e.into()))?;
+        // ON CONFLICT waits for a concurrent insert of the same SID and then inserts nothing,
+        // without aborting the transaction; rolling back undoes our conversation update.
+        let inserted: Option<String> = sqlx::query_scalar(
+            "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
+             provider_sid, segments, encoding, raw_payload, created_at, updated_at, change_seq) \
+             VALUES ($1, $2, $3, 'inbound', $4, $5, $6, $7::jsonb, 'received', $8, $9, $10, $11::jsonb, $12, $12, 0) \
+             ON CONFLICT (provider_sid) DO NOTHING RETURNING id",
+        )
+        .bind(m.id.as_str())
+        .bind(&conv_id)
+        .bind(m.channel.as_str())
+        .bind(pg_text(&m.from))
+        .bind(pg_text(&m.to))
+        .bind(pg_text(&m.body))
+        .bind(pg_json(&media))
+        .bind(pg_text(&m.provider_sid))
+        .bind(i64::from(m.segments))
+        .bind(&m.encoding)
+        .bind(pg_json(&m.raw_payload))
+        .bind(m.now)
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        if inserted.is_none() {
+            tx.inner.rollback().await.map_err(map_err)?;
+            return Ok(InboundOutcome::Duplicate);
+        }
+        tx.changed(m.id.as_str());
+        insert_event(
+            &mut tx,
+            Some(m.id.as_str()),
+            Some(&m.provider_sid),
+            "received",
+            None,
+            None,
+            "twilio",
+            true,
+            None,
+            m.now,
+        )
+        .await?;
+        if let Some(change) = &m.opt_change {
+            set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
+        }
+        let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
+        let seqs = tx.stamp().await?;
+        patch_seq(&mut record, &seqs);
+        tx.commit().await?;
+        Ok(InboundOutcome::Created(Box::new(record)))
+    }
+
+    async fn record_status(&self, u: StatusUpdate) -> StoreResult<StatusOutcome> {
+        let mut tx = self.begin().await?;
+        let sid = pg_text(&u.provider_sid);
+        // Pairs with record_attempt: either it has committed the SID and we find the
+        // message, or our orphan event is committed before it looks for orphans.
+        lock_sid(&mut tx, &sid).await?;
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE provider_sid = $1 FOR UPDATE"
+        ))
+        .bind(&*sid)
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        let msg = row.as_ref().map(message_from_row).transpose()?;
+        let mut applied = false;
+        if let (Some(m), Some(next)) = (&msg, u.status) {
+            applied = apply_status(&mut tx, m, next, u.error_code, u.error_message.as_deref(), u.now).await?;
+            if u.error_code
+                .is_some_and(crate::provider::twilio::error_codes::is_opt_out)
+            {
+                let change = OptChange {
+                    opt_out: true,
+                    keyword: "21610".into(),
+                };
+                set_opt_out(&mut tx, m.channel, &m.to, &change, "twilio", u.now).await?;
+            }
+        }
+        insert_event(
+            &mut tx,
+            msg.as_ref().map(|m| m.id.as_str()),
+            Some(&*sid),
+            &u.status_raw,
+            u.error_code,
+            u.error_message.as_deref(),
+            "twilio",
+            applied,
+            Some(&u.raw_payload),
+            u.now,
+        )
+        .await?;
+        let mut message = match &msg {
+            Some(m) => Some(fetch_message(&mut tx, m.id.as_str()).await?),
+            None => None,
+        };
+        let seqs = tx.stamp().await?;
+        if let Some(m) = &mut message {
+            patch_seq(m, &seqs);
+        }
+        tx.commit().await?;
+        Ok(StatusOutcome { message, applied })
+    }
+
+    async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>> {
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        // Scan a little more than asked: some candidates may share a sender whose rate is
+        // used up. SKIP LOCKED passes over rows another instance is claiming right now; the
+        // throttle join only pre-filters (its unlocked tat can only be older, i.e. smaller,
+        // than the locked one used below, so it never hides a claimable row).
+        let scan = (req.limit * 4).max(32) as i64;
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS}, m.rate_key, m.rate_cost, m.lease_until, m.claimed_at, m.reconcile \
+             FROM messages m LEFT JOIN sender_throttle t ON t.rate_key = m.rate_key \
+             WHERE m.next_attempt_at IS NOT NULL AND m.next_attempt_at <= $1 \
+               AND (m.lease_until IS NULL OR m.lease_until <= $1) \
+               AND (t.tat IS NULL OR t.tat <= $1 + $2) \
+             ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT $3 \
+             FOR UPDATE OF m SKIP LOCKED"
+        ))
+        .bind(req.now)
+        .bind(req.lookahead_ms)
+        .bind(scan)
+        .fetch_all(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        // Lock the senders' throttle rows (created if missing, since an absent row cannot be
+        // locked) in key order, so claimers serving the same senders queue up instead of
+        // deadlocking, and each computes its slots from the TAT the previous one committed.
+        let keys: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<String, _>("rate_key"))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        sqlx::query(
+            "INSERT INTO sender_throttle (rate_key, tat) SELECT k, 0 FROM unnest($1::text[]) AS u(k) ORDER BY k \
+             ON CONFLICT (rate_key) DO NOTHING",
+        )
+        .bind(&keys)
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        let locked = sqlx::query(
+            "SELECT rate_key, tat FROM sender_throttle WHERE rate_key = ANY($1) ORDER BY rate_key FOR UPDATE",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        let mut tats: HashMap<String, Option<i64>> = locked
+            .iter()
+            .map(|r| (r.get::<String, _>("rate_key"), Some(r.get::<i64, _>("tat"))))
+            .collect();
+        let mut moved: HashMap<String, i64> = HashMap::new();
+        let mut claimed = Vec::new();
+        for r in &rows {
+            if claimed.len() >= req.limit {
+                break;
+            }
+            let key: String = r.get("rate_key");
+            let cost: i64 = r.get("rate_cost");
+            let tat = tats.get(&key).copied().flatten();
+            let Some((slot, new_tat)) =
+                take_slot(tat, req.now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
+            else {
+                continue;
+            };
+            tats.insert(key.clone(), Some(new_tat));
+            moved.insert(key, new_tat);
+            let had_lease = r.get::<Option<i64>, _>("lease_until").is_some();
+            let reconcile = had_lease || r.get::<bool, _>("reconcile");
+            claimed.push(ClaimedMessage {
+                message: message_from_row(r)?,
+                slot_at: slot,
+                reconcile,
+                previous_claim_at: r.get("claimed_at"),
+            });
+        }
+        if !claimed.is_empty() {
+            let ids: Vec<String> = claimed.iter().map(|c| c.message.id.to_string()).collect();
+            let reconcile: Vec<bool> = claimed.iter().map(|c| c.reconcile).collect();
+            sqlx::query(
+                "UPDATE messages m SET lease_until = $1, lease_owner = $2, claimed_at = $3, reconcile = u.reconcile \
+                 FROM unnest($4::text[], $5::bool[]) AS u(id, reconcile) WHERE m.id = u.id",
+            )
+            .bind(req.now + req.lease_ms)
+            .bind(req.owner)
+            .bind(req.now)
+            .bind(&ids)
+            .bind(&reconcile)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+            let (keys, new_tats): (Vec<String>, Vec<i64>) = moved.into_iter().unzip();
+            sqlx::query(
+                "UPDATE sender_throttle t SET tat = GREATEST(t.tat, u.tat) \
+                 FROM unnest($1::text[], $2::bigint[]) AS u(rate_key, tat) WHERE t.rate_key = u.rate_key",
+            )
+            .bind(&keys)
+            .bind(&new_tats)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord> {
+        let mut tx = self.begin().await?;
+        if let AttemptOutcome::Accepted { sid, .. } = &outcome {
+            // Before the message lock, the order record_status takes them in.
+            lock_sid(&mut tx, &pg_text(sid)).await?;
+        }
+        let msg = lock_message(&mut tx, id.as_str()).await?;
+        match &outcome {
+            AttemptOutcome::Accepted { sid, status, source } => {
+                let sid = pg_text(sid);
+                let moved = msg.status.can_transition_to(*status);
+                sqlx::query(
+                    "UPDATE messages SET provider_sid = $1, status = $2, attempts = attempts + 1, \
+                     next_attempt_at = NULL, lease_until = NULL, lease_owner = NULL, reconcile = FALSE, \
+                     error_code = NULL, error_message = NULL, updated_at = $3 WHERE id = $4",
+                )
+                .bind(&*sid)
+                .bind(if moved { status.as_str() } else { msg.status.as_str() })
+                .bind(now)
+                .bind(id.as_str())
+                .execute(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+                tx.changed(id.as_str());
+                insert_event(
+                    &mut tx,
+                    Some(id.as_str()),
+                    Some(&*sid),
+                    status.as_str(),
+                    None,
+                    None,
+                    source,
+                    moved,
+                    None,
+                    now,
+                )
+                .await?;
+                // Callbacks that outran Twilio's answer to our create call wait here for the SID.
+                let orphans = sqlx::query(
+                    "SELECT id, status, error_code, error_message FROM status_events \
+                     WHERE message_id IS NULL AND provider_sid = $1 ORDER BY id",
+                )
+                .bind(&*sid)
+                .fetch_all(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+                for o in orphans {
+                    let current = fetch_message(&mut tx, id.as_str()).await?;
+                    let raw: String = o.get("status");
+                    let applied = match MessageStatus::parse(&raw) {
+                        Some(next) => {
+                            apply_status(
+                                &mut tx,
+                                &current,
+                                next,
+                                o.get("error_code"),
+                                o.get::<Option<String>, _>("error_message").as_deref(),
+                                now,
+                            )
+                            .await?
+                        }
+                        None => false,
+                    };
+                    sqlx::query("UPDATE status_events SET message_id = $1, applied = $2 WHERE id = $3")
+                        .bind(id.as_str())
+                        .bind(applied)
+                        .bind(o.get::<i64, _>("id"))
+                        .execute(&mut *tx.inner)
+                        .await
+                        .map_err(map_err)?;
+                }
+                release_next_part(&mut tx, &msg, now).await?;
+            }
+            AttemptOutcome::Failed {
+                code,
+                message,
+                opt_out,
+                status,
+            } => {
+                sqlx::query(
+                    "UPDATE messages SET status = $1, error_code = $2, error_message = $3, attempts = attempts + 1, \
+                     next_attempt_at = NULL, lease_until = NULL, lease_owner = NULL, reconcile = FALSE, \
+                     updated_at = $4 WHERE id = $5",
+                )
+                .bind(status.as_str())
+                .bind(code)
+                .bind(pg_text(message))
+                .bind(now)
+                .bind(id.as_str())
+                .execute(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+                tx.changed(id.as_str());
+                insert_event(
+                    &mut tx,
+                    Some(id.as_str()),
+                    None,
+                    status.as_str(),
+                    *code,
+                    Some(message),
+                    "worker",
+                    true,
+                    None,
+                    now,
+                )
+                .await?;
+                end_later_parts(&mut tx, &msg, *status, *code, message, now).await?;
+                if *opt_out {
+                    let change = OptChange {
+                        opt_out: true,
+                        keyword: "21610".into(),
+                    };
+                    set_opt_out(&mut tx, msg.channel, &msg.to, &change, "twilio", now).await?;
+                }
+            }
+            AttemptOutcome::Retry {
+                next_at,
+                code,
+                message,
+                reconcile,
+            } => {
+                sqlx::query(
+                    "UPDATE messages SET error_code = $1, error_message = $2, attempts = attempts + 1, \
+                     next_attempt_at = $3, lease_until = NULL, lease_owner = NULL, reconcile = $4, updated_at = $5 \
+                     WHERE id = $6",
+                )
+                .bind(code)
+                .bind(pg_text(message))
+                .bind(next_at)
+                .bind(reconcile)
+                .bind(now)
+                .bind(id.as_str())
+                .execute(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+                tx.changed(id.as_str());
+                insert_event(
+                    &mut tx,
+                    Some(id.as_str()),
+                    None,
+                    "retry_scheduled",
+                    *code,
+                    Some(message),
+                    "worker",
+                    false,
+                    None,
+                    now,
+                )
+                .await?;
+            }
+        }
+        let mut record = fetch_message(&mut tx, id.as_str()).await?;
+        let seqs = tx.stamp().await?;
+        patch_seq(&mut record, &seqs);
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn expire_all_leases(&self) -> StoreResult<u64> {
+        // Only right for a single instance (see the trait); kept for parity with SQLite.
+        let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = $1")
+            .bind(pg_text(sid))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn cancel_message(&self, id: &MessageId, now: i64) -> StoreResult<MessageRecord> {
+        let mut tx = self.begin().await?;
+        // Locked: a claim either took it before us (we see its lease) or skips it now.
+        let row = sqlx::query(
+            "SELECT next_attempt_at, lease_until, status FROM messages WHERE id = $1 AND direction = 'outbound' \
+             FOR UPDATE",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+        let waiting = row.get::<Option<i64>, _>("next_attempt_at").is_some();
+        let leased = row.get::<Option<i64>, _>("lease_until").is_some_and(|l| l > now);
+        if !waiting || leased {
+            let status: String = row.get("status");
+            return Err(StoreError::Conflict(format!(
+                "message {id} can no longer be canceled: it is {status} and {}",
+                if leased {
+                    "being handed to Twilio right now"
+                } else {
+                    "already with Twilio or finished"
+                }
+            )));
+        }
+        sqlx::query("UPDATE messages SET status = 'canceled', next_attempt_at = NULL, updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        tx.changed(id.as_str());
+        insert_event(
+            &mut tx,
+            Some(id.as_str()),
+            None,
+            "canceled",
+            None,
+            None,
+            "api",
+            true,
+            None,
+            now,
+        )
+        .await?;
+        let canceled = fetch_message(&mut tx, id.as_str()).await?;
+        end_later_parts(
+            &mut tx,
+            &canceled,
+            MessageStatus::Canceled,
+            None,
+            "an earlier part was canceled",
+            now,
+        )
+        .await?;
+        let mut record = fetch_message(&mut tx, id.as_str()).await?;
+        let seqs = tx.stamp().await?;
+        patch_seq(&mut record, &seqs);
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn get_message(&self, id: &MessageId) -> StoreResult<Option<MessageRecord>> {
+        let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(message_from_row).transpose()
+    }
+
+    async fn message_history(&self, id: &MessageId) -> StoreResult<Vec<StatusEventRecord>> {
+        let rows = sqlx::query(
+            "SELECT status, error_code, error_message, source, applied, raw_payload::text AS raw_payload, created_at \
+             FROM status_events WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    async fn messages_changed_since(&self, cursor: i64, limit: u32) -> StoreResult<ChangedMessages> {
+        // Complete by construction: change_seq is allocated in commit order (Tx::stamp), so
+        // no change below the last one returned can still appear.
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE change_seq > $1 ORDER BY change_seq LIMIT $2"
+        ))
+        .bind(cursor)
+        .bind(i64::from(limit.clamp(1, 200)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let messages = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = messages.last().map(|m| m.change_seq).unwrap_or(cursor);
+        let mut ids: Vec<String> = messages.iter().map(|m| m.conversation_id.to_string()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let conversations = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let rows = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ANY($1) ORDER BY c.id"))
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
+            rows.iter()
+                .map(conversation_from_row)
+                .collect::<StoreResult<Vec<_>>>()?
+        };
+        Ok(ChangedMessages {
+            messages,
+            conversations,
+            next_cursor,
+        })
+    }
+
+    async fn list_counterpart_messages(
+        &self,
+        channel: Channel,
+        counterpart: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<MessageRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = cursor_parts(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id IN \
+               (SELECT id FROM conversations WHERE channel = $1 AND counterpart = $2) \
+               AND (part_index IS NULL OR part_index = 0) \
+               AND ($3::bigint IS NULL OR created_at < $3 OR (created_at = $3 AND id < $4)) \
+             ORDER BY created_at DESC, id DESC LIMIT $5"
+        ))
+        .bind(channel.as_str())
+        .bind(pg_text(counterpart))
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(into_page(items, limit, |m| Cursor {
+            key: m.created_at,
+            id: m.id.to_string(),
+        }))
+    }
+
+    async fn group_parts(&self, group_ids: &[String]) -> StoreResult<Vec<MessageRecord>> {
+        if group_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM unnest($1::text[]) WITH ORDINALITY AS g(gid, ord) \
+             JOIN messages ON messages.group_id = g.gid ORDER BY g.ord, part_index"
+        ))
+        .bind(group_ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn messages_updated_since(
+        &self,
+        channel: Channel,
+        since_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE channel = $1 AND updated_at > $2 ORDER BY updated_at, id LIMIT $3"
+        ))
+        .bind(channel.as_str())
+        .bind(since_ms)
+        .bind(i64::from(limit.clamp(1, 1000)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn contacts_by_phone(&self, phones: &[String]) -> StoreResult<Vec<ContactRecord>> {
+        if phones.is_empty() {
+            return Ok(Vec::new());
+        }
+        // In the order asked, like the SQLite backend's one-lookup-per-number.
+        let rows = sqlx::query(&format!(
+            "SELECT {CONTACT_COLS} FROM unnest($1::text[]) WITH ORDINALITY AS p(phone, ord) \
+             JOIN contacts ct ON ct.phone_number = p.phone ORDER BY p.ord"
+        ))
+        .bind(phones)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows.iter().map(contact_from_row).collect())
+    }
+
+    async fn list_conversations(
+        &self,
+        filter: &ConversationFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<ConversationRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = cursor_parts(page);
+        let rows = sqlx::query(&format!(
+            "{CONVERSATION_SELECT} WHERE ($1::text IS NULL OR c.channel = $1) \
+               AND ($2::boolean IS NULL OR ($2 AND c.unread_count > 0) OR (NOT $2 AND c.unread_count = 0)) \
+               AND ($3::bigint IS NULL OR c.activity_at < $3 OR (c.activity_at = $3 AND c.id < $4)) \
+             ORDER BY c.activity_at DESC, c.id DESC LIMIT $5"
+        ))
+        .bind(filter.channel.map(|c| c.as_str()))
+        .bind(filter.unread)
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows
+            .iter()
+            .map(conversation_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(into_page(items, limit, |c| Cursor {
+            key: c.last_message_at.unwrap_or(c.created_at),
+            id: c.id.to_string(),
+        }))
+    }
+
+    async fn get_conversation(&self, id: &ConversationId) -> StoreResult<Option<ConversationRecord>> {
+        let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(conversation_from_row).transpose()
+    }
+
+    async fn list_conversation_messages(
+        &self,
+        id: &ConversationId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<MessageRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = cursor_parts(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = $1 \
+               AND ($2::bigint IS NULL OR created_at < $2 OR (created_at = $2 AND id < $3)) \
+             ORDER BY created_at DESC, id DESC LIMIT $4"
+        ))
+        .bind(id.as_str())
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(into_page(items, limit, |m| Cursor {
+            key: m.created_at,
+            id: m.id.to_string(),
+        }))
+    }
+
+    async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord> {
+        let r = sqlx::query("UPDATE conversations SET unread_count = 0, updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("conversation {id} not found")));
+        }
+        let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = $1"))
+            .bind(id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        conversation_from_row(&row)
+    }
+
+    async fn create_contact(&self, c: NewContact) -> StoreResult<ContactRecord> {
+        let r = sqlx::query(
+            "INSERT INTO contacts (id, phone_number, display_name, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(c.id.as_str())
+        .bind(pg_text(&c.phone_number))
+        .bind(pg_text(&c.display_name))
+        .bind(c.now)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Err(e) => match map_err(e) {
+                StoreError::Conflict(_) => Err(StoreError::Conflict(format!(
+                    "a contact with phone number {} already exists",
+                    c.phone_number
+                ))),
+                other => Err(other),
+            },
+            Ok(_) => {
+                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1"))
+                    .bind(c.id.as_str())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(map_err)?;
+                Ok(contact_from_row(&row))
+            }
+        }
+    }
+
+    async fn get_contact(&self, id: &ContactId) -> StoreResult<Option<ContactRecord>> {
+        let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.as_ref().map(contact_from_row))
+    }
+
+    async fn list_contacts(&self, page: &PageRequest) -> StoreResult<Page<ContactRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = cursor_parts(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {CONTACT_COLS} FROM contacts ct \
+             WHERE ($1::bigint IS NULL OR ct.created_at < $1 OR (ct.created_at = $1 AND ct.id < $2)) \
+             ORDER BY ct.created_at DESC, ct.id DESC LIMIT $3"
+        ))
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items: Vec<ContactRecord> = rows.iter().map(contact_from_row).collect();
+        Ok(into_page(items, limit, |c| Cursor {
+            key: c.created_at,
+            id: c.id.to_string(),
+        }))
+    }
+
+    async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
+        let r = sqlx::query("UPDATE contacts SET display_name = $1, updated_at = $2 WHERE id = $3")
+            .bind(pg_text(display_name))
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("contact {id} not found")));
+        }
+        let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1"))
+            .bind(id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(contact_from_row(&row))
+    }
+
+    async fn delete_contact(&self, id: &ContactId) -> StoreResult<()> {
+        let r = sqlx::query("DELETE FROM contacts WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("contact {id} not found")));
+        }
+        Ok(())
+    }
+
+    async fn is_opted_out(&self, channel: Channel, phone_number: &str) -> StoreResult<bool> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = $1 AND phone_number = $2")
+            .bind(channel.as_str())
+            .bind(pg_text(phone_number))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn list_opt_outs(&self, page: &PageRequest) -> StoreResult<Page<OptOutRecord>> {
+        let limit = keyset_limit(page);
+        let (ck, cid) = cursor_parts(page);
+        // The tie-breaker is `channel:phone_number`, compared byte-wise (both columns are
+        // COLLATE "C"), exactly as SQLite compares it; the expression matches opt_outs_page.
+        let rows = sqlx::query(
+            "SELECT channel, phone_number, keyword, source, created_at FROM opt_outs \
+             WHERE ($1::bigint IS NULL OR created_at < $1 \
+                    OR (created_at = $1 AND (channel || ':' || phone_number) < $2)) \
+             ORDER BY created_at DESC, (channel || ':' || phone_number) DESC LIMIT $3",
+        )
+        .bind(ck)
+        .bind(cid)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows.iter().map(opt_out_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(into_page(items, limit, |o| Cursor {
+            key: o.created_at,
+            id: format!("{}:{}", o.channel, o.phone_number),
+        }))
+    }
+}
