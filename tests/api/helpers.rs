@@ -28,6 +28,7 @@ pub struct TestApp {
     shutdown: CancellationToken,
     server: Option<switchboard::Server>,
     sim_shutdown: CancellationToken,
+    database: Option<TestDatabase>,
 }
 
 pub struct Options {
@@ -57,8 +58,9 @@ impl TestApp {
         let gw_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gw_addr = gw_listener.local_addr().unwrap();
         let (sim, sim_base, sim_shutdown) = start_simulator(opts.simulator, gw_addr).await;
+        let (database_url, database) = test_database(&dir).await;
         let mut config = Config::default();
-        config.database_url = format!("sqlite://{}", dir.path().join("switchboard.db").display());
+        config.database_url = database_url;
         config.api_key = Some(SecretString::from("sb_test_key_0123456789abcdef".to_string()));
         config.twilio.account_sid = Some(sim.account_sid().to_string());
         config.twilio.auth_token = Some(sim.auth_token().clone());
@@ -88,6 +90,7 @@ impl TestApp {
             shutdown,
             server: Some(server),
             sim_shutdown,
+            database,
         }
     }
 
@@ -247,6 +250,61 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.sim_shutdown.cancel();
+        drop(self.database.take());
+    }
+}
+
+/// Which database the black-box tests run on: SQLite (a temp file) by default, PostgreSQL
+/// (a fresh, uniquely named database per test, dropped afterwards) when
+/// `SWITCHBOARD_TEST_BACKEND=postgres`. The server is `SWITCHBOARD_TEST_POSTGRES_URL`
+/// (default `postgres://postgres@127.0.0.1:5432/postgres`).
+pub async fn test_database(dir: &tempfile::TempDir) -> (String, Option<TestDatabase>) {
+    if std::env::var("SWITCHBOARD_TEST_BACKEND").as_deref() != Ok("postgres") {
+        return (
+            format!("sqlite://{}", dir.path().join("switchboard.db").display()),
+            None,
+        );
+    }
+    use sqlx::Connection;
+    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let name = format!("sbtest_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    let mut conn = sqlx::postgres::PgConnection::connect(&admin)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (base, _) = admin.rsplit_once('/').expect("admin URL ends in a database name");
+    (format!("{base}/{name}"), Some(TestDatabase { admin, name }))
+}
+
+/// A PostgreSQL database created for one test; dropped with it.
+pub struct TestDatabase {
+    admin: String,
+    name: String,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop runs inside the test's runtime; use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
     }
 }
 
