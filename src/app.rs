@@ -192,6 +192,17 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         worker_alive.store(false, Ordering::SeqCst);
     });
     tokio::spawn(purge_idempotency_keys(store.clone(), shutdown.clone()));
+    let metrics = crate::telemetry::metrics::handle();
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        // Histograms are kept in buckets that must be drained now and then.
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+            }
+        }
+    });
 
     let router = build_router(state, simulator.clone());
     let server_shutdown = shutdown.clone();
@@ -220,7 +231,8 @@ fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
         .merge(crate::api::compat::router(state.clone()))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/api/openapi.json", get(crate::api::openapi::openapi_json));
+        .route("/api/openapi.json", get(crate::api::openapi::openapi_json))
+        .route("/metrics", get(crate::telemetry::metrics::render));
     if let Some(sim) = simulator {
         let control = sim
             .control_router()

@@ -20,3 +20,101 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// Prometheus metrics. The `metrics` facade has one recorder per process, installed on
+/// first use; every gateway instance in the process reports into it.
+pub mod metrics {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+    use std::sync::OnceLock;
+
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+    /// Latency buckets in seconds: 0.5 ms to 10 s.
+    const LATENCY_BUCKETS: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    /// Segment-count buckets (Twilio's 1,600-character limit is at most 11 GSM-7 or 24 UCS-2 segments).
+    const SEGMENT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 11.0, 16.0, 24.0];
+
+    /// The process's Prometheus handle (installing the recorder the first time).
+    pub fn handle() -> PrometheusHandle {
+        HANDLE
+            .get_or_init(|| {
+                let builder = PrometheusBuilder::new()
+                    .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                    .and_then(|b| {
+                        b.set_buckets_for_metric(Matcher::Full("switchboard_message_segments".into()), SEGMENT_BUCKETS)
+                    })
+                    .expect("static, non-empty buckets");
+                let recorder = builder.build_recorder();
+                let handle = recorder.handle();
+                // Another recorder may already be installed (an embedding application's);
+                // then ours only renders what it records, which is nothing.
+                if ::metrics::set_global_recorder(recorder).is_err() {
+                    tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+                }
+                describe();
+                handle
+            })
+            .clone()
+    }
+
+    fn describe() {
+        use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+        describe_counter!(
+            "switchboard_messages_sent_total",
+            "Send attempts by outcome (accepted, failed, retry) and Twilio error code"
+        );
+        describe_counter!(
+            "switchboard_delivery_status_total",
+            "Status callbacks by reported status and whether they moved the message"
+        );
+        describe_counter!(
+            "switchboard_inbound_messages_total",
+            "Inbound messages by channel and whether they were new or a replay"
+        );
+        describe_counter!(
+            "switchboard_opt_outs_total",
+            "Opt-out and opt-in changes by channel and direction"
+        );
+        describe_counter!(
+            "switchboard_twilio_requests_total",
+            "Twilio REST calls by operation and outcome"
+        );
+        describe_histogram!(
+            "switchboard_twilio_request_duration_seconds",
+            Unit::Seconds,
+            "Twilio REST call latency"
+        );
+        describe_histogram!(
+            "switchboard_webhook_duration_seconds",
+            Unit::Seconds,
+            "Twilio webhook handling time"
+        );
+        describe_histogram!(
+            "switchboard_message_segments",
+            Unit::Count,
+            "Segments per message by direction"
+        );
+        describe_counter!("switchboard_http_requests_total", "HTTP requests by method and status");
+        describe_histogram!(
+            "switchboard_http_request_duration_seconds",
+            Unit::Seconds,
+            "HTTP request latency"
+        );
+        describe_gauge!(
+            "switchboard_queue_depth",
+            "Messages waiting to be handed to Twilio, per sender"
+        );
+        describe_gauge!(
+            "switchboard_queue_oldest_due_seconds",
+            Unit::Seconds,
+            "Age of the oldest due message per sender"
+        );
+    }
+
+    /// `GET /metrics`: the Prometheus text format.
+    pub async fn render() -> impl axum::response::IntoResponse {
+        ([("content-type", "text/plain; version=0.0.4")], handle().render())
+    }
+}

@@ -76,6 +76,7 @@ pub async fn request_id(req: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(|| format!("req_{}", ulid::Ulid::new().to_string().to_ascii_lowercase()));
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let method = req.method().as_str().to_string();
     let started = std::time::Instant::now();
     let mut resp = REQUEST_ID
         .scope(id.clone(), async move { next.run(req).await })
@@ -88,6 +89,9 @@ pub async fn request_id(req: Request, next: Next) -> Response {
             "request finished"
         );
     });
+    metrics::counter!("switchboard_http_requests_total", "method" => method, "status" => resp.status().as_u16().to_string())
+        .increment(1);
+    metrics::histogram!("switchboard_http_request_duration_seconds").record(started.elapsed().as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }

@@ -204,11 +204,17 @@ impl Delivery {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
         let outcome = self.attempt(&c).await;
-        let final_status = match &outcome {
-            AttemptOutcome::Accepted { status, .. } => status.as_str(),
-            AttemptOutcome::Failed { status, .. } => status.as_str(),
-            AttemptOutcome::Retry { .. } => "retry_scheduled",
+        let (final_status, outcome_label, code) = match &outcome {
+            AttemptOutcome::Accepted { status, .. } => (status.as_str(), "accepted", None),
+            AttemptOutcome::Failed { status, code, .. } => (status.as_str(), "failed", *code),
+            AttemptOutcome::Retry { code, .. } => ("retry_scheduled", "retry", *code),
         };
+        metrics::counter!(
+            "switchboard_messages_sent_total",
+            "outcome" => outcome_label,
+            "error_code" => code.map(|c| c.to_string()).unwrap_or_default()
+        )
+        .increment(1);
         match self.inner.store.record_attempt(&id, outcome, now_ms()).await {
             Ok(m) => {
                 debug!(message_id = %id, status = final_status, sid = ?m.provider_sid, "attempt recorded");
@@ -269,7 +275,20 @@ impl Delivery {
             status_callback: self.inner.status_callback.clone(),
             smart_encoded: false,
         };
-        match self.inner.provider.send(&req).await {
+        let started = std::time::Instant::now();
+        let sent = self.inner.provider.send(&req).await;
+        metrics::histogram!("switchboard_twilio_request_duration_seconds", "operation" => "create")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(
+            "switchboard_twilio_requests_total",
+            "operation" => "create",
+            "outcome" => match &sent {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.code().map(|c| c.to_string()).unwrap_or_else(|| "network".into()),
+            }
+        )
+        .increment(1);
+        match sent {
             Ok(pm) => AttemptOutcome::Accepted {
                 sid: pm.sid,
                 status: MessageStatus::parse(&pm.status).unwrap_or(MessageStatus::Queued),

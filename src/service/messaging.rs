@@ -148,6 +148,8 @@ impl Messaging {
     /// `opted_out`, idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
     pub async fn send(&self, input: SendInput, idem: Option<IdempotencyRequest<'_>>) -> Result<SendOutcome> {
         let draft = self.parse_send(input, now_ms())?;
+        metrics::histogram!("switchboard_message_segments", "direction" => "outbound")
+            .record(f64::from(draft.segments));
         let Some(idem) = idem else {
             let rec = self.store.insert_outbound(draft, None).await?;
             self.delivery.wake();
@@ -496,6 +498,9 @@ impl Messaging {
         } else {
             None
         };
+        let opt_metric = opt_change
+            .as_ref()
+            .map(|c| if c.opt_out { "opt_out" } else { "opt_in" });
         let mut raw = Map::new();
         for (k, v) in params {
             raw.insert(k.clone(), Value::String(v.clone()));
@@ -517,10 +522,20 @@ impl Messaging {
                 now: now_ms(),
             })
             .await?;
-        Ok(match outcome {
-            InboundOutcome::Created(m) => Some(*m),
-            InboundOutcome::Duplicate => None,
-        })
+        let (result, label) = match outcome {
+            InboundOutcome::Created(m) => (Some(*m), "new"),
+            InboundOutcome::Duplicate => (None, "replay"),
+        };
+        metrics::counter!("switchboard_inbound_messages_total", "channel" => channel.as_str(), "outcome" => label)
+            .increment(1);
+        if let Some(m) = &result {
+            metrics::histogram!("switchboard_message_segments", "direction" => "inbound").record(f64::from(m.segments));
+            if let Some(change) = opt_metric {
+                metrics::counter!("switchboard_opt_outs_total", "channel" => channel.as_str(), "change" => change)
+                    .increment(1);
+            }
+        }
+        Ok(result)
     }
 
     /// Records a status callback: always appended to the history; the status moves only
@@ -542,6 +557,9 @@ impl Messaging {
                 .trim()
                 .to_ascii_lowercase()
         };
+        let status_label = MessageStatus::parse(&status_raw)
+            .map(|s| s.as_str())
+            .unwrap_or("unknown");
         let error_code = get("ErrorCode")
             .and_then(|c| c.trim().parse::<i64>().ok())
             .filter(|c| *c != 0);
@@ -555,7 +573,7 @@ impl Messaging {
         for (k, v) in params {
             raw.insert(k.clone(), Value::String(v.clone()));
         }
-        Ok(self
+        let outcome = self
             .store
             .record_status(StatusUpdate {
                 provider_sid: sid.to_string(),
@@ -566,7 +584,14 @@ impl Messaging {
                 raw_payload: Value::Object(raw),
                 now: now_ms(),
             })
-            .await?)
+            .await?;
+        metrics::counter!(
+            "switchboard_delivery_status_total",
+            "status" => status_label,
+            "applied" => if outcome.applied { "true" } else { "false" }
+        )
+        .increment(1);
+        Ok(outcome)
     }
 }
 

@@ -68,6 +68,7 @@ pub fn twiml_ok() -> Response {
 }
 
 async fn inbound(State(state): State<AppState>, SignedForm(params): SignedForm) -> Result<Response, Error> {
+    let _timer = WebhookTimer::start("inbound");
     match state.messaging.receive(&params).await? {
         Some(m) => {
             tracing::info!(message_id = %m.id, sid = m.provider_sid.as_deref().unwrap_or_default(), "inbound message stored")
@@ -78,6 +79,7 @@ async fn inbound(State(state): State<AppState>, SignedForm(params): SignedForm) 
 }
 
 async fn status(State(state): State<AppState>, SignedForm(params): SignedForm) -> Result<Response, Error> {
+    let _timer = WebhookTimer::start("status");
     let outcome = state.messaging.status_callback(&params).await?;
     match &outcome.message {
         Some(m) => {
@@ -86,4 +88,26 @@ async fn status(State(state): State<AppState>, SignedForm(params): SignedForm) -
         None => tracing::info!("status callback for a SID not stored yet; kept for when it is"),
     }
     Ok(twiml_ok())
+}
+
+/// Records how long a webhook took to handle (from the verified form to the answer).
+struct WebhookTimer {
+    endpoint: &'static str,
+    started: std::time::Instant,
+}
+
+impl WebhookTimer {
+    fn start(endpoint: &'static str) -> Self {
+        Self {
+            endpoint,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for WebhookTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("switchboard_webhook_duration_seconds", "endpoint" => self.endpoint)
+            .record(self.started.elapsed().as_secs_f64());
+    }
 }
