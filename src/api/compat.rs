@@ -32,9 +32,11 @@ use crate::store::{
 use crate::util::now_ms;
 use crate::webhooks::{twiml_ok, SignedForm};
 
-/// `messages-since` also returns messages changed this long before `since`, so that a write
+/// `messages-since` also returns messages created this long before `since`, so that a write
 /// committed just after a poll read its clock is not missed; clients merge messages by `id`.
 const SINCE_OVERLAP_MS: i64 = 2000;
+/// Rows read per query while collecting `messages-since`.
+const SINCE_CHUNK: u32 = 1000;
 /// Seed 001: WhatsApp bodies up to 4,096 characters.
 const WHATSAPP_MAX_CHARS: usize = 4096;
 
@@ -84,6 +86,10 @@ fn flavor_router(state: AppState, flavor: Flavor) -> Router<AppState> {
         // Twilio signs the webhook instead of sending an API key.
         .route("/webhook", post(webhook))
         .fallback(|| async { CompatError(Error::NotFound("no such endpoint".into())) })
+        .method_not_allowed_fallback(|| async {
+            let body = json!({"success": false, "error": "method not allowed on this path", "code": "INVALID_INPUT"});
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
         .layer(Extension(flavor))
 }
 
@@ -104,7 +110,15 @@ impl IntoResponse for CompatError {
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "UNAUTHORIZED"),
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             Error::Provider { .. } => (StatusCode::BAD_GATEWAY, "TWILIO_ERROR"),
-            Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "INVALID_INPUT"),
+            // The seeds pair INVALID_INPUT with 400, whatever the reason.
+            Error::PayloadTooLarge(_) => (StatusCode::BAD_REQUEST, "INVALID_INPUT"),
+            // Twilio itself refuses an opted-out recipient with 21610; the seeds report
+            // Twilio's refusals as TWILIO_ERROR. We refuse before sending (nothing is stored).
+            Error::OptedOut(m) => {
+                let body =
+                    json!({"success": false, "error": format!("Twilio error 21610: {m}"), "code": "TWILIO_ERROR"});
+                return (StatusCode::BAD_GATEWAY, Json(body)).into_response();
+            }
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "INTERNAL_ERROR"),
             Error::Internal(err) => {
                 tracing::error!(error = ?err, "internal error");
@@ -219,7 +233,7 @@ pub struct MessagesResponse {
 pub struct MessagesSinceResponse {
     /// Always true.
     pub success: bool,
-    /// Messages created or changed since `since` (and up to 2 s before; merge by `id`).
+    /// Messages created since `since` (and up to 2 s before; merge by `id`).
     pub messages: Vec<Message>,
     /// The threads they belong to.
     pub threads: Vec<ThreadSummary>,
@@ -582,9 +596,29 @@ pub(crate) async fn messages_since(
     // The clock is read before the query: anything committed later has a later time.
     let timestamp = now_ms();
     let store = state.messaging.store();
-    let rows = store
-        .messages_updated_since(flavor.channel, since - SINCE_OVERLAP_MS, 1000)
-        .await?;
+    // Seed: "all messages with timestamp > since" — every one, in as many reads as it takes.
+    // The store orders by change time; keep those created after `since` (minus the overlap),
+    // since a later status change does not make a message new.
+    let floor = since - SINCE_OVERLAP_MS;
+    let mut rows: Vec<MessageRecord> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut from = floor;
+    loop {
+        let chunk = store.messages_updated_since(flavor.channel, from, SINCE_CHUNK).await?;
+        let full = chunk.len() as u32 == SINCE_CHUNK;
+        // Re-read the last millisecond of a full chunk: rows sharing it may not all fit.
+        let next_from = chunk.last().map(|m| m.updated_at - 1);
+        for m in chunk {
+            if m.created_at > floor && seen.insert(m.id.clone()) {
+                rows.push(m);
+            }
+        }
+        match next_from {
+            Some(n) if full && n > from => from = n,
+            _ => break,
+        }
+    }
+    rows.sort_by_key(|m| (m.created_at, m.id.clone()));
     let mut conversation_ids: Vec<_> = rows.iter().map(|m| m.conversation_id.clone()).collect();
     conversation_ids.sort();
     conversation_ids.dedup();
