@@ -30,7 +30,7 @@ use crate::domain::phone::wire_address;
 use crate::domain::MessageStatus;
 use crate::provider::twilio::error_codes::{self, RetryClass};
 use crate::provider::{OutboundRequest, Provider, ProviderError};
-use crate::store::{AttemptOutcome, ClaimRequest, ClaimedMessage, MessageRecord, Store, StoreResult};
+use crate::store::{AttemptOutcome, ClaimRequest, ClaimedMessage, MessageRecord, Store, StoreError, StoreResult};
 use crate::util::now_ms;
 
 /// How far ahead a sender's next rate slot may be for a message to be claimed now.
@@ -215,7 +215,30 @@ impl Delivery {
             "error_code" => code.map(|c| c.to_string()).unwrap_or_default()
         )
         .increment(1);
-        match self.inner.store.record_attempt(&id, outcome, now_ms()).await {
+        let adopted = matches!(
+            outcome,
+            AttemptOutcome::Accepted {
+                source: "reconcile",
+                ..
+            }
+        );
+        let recorded = match self.inner.store.record_attempt(&id, outcome, now_ms()).await {
+            // Two messages with the same body and recipient reconciled at once and chose the
+            // same Twilio message: this one lost the race, and looks again at once (the SID
+            // the other took is now known, so it finds its own or sends).
+            Err(StoreError::Conflict(_)) if adopted => {
+                info!(message_id = %id, "reconciled SID was taken by another message; reconciling again");
+                let retry = AttemptOutcome::Retry {
+                    next_at: now_ms(),
+                    code: None,
+                    message: "the Twilio message found was claimed by another message; looking again".into(),
+                    reconcile: true,
+                };
+                self.inner.store.record_attempt(&id, retry, now_ms()).await
+            }
+            other => other,
+        };
+        match recorded {
             Ok(m) => {
                 debug!(message_id = %id, status = final_status, sid = ?m.provider_sid, "attempt recorded");
                 let _ = self.inner.attempted.send(id.clone());
@@ -229,16 +252,16 @@ impl Delivery {
     async fn attempt(&self, c: &ClaimedMessage) -> AttemptOutcome {
         let m = &c.message;
         let now = now_ms();
-        if let Some(validity) = m.validity_period {
-            let start = m.send_at.unwrap_or(m.created_at);
-            if now > start + validity * 1000 {
-                return AttemptOutcome::Failed {
-                    code: Some(VALIDITY_EXPIRED),
-                    message: format!("validity period of {validity} s expired before the message could be sent"),
-                    opt_out: false,
-                    status: MessageStatus::Failed,
-                };
-            }
+        if m.validity_expired(now) {
+            return AttemptOutcome::Failed {
+                code: Some(VALIDITY_EXPIRED),
+                message: format!(
+                    "validity period of {} s expired before the message could be sent",
+                    m.validity_period.unwrap_or_default()
+                ),
+                opt_out: false,
+                status: MessageStatus::Failed,
+            };
         }
         let to = wire_address(m.channel, &m.to);
         let from = if m.from.starts_with("MG") {

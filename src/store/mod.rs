@@ -106,6 +106,15 @@ pub struct MessageRecord {
     pub part: Option<Part>,
 }
 
+impl MessageRecord {
+    /// True when the message had a validity period and it ran out before `now` (ms),
+    /// counted from `send_at` for scheduled messages, else from creation.
+    pub fn validity_expired(&self, now: i64) -> bool {
+        self.validity_period
+            .is_some_and(|v| now > self.send_at.unwrap_or(self.created_at) + v * 1000)
+    }
+}
+
 /// One part of a body too long for one Twilio message, sent as consecutive messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {

@@ -758,6 +758,9 @@ impl Store for SqliteStore {
 
     async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>> {
         let mut tx = self.begin().await?;
+        // Read the clock only now that we hold the writer: waiting for it can take a while
+        // under load, and slots computed from an earlier time would crowd the sender.
+        let now = req.now.max(crate::util::now_ms());
         // Scan a little more than asked: some candidates may share a sender whose rate is used up.
         let scan = (req.limit * 4).max(32) as i64;
         let rows = sqlx::query(&format!(
@@ -768,7 +771,7 @@ impl Store for SqliteStore {
                AND (t.tat IS NULL OR t.tat <= ?1 + ?2) \
              ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT ?3"
         ))
-        .bind(req.now)
+        .bind(now)
         .bind(req.lookahead_ms)
         .bind(scan)
         .fetch_all(&mut *tx)
@@ -785,16 +788,23 @@ impl Store for SqliteStore {
             let tat = *tats
                 .entry(key.clone())
                 .or_insert_with(|| r.get::<Option<i64>, _>("tat"));
-            let Some((slot, new_tat)) =
-                take_slot(tat, req.now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
-            else {
-                continue;
+            let message = message_from_row(r)?;
+            let slot = if message.validity_expired(now) {
+                // It will fail without being sent: it must not use up the sender's rate.
+                now
+            } else {
+                let Some((slot, new_tat)) =
+                    take_slot(tat, now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
+                else {
+                    continue;
+                };
+                tats.insert(key, Some(new_tat));
+                slot
             };
-            tats.insert(key, Some(new_tat));
             let had_lease = r.get::<Option<i64>, _>("lease_until").is_some();
             let reconcile = had_lease || r.get::<i64, _>("reconcile") != 0;
             claimed.push(ClaimedMessage {
-                message: message_from_row(r)?,
+                message,
                 slot_at: slot,
                 reconcile,
                 previous_claim_at: r.get("claimed_at"),
@@ -804,9 +814,9 @@ impl Store for SqliteStore {
             sqlx::query(
                 "UPDATE messages SET lease_until = ?, lease_owner = ?, claimed_at = ?, reconcile = ? WHERE id = ?",
             )
-            .bind(req.now + req.lease_ms)
+            .bind(now + req.lease_ms)
             .bind(req.owner)
-            .bind(req.now)
+            .bind(now)
             .bind(c.reconcile as i64)
             .bind(c.message.id.as_str())
             .execute(&mut *tx)
@@ -1000,7 +1010,7 @@ impl Store for SqliteStore {
     async fn cancel_message(&self, id: &MessageId, now: i64) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
         let row = sqlx::query(
-            "SELECT next_attempt_at, lease_until, status FROM messages WHERE id = ? AND direction = 'outbound'",
+            "SELECT next_attempt_at, lease_until, status, reconcile FROM messages WHERE id = ? AND direction = 'outbound'",
         )
         .bind(id.as_str())
         .fetch_optional(&mut *tx)
