@@ -3,10 +3,9 @@
 
 mod helpers;
 
-mod compat;
 mod bad_input;
+mod compat;
 mod delivery;
 mod messages;
 mod restart;
 mod webhooks;
-
