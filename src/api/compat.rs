@@ -26,9 +26,7 @@ use crate::app::AppState;
 use crate::domain::{Channel, ContactId, Direction, MessageId, MessageStatus, PhoneNumber};
 use crate::error::Error;
 use crate::service::SendInput;
-use crate::store::{
-    ContactRecord, ConversationFilter, ConversationRecord, Cursor, MessageRecord, NewContact, PageRequest, StoreError,
-};
+use crate::store::{ContactRecord, ConversationFilter, ConversationRecord, Cursor, MessageRecord, PageRequest};
 use crate::util::now_ms;
 use crate::webhooks::{twiml_ok, SignedForm};
 
@@ -128,6 +126,8 @@ impl IntoResponse for CompatError {
                 )
                     .into_response();
             }
+            // Everything else is the client's: invalid values, and `conflict` (seed 000 makes
+            // a duplicate contact phone number INVALID_INPUT).
             _ => (StatusCode::BAD_REQUEST, "INVALID_INPUT"),
         };
         (
@@ -719,22 +719,8 @@ pub(crate) async fn create_contact(
 ) -> CompatResult<Response> {
     let p = json_body(body)?;
     let phone = parse_phone(&state, &p.phone_number)?;
-    let name = crate::api::contacts::parse_display_name(&p.display_name)?;
-    let c = state
-        .messaging
-        .store()
-        .create_contact(NewContact {
-            id: ContactId::new(),
-            phone_number: phone.as_str().to_string(),
-            display_name: name,
-            now: now_ms(),
-        })
-        .await
-        .map_err(|e| match e {
-            // Seed 000: a duplicate phone number is INVALID_INPUT (400).
-            StoreError::Conflict(m) => CompatError(Error::invalid("phoneNumber", m)),
-            other => CompatError(other.into()),
-        })?;
+    // A number that already has a contact is `conflict`, which the seeds call INVALID_INPUT.
+    let c = state.messaging.create_contact(&phone, &p.display_name).await?;
     Ok(Json(ContactMutationResult {
         success: true,
         contact: Contact::from(c),
@@ -754,8 +740,7 @@ pub(crate) async fn update_contact(
 ) -> CompatResult<Response> {
     let id = ContactId::parse(&contact_id).ok_or_else(|| Error::NotFound(format!("Contact {contact_id} not found")))?;
     let p = json_body(body)?;
-    let name = crate::api::contacts::parse_display_name(&p.display_name)?;
-    let c = state.messaging.store().update_contact(&id, &name, now_ms()).await?;
+    let c = state.messaging.rename_contact(&id, &p.display_name).await?;
     Ok(Json(ContactMutationResult {
         success: true,
         contact: Contact::from(c),

@@ -11,11 +11,6 @@ use super::types::{ContactOut, ListOut};
 use crate::app::AppState;
 use crate::domain::{ContactId, PhoneNumber};
 use crate::error::{Error, Result};
-use crate::store::{NewContact, StoreError};
-use crate::util::now_ms;
-
-/// Longest display name accepted.
-const MAX_NAME: usize = 200;
 
 /// Routes under `/api/v1/contacts`.
 pub fn router() -> Router<AppState> {
@@ -40,21 +35,6 @@ pub struct ContactIn {
 pub struct ContactPatch {
     /// New name.
     pub display_name: String,
-}
-
-/// Checks a display name: trimmed, 1–200 characters.
-pub fn parse_display_name(name: &str) -> Result<String> {
-    let t = name.trim();
-    if t.is_empty() {
-        return Err(Error::invalid("display_name", "display_name must not be empty"));
-    }
-    if t.chars().count() > MAX_NAME {
-        return Err(Error::invalid(
-            "display_name",
-            "display_name is longer than 200 characters",
-        ));
-    }
-    Ok(t.to_string())
 }
 
 fn parse_id(id: &str) -> Result<ContactId> {
@@ -85,21 +65,7 @@ pub(crate) async fn create(
 ) -> Result<(StatusCode, Json<ContactOut>)> {
     let phone = PhoneNumber::parse(&input.phone_number, state.messaging.region())
         .map_err(|e| Error::invalid("phone_number", format!("phone_number: {e}")))?;
-    let name = parse_display_name(&input.display_name)?;
-    let c = state
-        .messaging
-        .store()
-        .create_contact(NewContact {
-            id: ContactId::new(),
-            phone_number: phone.as_str().to_string(),
-            display_name: name,
-            now: now_ms(),
-        })
-        .await
-        .map_err(|e| match e {
-            StoreError::Conflict(m) => Error::Conflict(m),
-            other => other.into(),
-        })?;
+    let c = state.messaging.create_contact(&phone, &input.display_name).await?;
     Ok((StatusCode::CREATED, Json(c.into())))
 }
 
@@ -128,8 +94,7 @@ pub(crate) async fn update(
     ApiJson(p, _): ApiJson<ContactPatch>,
 ) -> Result<Json<ContactOut>> {
     let id = parse_id(&id)?;
-    let name = parse_display_name(&p.display_name)?;
-    let c = state.messaging.store().update_contact(&id, &name, now_ms()).await?;
+    let c = state.messaging.rename_contact(&id, &p.display_name).await?;
     Ok(Json(c.into()))
 }
 

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use crate::delivery::Delivery;
 use crate::domain::phone::{split_channel_prefix, wire_address};
 use crate::domain::segments;
-use crate::domain::{Address, Channel, MessageBody, MessageId, MessageStatus, PhoneNumber, Priority};
+use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, MessageStatus, PhoneNumber, Priority};
 use crate::error::{Error, Result};
 use crate::provider::twilio::client::describe_error;
 use crate::store::{
-    IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MessageRecord, NewInbound, NewOutbound, OptChange,
-    StatusOutcome, StatusUpdate, Store,
+    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MessageRecord, NewContact,
+    NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
 };
 use crate::util::now_ms;
 
@@ -433,6 +433,25 @@ impl Messaging {
         }
     }
 
+    /// Creates a contact for `phone` named `display_name` (trimmed, 1–200 characters).
+    /// Errors: `invalid_request` for the name, `conflict` when the number has a contact.
+    pub async fn create_contact(&self, phone: &PhoneNumber, display_name: &str) -> Result<ContactRecord> {
+        let name = parse_display_name(display_name)?;
+        let contact = NewContact {
+            id: ContactId::new(),
+            phone_number: phone.as_str().to_string(),
+            display_name: name,
+            now: now_ms(),
+        };
+        Ok(self.store.create_contact(contact).await?)
+    }
+
+    /// Renames a contact. Errors: `invalid_request` for the name, `not_found`.
+    pub async fn rename_contact(&self, id: &ContactId, display_name: &str) -> Result<ContactRecord> {
+        let name = parse_display_name(display_name)?;
+        Ok(self.store.update_contact(id, &name, now_ms()).await?)
+    }
+
     /// Cancels a message not yet handed to Twilio. Errors: `not_found`, `conflict`.
     pub async fn cancel(&self, id: &MessageId) -> Result<MessageRecord> {
         Ok(self.store.cancel_message(id, now_ms()).await?)
@@ -593,6 +612,24 @@ impl Messaging {
         .increment(1);
         Ok(outcome)
     }
+}
+
+/// Longest display name accepted.
+const MAX_DISPLAY_NAME: usize = 200;
+
+/// Checks a contact's display name: trimmed, 1–200 characters.
+fn parse_display_name(name: &str) -> Result<String> {
+    let t = name.trim();
+    if t.is_empty() {
+        return Err(Error::invalid("display_name", "display name must not be empty"));
+    }
+    if t.chars().count() > MAX_DISPLAY_NAME {
+        return Err(Error::invalid(
+            "display_name",
+            "display name is longer than 200 characters",
+        ));
+    }
+    Ok(t.to_string())
 }
 
 enum SenderChoice {

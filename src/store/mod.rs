@@ -450,6 +450,20 @@ pub struct Page<T> {
     pub next_cursor: Option<Cursor>,
 }
 
+impl<T> Page<T> {
+    /// Builds a page from a query that fetched `limit + 1` rows: the extra row only says
+    /// that there is more, and the cursor points after the last row kept.
+    pub fn from_overfetch(mut items: Vec<T>, limit: usize, cursor_of: impl Fn(&T) -> Cursor) -> Self {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(cursor_of)
+        } else {
+            None
+        };
+        Page { items, next_cursor }
+    }
+}
+
 /// An opaque keyset cursor: a sort key and the ID that breaks ties.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {

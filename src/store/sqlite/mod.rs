@@ -1164,17 +1164,11 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let mut items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|m| Cursor {
-                key: m.created_at,
-                id: m.id.to_string(),
-            })
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        let items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(Page::from_overfetch(items, limit as usize, |m| Cursor {
+            key: m.created_at,
+            id: m.id.to_string(),
+        }))
     }
 
     async fn group_parts(&self, group_ids: &[String]) -> StoreResult<Vec<MessageRecord>> {
@@ -1251,20 +1245,14 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(conversation_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|c| Cursor {
-                key: c.last_message_at.unwrap_or(c.created_at),
-                id: c.id.to_string(),
-            })
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        Ok(Page::from_overfetch(items, limit as usize, |c| Cursor {
+            key: c.last_message_at.unwrap_or(c.created_at),
+            id: c.id.to_string(),
+        }))
     }
 
     async fn get_conversation(&self, id: &ConversationId) -> StoreResult<Option<ConversationRecord>> {
@@ -1298,17 +1286,11 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let mut items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|m| Cursor {
-                key: m.created_at,
-                id: m.id.to_string(),
-            })
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        let items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(Page::from_overfetch(items, limit as usize, |m| Cursor {
+            key: m.created_at,
+            id: m.id.to_string(),
+        }))
     }
 
     async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord> {
@@ -1384,17 +1366,11 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let mut items: Vec<ContactRecord> = rows.iter().map(contact_from_row).collect();
-        let next_cursor = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|c| Cursor {
-                key: c.created_at,
-                id: c.id.to_string(),
-            })
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        let items: Vec<ContactRecord> = rows.iter().map(contact_from_row).collect();
+        Ok(Page::from_overfetch(items, limit as usize, |c| Cursor {
+            key: c.created_at,
+            id: c.id.to_string(),
+        }))
     }
 
     async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
@@ -1456,7 +1432,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(|r| {
                 let channel: String = r.get("channel");
@@ -1471,15 +1447,9 @@ impl Store for SqliteStore {
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|o| Cursor {
-                key: o.created_at,
-                id: format!("{}:{}", o.channel, o.phone_number),
-            })
-        } else {
-            None
-        };
-        Ok(Page { items, next_cursor })
+        Ok(Page::from_overfetch(items, limit as usize, |o| Cursor {
+            key: o.created_at,
+            id: format!("{}:{}", o.channel, o.phone_number),
+        }))
     }
 }
