@@ -23,10 +23,12 @@
 //! the reasoning above relies on each statement seeing the latest committed rows and on
 //! locking reads returning the newest row version).
 //!
-//! Lock order, to keep transactions from deadlocking: SID advisory lock → message rows (a
-//! group's parts in part order) → conversation / opt-out / idempotency rows → the
-//! `change_seq` lock last. The holder of the `change_seq` lock only touches rows it has
-//! already locked, so it never waits on another transaction.
+//! Lock order, to keep transactions from deadlocking: SID advisory lock → existing message
+//! rows (a group's parts in part order) → conversation row, then the new message's unique
+//! keys → opt-out / idempotency rows → the `change_seq` lock last. Claims never wait on
+//! message rows (SKIP LOCKED) and lock throttle rows in key order. The holder of the
+//! `change_seq` lock only touches rows it has already locked, so it never waits on another
+//! transaction.
 
 mod rows;
 
@@ -906,6 +908,7 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
+        let scan_now = req.now.max(crate::util::now_ms());
         // Scan a little more than asked: some candidates may share a sender whose rate is
         // used up. SKIP LOCKED passes over rows another instance is claiming right now; the
         // throttle join only pre-filters (its unlocked tat can only be older, i.e. smaller,
@@ -920,7 +923,7 @@ impl Store for PostgresStore {
              ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT $3 \
              FOR UPDATE OF m SKIP LOCKED"
         ))
-        .bind(req.now)
+        .bind(scan_now)
         .bind(req.lookahead_ms)
         .bind(scan)
         .fetch_all(&mut *tx.inner)
@@ -954,6 +957,10 @@ impl Store for PostgresStore {
         .fetch_all(&mut *tx.inner)
         .await
         .map_err(map_err)?;
+        // Read the clock again now that we hold the senders' rows: waiting for another
+        // instance's claim can take a while under load, and slots computed from an earlier
+        // time would crowd the sender (the SQLite backend reads it once it holds the writer).
+        let now = scan_now.max(crate::util::now_ms());
         let mut tats: HashMap<String, Option<i64>> = locked
             .iter()
             .map(|r| (r.get::<String, _>("rate_key"), Some(r.get::<i64, _>("tat"))))
@@ -966,18 +973,25 @@ impl Store for PostgresStore {
             }
             let key: String = r.get("rate_key");
             let cost: i64 = r.get("rate_cost");
-            let tat = tats.get(&key).copied().flatten();
-            let Some((slot, new_tat)) =
-                take_slot(tat, req.now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
-            else {
-                continue;
+            let message = message_from_row(r)?;
+            let slot = if message.validity_expired(now) {
+                // It will fail without being sent: it must not use up the sender's rate.
+                now
+            } else {
+                let tat = tats.get(&key).copied().flatten();
+                let Some((slot, new_tat)) =
+                    take_slot(tat, now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
+                else {
+                    continue;
+                };
+                tats.insert(key.clone(), Some(new_tat));
+                moved.insert(key, new_tat);
+                slot
             };
-            tats.insert(key.clone(), Some(new_tat));
-            moved.insert(key, new_tat);
             let had_lease = r.get::<Option<i64>, _>("lease_until").is_some();
             let reconcile = had_lease || r.get::<bool, _>("reconcile");
             claimed.push(ClaimedMessage {
-                message: message_from_row(r)?,
+                message,
                 slot_at: slot,
                 reconcile,
                 previous_claim_at: r.get("claimed_at"),
@@ -990,9 +1004,9 @@ impl Store for PostgresStore {
                 "UPDATE messages m SET lease_until = $1, lease_owner = $2, claimed_at = $3, reconcile = u.reconcile \
                  FROM unnest($4::text[], $5::bool[]) AS u(id, reconcile) WHERE m.id = u.id",
             )
-            .bind(req.now + req.lease_ms)
+            .bind(now + req.lease_ms)
             .bind(req.owner)
-            .bind(req.now)
+            .bind(now)
             .bind(&ids)
             .bind(&reconcile)
             .execute(&mut *tx.inner)
@@ -1193,8 +1207,8 @@ impl Store for PostgresStore {
         let mut tx = self.begin().await?;
         // Locked: a claim either took it before us (we see its lease) or skips it now.
         let row = sqlx::query(
-            "SELECT next_attempt_at, lease_until, status FROM messages WHERE id = $1 AND direction = 'outbound' \
-             FOR UPDATE",
+            "SELECT next_attempt_at, lease_until, status, reconcile FROM messages \
+             WHERE id = $1 AND direction = 'outbound' FOR UPDATE",
         )
         .bind(id.as_str())
         .fetch_optional(&mut *tx.inner)
@@ -1203,12 +1217,17 @@ impl Store for PostgresStore {
         .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
         let waiting = row.get::<Option<i64>, _>("next_attempt_at").is_some();
         let leased = row.get::<Option<i64>, _>("lease_until").is_some_and(|l| l > now);
-        if !waiting || leased {
+        // An earlier attempt that may have reached Twilio (timeout, 5xx) means the message may
+        // already be on its way: canceling our copy would not stop it.
+        let maybe_sent: bool = row.get("reconcile");
+        if !waiting || leased || maybe_sent {
             let status: String = row.get("status");
             return Err(StoreError::Conflict(format!(
                 "message {id} can no longer be canceled: it is {status} and {}",
                 if leased {
                     "being handed to Twilio right now"
+                } else if maybe_sent {
+                    "an earlier attempt may already have reached Twilio"
                 } else {
                     "already with Twilio or finished"
                 }
@@ -1530,13 +1549,16 @@ impl Store for PostgresStore {
     }
 
     async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
-        let r = sqlx::query("UPDATE contacts SET display_name = $1, updated_at = $2 WHERE id = $3")
-            .bind(pg_text(display_name))
-            .bind(now)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
+        // updated_at strictly increases, even for two changes in the same millisecond.
+        let r = sqlx::query(
+            "UPDATE contacts SET display_name = $1, updated_at = GREATEST($2, updated_at + 1) WHERE id = $3",
+        )
+        .bind(pg_text(display_name))
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("contact {id} not found")));
         }

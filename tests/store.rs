@@ -1,0 +1,1974 @@
+//! Storage conformance: one set of scenarios, written once against the `Store` trait and run
+//! against both backends (a temp SQLite file; a fresh PostgreSQL database per test, created
+//! through `SWITCHBOARD_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`,
+//! and dropped afterwards). The concurrency scenarios are what the PostgreSQL backend must get
+//! right across instances; SQLite passes them by serialising writes.
+
+use futures::FutureExt;
+use serde_json::json;
+use sqlx::{Connection, Executor};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use switchboard::domain::{Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority};
+use switchboard::store::postgres::PostgresStore;
+use switchboard::store::sqlite::SqliteStore;
+use switchboard::store::*;
+
+/// A fixed "now" (ms) so that scenarios control time. Far in the future: claims use
+/// `max(req.now, wall clock)` (the clock read inside the transaction), so a "now" ahead of
+/// the wall clock is what a scenario's timeline runs on.
+const T0: i64 = 4_000_000_000_000;
+const SENDER: &str = "+15005550006";
+const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// Bounds the PostgreSQL tests running at once (each holds a pool of up to 16 connections),
+/// so the suite stays under the server's `max_connections`. tokio's semaphore works across
+/// the per-test runtimes.
+static PG_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
+
+fn admin_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_string())
+}
+
+async fn with_sqlite<F, Fut>(scenario: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db"), 4).await.unwrap();
+    scenario(Arc::new(store)).await;
+}
+
+/// Runs `scenario` with a URL of a fresh database, dropping the database afterwards even
+/// when the scenario panics.
+async fn with_postgres_db<F, Fut>(scenario: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let _slot = PG_SLOTS.acquire().await.unwrap();
+    let admin = admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must be running for these tests ({admin}): {e}"));
+    let name = format!(
+        "switchboard_store_test_{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    );
+    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    let result = AssertUnwindSafe(scenario(url.to_string())).catch_unwind().await;
+    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn with_postgres<F, Fut>(scenario: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    with_postgres_db(|url| async move {
+        let store = PostgresStore::connect(&url, 16).await.unwrap();
+        let pool = store.pool().clone();
+        scenario(Arc::new(store)).await;
+        pool.close().await;
+    })
+    .await;
+}
+
+/// Generates one test per scenario and backend: `sqlite_backend::NAME`, `postgres_backend::NAME`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::with_sqlite(super::$name).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::with_postgres(super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    api_keys_and_ping,
+    outbound_insert_and_summary,
+    opt_out_blocks_insert,
+    inbound_is_idempotent,
+    status_moves_forward_and_orphans_apply_on_accept,
+    idempotency_lifecycle,
+    idempotency_concurrent_begins,
+    claim_leases_are_exclusive,
+    expired_lease_is_reclaimed_with_reconcile,
+    rate_slots_never_overlap,
+    claim_priority_order,
+    record_attempt_outcomes,
+    split_parts_chain,
+    cancel,
+    keyset_pagination,
+    changed_since_sees_every_change_once,
+    contacts,
+    mark_read,
+    contacts_by_phone_and_updated_since,
+    callbacks_racing_the_accept_are_never_lost,
+    concurrent_callbacks_end_at_the_furthest_status,
+    cancel_racing_claims,
+);
+
+// ---------------------------------------------------------------------------------------
+// Builders
+// ---------------------------------------------------------------------------------------
+
+fn outbound(to: &str, body: &str, now: i64) -> NewOutbound {
+    NewOutbound {
+        id: MessageId::new(),
+        channel: Channel::Sms,
+        to: to.into(),
+        from: SENDER.into(),
+        body: body.into(),
+        media: Vec::new(),
+        segments: 1,
+        encoding: "GSM-7".into(),
+        smart_encoding: false,
+        messaging_service_sid: None,
+        content_sid: None,
+        content_variables: None,
+        priority: Priority::Normal,
+        send_at: None,
+        validity_period: None,
+        rate_key: SENDER.into(),
+        rate_cost: 1,
+        part: None,
+        now,
+    }
+}
+
+fn from_sender(mut m: NewOutbound, sender: &str) -> NewOutbound {
+    m.from = sender.into();
+    m.rate_key = sender.into();
+    m
+}
+
+fn inbound(sid: &str, from: &str, body: &str, now: i64) -> NewInbound {
+    NewInbound {
+        id: MessageId::new(),
+        provider_sid: sid.into(),
+        channel: Channel::Sms,
+        from: from.into(),
+        to: SENDER.into(),
+        body: body.into(),
+        media: Vec::new(),
+        segments: 1,
+        encoding: "GSM-7".into(),
+        raw_payload: json!({ "MessageSid": sid, "From": from, "Body": body }),
+        opt_change: None,
+        now,
+    }
+}
+
+fn stop(sid: &str, channel: Channel, from: &str, now: i64) -> NewInbound {
+    NewInbound {
+        channel,
+        opt_change: Some(OptChange {
+            opt_out: true,
+            keyword: "STOP".into(),
+        }),
+        ..inbound(sid, from, "STOP", now)
+    }
+}
+
+fn sid() -> String {
+    format!("SM{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+}
+
+fn phone(n: usize) -> String {
+    format!("+1555{n:07}")
+}
+
+fn status(sid: &str, raw: &str, now: i64) -> StatusUpdate {
+    StatusUpdate {
+        provider_sid: sid.into(),
+        status_raw: raw.into(),
+        status: MessageStatus::parse(raw),
+        error_code: None,
+        error_message: None,
+        raw_payload: json!({ "MessageSid": sid, "MessageStatus": raw }),
+        now,
+    }
+}
+
+fn accepted(sid: &str) -> AttemptOutcome {
+    AttemptOutcome::Accepted {
+        sid: sid.into(),
+        status: MessageStatus::Queued,
+        source: "worker",
+    }
+}
+
+fn fast_rate(_: &str) -> f64 {
+    1000.0
+}
+
+/// One claim with a generous rate, a 1 s lookahead and a 30 s lease.
+async fn claim(store: &Arc<dyn Store>, now: i64, limit: usize) -> Vec<ClaimedMessage> {
+    store
+        .claim_due(ClaimRequest {
+            now,
+            limit,
+            lookahead_ms: 1000,
+            lease_ms: 30_000,
+            owner: "test",
+            rate_for: &fast_rate,
+        })
+        .await
+        .unwrap()
+}
+
+async fn conversation(store: &Arc<dyn Store>, id: &ConversationId) -> ConversationRecord {
+    store.get_conversation(id).await.unwrap().expect("conversation exists")
+}
+
+async fn message(store: &Arc<dyn Store>, id: &MessageId) -> MessageRecord {
+    store.get_message(id).await.unwrap().expect("message exists")
+}
+
+async fn all_changes(store: &Arc<dyn Store>) -> Vec<MessageRecord> {
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = store.messages_changed_since(cursor, 200).await.unwrap();
+        if page.messages.is_empty() {
+            return out;
+        }
+        cursor = page.next_cursor;
+        out.extend(page.messages);
+    }
+}
+
+/// Follows a keyset listing to its end.
+async fn collect_pages<T, F, Fut>(limit: u32, mut fetch: F) -> Vec<T>
+where
+    F: FnMut(PageRequest) -> Fut,
+    Fut: Future<Output = StoreResult<Page<T>>>,
+{
+    let mut out = Vec::new();
+    let mut cursor = None;
+    for _ in 0..1000 {
+        let page = fetch(PageRequest { cursor, limit }).await.unwrap();
+        assert!(page.items.len() <= limit as usize);
+        out.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return out,
+        }
+    }
+    panic!("pagination did not end");
+}
+
+fn assert_unique<T: std::hash::Hash + Eq + std::fmt::Debug>(items: impl IntoIterator<Item = T>) -> usize {
+    let mut seen = HashSet::new();
+    let mut n = 0;
+    for i in items {
+        n += 1;
+        assert!(seen.insert(i), "duplicate in a listing");
+    }
+    n
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------
+
+async fn api_keys_and_ping(store: Arc<dyn Store>) {
+    store.ping().await.unwrap();
+    assert_eq!(store.count_api_keys().await.unwrap(), 0);
+    let id = switchboard::domain::ApiKeyId::new();
+    store.insert_api_key(&id, "initial", "hash-1", T0).await.unwrap();
+    let found = store.find_api_key("hash-1").await.unwrap().unwrap();
+    assert_eq!(found.id, id);
+    assert_eq!(found.name, "initial");
+    assert!(store.find_api_key("hash-2").await.unwrap().is_none());
+    let again = store
+        .insert_api_key(&switchboard::domain::ApiKeyId::new(), "other", "hash-1", T0)
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(store.count_api_keys().await.unwrap(), 1);
+}
+
+async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
+    let to = phone(1);
+    let mut first = outbound(&to, "hello there", T0);
+    first.media = vec![Media {
+        url: "https://example.com/a.png".into(),
+        content_type: Some("image/png".into()),
+    }];
+    first.smart_encoding = true;
+    first.segments = 2;
+    first.encoding = "UCS-2".into();
+    first.content_variables = Some(r#"{"1":"x"}"#.into());
+    first.validity_period = Some(600);
+    first.priority = Priority::High;
+    let rec = store.insert_outbound(first.clone(), None).await.unwrap();
+    assert_eq!(rec.id, first.id);
+    assert_eq!(rec.status, MessageStatus::Queued);
+    assert_eq!(rec.direction, Direction::Outbound);
+    assert_eq!(rec.channel, Channel::Sms);
+    assert_eq!((rec.from.as_str(), rec.to.as_str()), (SENDER, to.as_str()));
+    assert_eq!(rec.media, first.media);
+    assert!(rec.smart_encoding);
+    assert_eq!((rec.segments, rec.encoding.as_str()), (2, "UCS-2"));
+    assert_eq!(rec.content_variables.as_deref(), Some(r#"{"1":"x"}"#));
+    assert_eq!(rec.validity_period, Some(600));
+    assert_eq!(rec.priority, Priority::High);
+    assert_eq!(rec.next_attempt_at, Some(T0));
+    assert_eq!((rec.attempts, rec.created_at, rec.updated_at), (0, T0, T0));
+    assert!(rec.change_seq > 0);
+    assert!(rec.provider_sid.is_none() && rec.part.is_none());
+
+    let read = message(&store, &rec.id).await;
+    assert_eq!(read.change_seq, rec.change_seq);
+    assert_eq!(read.media, rec.media);
+
+    let conv = conversation(&store, &rec.conversation_id).await;
+    assert_eq!(conv.channel, Channel::Sms);
+    assert_eq!((conv.counterpart.as_str(), conv.sender.as_str()), (to.as_str(), SENDER));
+    assert_eq!((conv.message_count, conv.unread_count), (1, 0));
+    assert_eq!(conv.last_direction, Some(Direction::Outbound));
+    assert_eq!(conv.last_preview.as_deref(), Some("hello there"));
+    assert_eq!(conv.last_message_at, Some(T0));
+    assert!(!conv.opted_out && conv.contact.is_none());
+
+    let second = store
+        .insert_outbound(outbound(&to, "  again  ", T0 + 10), None)
+        .await
+        .unwrap();
+    assert_eq!(second.conversation_id, rec.conversation_id);
+    assert!(second.change_seq > rec.change_seq);
+    let conv = conversation(&store, &rec.conversation_id).await;
+    assert_eq!(conv.message_count, 2);
+    assert_eq!(conv.last_preview.as_deref(), Some("again"));
+    assert_eq!(conv.last_message_at, Some(T0 + 10));
+
+    let mut later = outbound(&to, "", T0 + 20);
+    later.send_at = Some(T0 + 60_000);
+    later.media = vec![Media {
+        url: "https://example.com/b.jpg".into(),
+        content_type: None,
+    }];
+    let scheduled = store.insert_outbound(later, None).await.unwrap();
+    assert_eq!(scheduled.status, MessageStatus::Scheduled);
+    assert_eq!(scheduled.send_at, Some(T0 + 60_000));
+    assert_eq!(scheduled.next_attempt_at, Some(T0 + 60_000));
+    let conv = conversation(&store, &rec.conversation_id).await;
+    assert_eq!(conv.last_preview.as_deref(), Some("[1 attachment]"));
+
+    let other = store
+        .insert_outbound(
+            from_sender(outbound(&to, "other sender", T0 + 30), "+15005550007"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_ne!(other.conversation_id, rec.conversation_id);
+
+    let history = store.message_history(&rec.id).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        (
+            history[0].status.as_str(),
+            history[0].source.as_str(),
+            history[0].applied
+        ),
+        ("queued", "api", true)
+    );
+
+    let changes = all_changes(&store).await;
+    let ids: Vec<_> = changes.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(ids, vec![rec.id, second.id, scheduled.id, other.id]);
+    assert!(changes.windows(2).all(|w| w[0].change_seq < w[1].change_seq));
+    let page = store.messages_changed_since(0, 200).await.unwrap();
+    assert_eq!(page.conversations.len(), 2);
+    assert_eq!(page.next_cursor, changes.last().unwrap().change_seq);
+    let empty = store.messages_changed_since(page.next_cursor, 200).await.unwrap();
+    assert!(empty.messages.is_empty() && empty.conversations.is_empty());
+    assert_eq!(empty.next_cursor, page.next_cursor);
+}
+
+async fn opt_out_blocks_insert(store: Arc<dyn Store>) {
+    let p = phone(2);
+    let InboundOutcome::Created(stop_msg) = store.insert_inbound(stop(&sid(), Channel::Sms, &p, T0)).await.unwrap()
+    else {
+        panic!("created")
+    };
+    assert!(store.is_opted_out(Channel::Sms, &p).await.unwrap());
+    assert!(!store.is_opted_out(Channel::Whatsapp, &p).await.unwrap());
+    assert!(conversation(&store, &stop_msg.conversation_id).await.opted_out);
+
+    let changes_before = all_changes(&store).await.len();
+    let conv_before = conversation(&store, &stop_msg.conversation_id).await;
+
+    let blocked = outbound(&p, "promo", T0 + 1);
+    let blocked_id = blocked.id.clone();
+    let r = store.insert_outbound(blocked, None).await;
+    assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
+
+    // The idempotency key stays in progress: the completion is part of the failed transaction.
+    assert_eq!(
+        store
+            .idempotency_begin("key_a", "k", "h", T0, 86_400_000, 60_000)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    let render = |m: &MessageRecord| m.id.to_string();
+    let r = store
+        .insert_outbound(
+            outbound(&p, "promo", T0 + 2),
+            Some(IdempotencyCompletion {
+                scope: "key_a",
+                key: "k",
+                status: 202,
+                render: &render,
+            }),
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
+    assert_eq!(
+        store
+            .idempotency_begin("key_a", "k", "h", T0 + 3, 86_400_000, 60_000)
+            .await
+            .unwrap(),
+        IdempotencyBegin::InProgress
+    );
+
+    let group = MessageId::new();
+    let parts: Vec<NewOutbound> = (0..2)
+        .map(|i| NewOutbound {
+            id: if i == 0 { group.clone() } else { MessageId::new() },
+            part: Some(Part {
+                group_id: group.clone(),
+                index: i,
+                count: 2,
+            }),
+            ..outbound(&p, "part", T0 + 4)
+        })
+        .collect();
+    let r = store.insert_outbound_parts(parts).await;
+    assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
+
+    // Nothing was written.
+    assert!(store.get_message(&blocked_id).await.unwrap().is_none());
+    assert!(store.get_message(&group).await.unwrap().is_none());
+    assert_eq!(all_changes(&store).await.len(), changes_before);
+    let conv_after = conversation(&store, &stop_msg.conversation_id).await;
+    assert_eq!(conv_after.message_count, conv_before.message_count);
+    assert_eq!(conv_after.last_preview, conv_before.last_preview);
+    let convs = collect_pages(50, |page| {
+        let s = store.clone();
+        async move { s.list_conversations(&ConversationFilter::default(), &page).await }
+    })
+    .await;
+    assert_eq!(convs.len(), 1);
+
+    // Opt-outs are per channel.
+    let mut wa = outbound(&p, "on whatsapp", T0 + 5);
+    wa.channel = Channel::Whatsapp;
+    store.insert_outbound(wa, None).await.unwrap();
+
+    let opt_outs = collect_pages(10, |page| {
+        let s = store.clone();
+        async move { s.list_opt_outs(&page).await }
+    })
+    .await;
+    assert_eq!(opt_outs.len(), 1);
+    assert_eq!(
+        (
+            opt_outs[0].keyword.as_str(),
+            opt_outs[0].source.as_str(),
+            opt_outs[0].created_at
+        ),
+        ("STOP", "inbound", T0)
+    );
+
+    // START opts back in.
+    let start = NewInbound {
+        opt_change: Some(OptChange {
+            opt_out: false,
+            keyword: "START".into(),
+        }),
+        ..inbound(&sid(), &p, "START", T0 + 6)
+    };
+    store.insert_inbound(start).await.unwrap();
+    assert!(!store.is_opted_out(Channel::Sms, &p).await.unwrap());
+    store
+        .insert_outbound(outbound(&p, "welcome back", T0 + 7), None)
+        .await
+        .unwrap();
+}
+
+async fn inbound_is_idempotent(store: Arc<dyn Store>) {
+    let from = phone(3);
+    let s1 = sid();
+    let InboundOutcome::Created(m) = store.insert_inbound(inbound(&s1, &from, "hi", T0)).await.unwrap() else {
+        panic!("created")
+    };
+    assert_eq!(m.status, MessageStatus::Received);
+    assert_eq!(m.direction, Direction::Inbound);
+    assert_eq!(m.provider_sid.as_deref(), Some(s1.as_str()));
+    assert!(m.next_attempt_at.is_none());
+    assert!(m.change_seq > 0);
+    assert!(store.provider_sid_known(&s1).await.unwrap());
+    assert!(!store.provider_sid_known("SMnope").await.unwrap());
+    let conv = conversation(&store, &m.conversation_id).await;
+    assert_eq!((conv.message_count, conv.unread_count), (1, 1));
+    assert_eq!(conv.last_direction, Some(Direction::Inbound));
+    assert_eq!(
+        (conv.counterpart.as_str(), conv.sender.as_str()),
+        (from.as_str(), SENDER)
+    );
+    let history = store.message_history(&m.id).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|e| (e.status.as_str(), e.source.as_str(), e.applied))
+            .collect::<Vec<_>>(),
+        vec![("received", "twilio", true)]
+    );
+
+    assert!(matches!(
+        store.insert_inbound(inbound(&s1, &from, "hi", T0 + 1)).await.unwrap(),
+        InboundOutcome::Duplicate
+    ));
+    let conv = conversation(&store, &m.conversation_id).await;
+    assert_eq!((conv.message_count, conv.unread_count), (1, 1));
+
+    // 20 concurrent deliveries of one new MessageSid: exactly one row.
+    let s2 = sid();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            let msg = inbound(&s2, &from, "again", T0 + 10 + i);
+            tokio::spawn(async move { store.insert_inbound(msg).await })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            InboundOutcome::Created(_) => created += 1,
+            InboundOutcome::Duplicate => {}
+        }
+    }
+    assert_eq!(created, 1);
+    let stored: Vec<_> = all_changes(&store)
+        .await
+        .into_iter()
+        .filter(|m| m.provider_sid.as_deref() == Some(s2.as_str()))
+        .collect();
+    assert_eq!(stored.len(), 1);
+    let conv = conversation(&store, &m.conversation_id).await;
+    assert_eq!((conv.message_count, conv.unread_count), (2, 2));
+
+    // A NUL in webhook text is stored (PostgreSQL text cannot hold U+0000, so that backend
+    // keeps U+FFFD in its place) rather than failing the webhook forever.
+    let mut odd = inbound(&sid(), &from, "a\0b", T0 + 50);
+    odd.raw_payload = json!({ "Body": "a\0b" });
+    let InboundOutcome::Created(odd) = store.insert_inbound(odd).await.unwrap() else {
+        panic!("created")
+    };
+    assert!(odd.body == "a\0b" || odd.body == "a\u{FFFD}b", "{:?}", odd.body);
+    let mut update = status(&sid(), "sent\0", T0 + 51);
+    update.error_message = Some("x\0y".into());
+    store.record_status(update).await.unwrap();
+}
+
+async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>) {
+    let to = phone(4);
+    let m = store.insert_outbound(outbound(&to, "tracked", T0), None).await.unwrap();
+    assert_eq!(claim(&store, T0, 10).await.len(), 1);
+    let s = sid();
+    let rec = store.record_attempt(&m.id, accepted(&s), T0 + 1).await.unwrap();
+    assert_eq!(rec.status, MessageStatus::Queued);
+    assert_eq!(rec.provider_sid.as_deref(), Some(s.as_str()));
+    assert_eq!((rec.attempts, rec.next_attempt_at), (1, None));
+
+    let mut seq = rec.change_seq;
+    for (raw, applies, now_status) in [
+        ("sent", true, MessageStatus::Sent),
+        ("delivered", true, MessageStatus::Delivered),
+        ("sent", false, MessageStatus::Delivered),
+        ("failed", false, MessageStatus::Delivered),
+        ("bogus", false, MessageStatus::Delivered),
+        ("read", true, MessageStatus::Read),
+        ("delivered", false, MessageStatus::Read),
+    ] {
+        let out = store.record_status(status(&s, raw, T0 + 10)).await.unwrap();
+        assert_eq!(out.applied, applies, "{raw}");
+        let msg = out.message.expect("known SID");
+        assert_eq!(msg.status, now_status, "{raw}");
+        if applies {
+            assert!(msg.change_seq > seq, "an applied status is a change");
+            seq = msg.change_seq;
+        } else {
+            assert_eq!(msg.change_seq, seq);
+        }
+    }
+    let history = store.message_history(&m.id).await.unwrap();
+    let summary: Vec<_> = history
+        .iter()
+        .map(|e| (e.status.as_str(), e.source.as_str(), e.applied))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("queued", "api", true),
+            ("queued", "worker", false),
+            ("sent", "twilio", true),
+            ("delivered", "twilio", true),
+            ("sent", "twilio", false),
+            ("failed", "twilio", false),
+            ("bogus", "twilio", false),
+            ("read", "twilio", true),
+            ("delivered", "twilio", false),
+        ]
+    );
+    assert_eq!(
+        history[2].raw_payload,
+        Some(json!({ "MessageSid": s, "MessageStatus": "sent" }))
+    );
+
+    // Callbacks that outrun the worker's record of the SID wait as orphans.
+    let m2 = store
+        .insert_outbound(outbound(&to, "fast", T0 + 20), None)
+        .await
+        .unwrap();
+    claim(&store, T0 + 20, 10).await;
+    let s2 = sid();
+    for raw in ["sent", "delivered"] {
+        let out = store.record_status(status(&s2, raw, T0 + 21)).await.unwrap();
+        assert!(out.message.is_none() && !out.applied);
+    }
+    assert!(!store.provider_sid_known(&s2).await.unwrap());
+    let rec = store.record_attempt(&m2.id, accepted(&s2), T0 + 22).await.unwrap();
+    assert_eq!(rec.status, MessageStatus::Delivered);
+    let history = store.message_history(&m2.id).await.unwrap();
+    let summary: Vec<_> = history
+        .iter()
+        .map(|e| (e.status.as_str(), e.source.as_str(), e.applied))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("queued", "api", true),
+            ("sent", "twilio", true),
+            ("delivered", "twilio", true),
+            ("queued", "worker", false),
+        ]
+    );
+
+    // An error code 21610 on a callback records the opt-out.
+    let m3 = store
+        .insert_outbound(outbound(&phone(44), "blocked", T0 + 30), None)
+        .await
+        .unwrap();
+    claim(&store, T0 + 30, 10).await;
+    let s3 = sid();
+    store.record_attempt(&m3.id, accepted(&s3), T0 + 31).await.unwrap();
+    let mut update = status(&s3, "undelivered", T0 + 32);
+    update.error_code = Some(21610);
+    update.error_message = Some("Attempt to send to unsubscribed recipient".into());
+    let out = store.record_status(update).await.unwrap();
+    assert!(out.applied);
+    let msg = out.message.unwrap();
+    assert_eq!(msg.status, MessageStatus::Undelivered);
+    assert_eq!(msg.error_code, Some(21610));
+    assert!(store.is_opted_out(Channel::Sms, &phone(44)).await.unwrap());
+}
+
+async fn idempotency_lifecycle(store: Arc<dyn Store>) {
+    const TTL: i64 = 86_400_000;
+    const STALE: i64 = 60_000;
+    let begin = |key: &'static str, hash: &'static str, now: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .idempotency_begin("key_a", key, hash, now, TTL, STALE)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(begin("k1", "h1", T0).await, IdempotencyBegin::Started);
+    assert_eq!(begin("k1", "h1", T0 + 1).await, IdempotencyBegin::InProgress);
+    assert_eq!(begin("k1", "h2", T0 + 1).await, IdempotencyBegin::Mismatch);
+    // Keys are per scope.
+    assert_eq!(
+        store
+            .idempotency_begin("key_b", "k1", "h9", T0 + 1, TTL, STALE)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+
+    let render = |m: &MessageRecord| format!("{{\"id\":\"{}\"}}", m.id);
+    let rec = store
+        .insert_outbound(
+            outbound(&phone(5), "idempotent", T0 + 2),
+            Some(IdempotencyCompletion {
+                scope: "key_a",
+                key: "k1",
+                status: 202,
+                render: &render,
+            }),
+        )
+        .await
+        .unwrap();
+    let replay = IdempotencyBegin::Replay {
+        status: 202,
+        body: format!("{{\"id\":\"{}\"}}", rec.id),
+    };
+    assert_eq!(begin("k1", "h1", T0 + 3).await, replay);
+    assert_eq!(begin("k1", "h2", T0 + 3).await, IdempotencyBegin::Mismatch);
+    // Abandoning only forgets keys still in progress.
+    store.idempotency_abandon("key_a", "k1").await.unwrap();
+    assert_eq!(begin("k1", "h1", T0 + 4).await, replay);
+
+    assert_eq!(begin("k2", "h1", T0).await, IdempotencyBegin::Started);
+    store.idempotency_abandon("key_a", "k2").await.unwrap();
+    assert_eq!(begin("k2", "h2", T0).await, IdempotencyBegin::Started);
+
+    // A request that crashed leaves its key in progress; after `stale` it may be taken over.
+    assert_eq!(begin("k3", "h1", T0).await, IdempotencyBegin::Started);
+    assert_eq!(begin("k3", "h1", T0 + STALE).await, IdempotencyBegin::InProgress);
+    assert_eq!(begin("k3", "h1", T0 + STALE + 1).await, IdempotencyBegin::Started);
+    assert_eq!(begin("k3", "h1", T0 + STALE + 2).await, IdempotencyBegin::InProgress);
+
+    // After the TTL a finished key is new again, even with another body.
+    assert_eq!(begin("k1", "h3", T0 + TTL + 1).await, IdempotencyBegin::Started);
+
+    // k2 (T0) and key_b/k1 (T0 + 1) are older than T0 + 2; k1 and k3 were renewed later.
+    assert_eq!(store.idempotency_purge(T0 + 2).await.unwrap(), 2);
+    assert_eq!(begin("k2", "h1", T0 + 5).await, IdempotencyBegin::Started);
+    assert_eq!(store.idempotency_purge(i64::MAX).await.unwrap(), 3);
+}
+
+async fn idempotency_concurrent_begins(store: Arc<dyn Store>) {
+    const TTL: i64 = 86_400_000;
+    let run = |key: &'static str, now: i64| {
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.idempotency_begin("key_a", key, "h", now, TTL, 60_000).await })
+            })
+            .collect();
+        async move {
+            let mut out: HashMap<String, usize> = HashMap::new();
+            for t in tasks {
+                let r = t.await.unwrap().unwrap();
+                *out.entry(format!("{r:?}")).or_default() += 1;
+            }
+            out
+        }
+    };
+    let fresh = run("fresh", T0).await;
+    assert_eq!(fresh.get("Started"), Some(&1), "{fresh:?}");
+    assert_eq!(fresh.get("InProgress"), Some(&15), "{fresh:?}");
+
+    // Concurrent takeovers of an expired key: one wins.
+    assert_eq!(
+        store
+            .idempotency_begin("key_a", "old", "h", T0, TTL, 60_000)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    let takeover = run("old", T0 + TTL + 10).await;
+    assert_eq!(takeover.get("Started"), Some(&1), "{takeover:?}");
+    assert_eq!(takeover.get("InProgress"), Some(&15), "{takeover:?}");
+}
+
+async fn claim_leases_are_exclusive(store: Arc<dyn Store>) {
+    let mut all = HashSet::new();
+    for i in 0..60 {
+        let m = from_sender(outbound(&phone(100 + i), "job", T0), &phone(900 + i % 6));
+        all.insert(store.insert_outbound(m, None).await.unwrap().id);
+    }
+    let now = T0 + 1000;
+    let claimers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let owner = format!("worker-{w}");
+                let mut mine = Vec::new();
+                loop {
+                    let got = store
+                        .claim_due(ClaimRequest {
+                            now,
+                            limit: 3,
+                            lookahead_ms: 1000,
+                            lease_ms: 30_000,
+                            owner: &owner,
+                            rate_for: &fast_rate,
+                        })
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    for c in got {
+                        assert!(!c.reconcile && c.previous_claim_at.is_none());
+                        mine.push(c.message.id);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for c in claimers {
+        claimed.extend(c.await.unwrap());
+    }
+    // A claimer stops when everything left was locked by others at that moment; whatever
+    // is left is claimed by a last sweep.
+    claimed.extend(claim(&store, now, 100).await.into_iter().map(|c| c.message.id));
+    assert_eq!(
+        assert_unique(claimed.iter().cloned()),
+        60,
+        "each message claimed exactly once"
+    );
+    assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), all);
+    assert!(claim(&store, now + 1000, 100).await.is_empty(), "leases hold");
+}
+
+async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
+    let m = store
+        .insert_outbound(outbound(&phone(6), "lease", T0), None)
+        .await
+        .unwrap();
+    let lease = |now: i64, lease_ms: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .claim_due(ClaimRequest {
+                    now,
+                    limit: 10,
+                    lookahead_ms: 1000,
+                    lease_ms,
+                    owner: "test",
+                    rate_for: &fast_rate,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let first = lease(T0, 1000).await;
+    assert_eq!(first.len(), 1);
+    assert!(!first[0].reconcile && first[0].previous_claim_at.is_none());
+    assert!(lease(T0 + 500, 1000).await.is_empty());
+    let again = lease(T0 + 1500, 1000).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message.id, m.id);
+    assert!(again[0].reconcile, "an expired lease may have reached Twilio");
+    assert_eq!(again[0].previous_claim_at, Some(T0));
+
+    // A retry decides the flag itself.
+    let retry = |reconcile: bool, next_at: i64| AttemptOutcome::Retry {
+        next_at,
+        code: None,
+        message: "timeout".into(),
+        reconcile,
+    };
+    store
+        .record_attempt(&m.id, retry(false, T0 + 5000), T0 + 1600)
+        .await
+        .unwrap();
+    assert!(lease(T0 + 4999, 1000).await.is_empty(), "not due yet");
+    let c = lease(T0 + 5000, 1000).await;
+    assert_eq!(c.len(), 1);
+    assert!(!c[0].reconcile);
+    assert_eq!(c[0].previous_claim_at, Some(T0 + 1500));
+    store
+        .record_attempt(&m.id, retry(true, T0 + 6000), T0 + 5001)
+        .await
+        .unwrap();
+    let c = lease(T0 + 6000, 1000).await;
+    assert!(c[0].reconcile);
+
+    // expire_all_leases makes every current lease claimable now, for reconciliation.
+    let m2 = store
+        .insert_outbound(outbound(&phone(7), "crash", T0), None)
+        .await
+        .unwrap();
+    let c = lease(T0 + 7000, 60_000).await;
+    assert!(c.iter().any(|c| c.message.id == m2.id));
+    assert!(store.expire_all_leases().await.unwrap() >= 2);
+    let c = lease(T0 + 7001, 60_000).await;
+    let c2 = c.iter().find(|c| c.message.id == m2.id).expect("reclaimed");
+    assert!(c2.reconcile);
+    assert_eq!(c2.previous_claim_at, Some(T0 + 7000));
+}
+
+async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
+    // Two senders: A sends 2-segment messages at 10 segments/s (200 ms apart), B 1-segment
+    // messages at 5/s (200 ms apart).
+    let a = "+15005550100";
+    let b = "+15005550200";
+    let mut cost = HashMap::new();
+    for i in 0..24 {
+        let mut m = from_sender(outbound(&phone(200 + i), "rate", T0), a);
+        m.rate_cost = 2;
+        m.segments = 2;
+        cost.insert(store.insert_outbound(m, None).await.unwrap().id, (a, 2));
+        let m = from_sender(outbound(&phone(300 + i), "rate", T0), b);
+        cost.insert(store.insert_outbound(m, None).await.unwrap().id, (b, 1));
+    }
+    fn rate(key: &str) -> f64 {
+        if key == "+15005550100" {
+            10.0
+        } else {
+            5.0
+        }
+    }
+    let claimers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let owner = format!("worker-{w}");
+                let mut mine = Vec::new();
+                for _ in 0..100 {
+                    let got = store
+                        .claim_due(ClaimRequest {
+                            now: T0,
+                            limit: 2,
+                            lookahead_ms: 10_000,
+                            lease_ms: 30_000,
+                            owner: &owner,
+                            rate_for: &rate,
+                        })
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        break;
+                    }
+                    mine.extend(got.into_iter().map(|c| (c.message.id, c.slot_at)));
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut slots: Vec<(MessageId, i64)> = Vec::new();
+    for c in claimers {
+        slots.extend(c.await.unwrap());
+    }
+    let sweep = store
+        .claim_due(ClaimRequest {
+            now: T0,
+            limit: 100,
+            lookahead_ms: 10_000,
+            lease_ms: 30_000,
+            owner: "sweep",
+            rate_for: &rate,
+        })
+        .await
+        .unwrap();
+    slots.extend(sweep.into_iter().map(|c| (c.message.id, c.slot_at)));
+    assert_eq!(assert_unique(slots.iter().map(|(id, _)| id.clone())), 48);
+    let mut by_sender: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for (id, slot) in &slots {
+        assert!(*slot >= T0 && *slot <= T0 + 10_000);
+        by_sender.entry(cost[id].0).or_default().push(*slot);
+    }
+    for (sender, mut s) in by_sender {
+        s.sort_unstable();
+        assert_eq!(s.len(), 24);
+        for w in s.windows(2) {
+            assert!(w[1] - w[0] >= 200, "{sender}: slots {} and {} overlap", w[0], w[1]);
+        }
+    }
+
+    // A sender whose next slot is beyond the lookahead is not claimed now.
+    let c = "+15005550300";
+    for i in 0..4 {
+        let m = from_sender(outbound(&phone(400 + i), "slow", T0), c);
+        store.insert_outbound(m, None).await.unwrap();
+    }
+    let slow = |_: &str| 1.0;
+    let req = |now: i64| ClaimRequest {
+        now,
+        limit: 10,
+        lookahead_ms: 1000,
+        lease_ms: 30_000,
+        owner: "slow",
+        rate_for: &slow,
+    };
+    let got: Vec<i64> = store
+        .claim_due(req(T0 + 20_000))
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.slot_at)
+        .collect();
+    assert_eq!(got, vec![T0 + 20_000, T0 + 21_000]);
+    assert!(store.claim_due(req(T0 + 20_500)).await.unwrap().is_empty());
+    let got: Vec<i64> = store
+        .claim_due(req(T0 + 21_000))
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.slot_at)
+        .collect();
+    assert_eq!(got, vec![T0 + 22_000]);
+
+    // A message whose validity ran out is claimed (to be failed) without taking a slot.
+    let d = "+15005550400";
+    let mut expired = from_sender(outbound(&phone(500), "expired", T0), d);
+    expired.validity_period = Some(10);
+    let expired = store.insert_outbound(expired, None).await.unwrap();
+    let fresh = from_sender(outbound(&phone(501), "fresh", T0 + 1), d);
+    let fresh = store.insert_outbound(fresh, None).await.unwrap();
+    let now = T0 + 40_000;
+    // (The earlier claims' leases have run out by now, so those messages come back too.)
+    let got: HashMap<MessageId, i64> = store
+        .claim_due(ClaimRequest { limit: 200, ..req(now) })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.message.id, c.slot_at))
+        .collect();
+    assert_eq!(got.get(&expired.id), Some(&now));
+    assert_eq!(got.get(&fresh.id), Some(&now), "the expired message used no slot");
+}
+
+async fn claim_priority_order(store: Arc<dyn Store>) {
+    let n1 = store
+        .insert_outbound(outbound(&phone(8), "n1", T0), None)
+        .await
+        .unwrap();
+    let n2 = store
+        .insert_outbound(outbound(&phone(9), "n2", T0 + 1), None)
+        .await
+        .unwrap();
+    let mut h = outbound(&phone(10), "h1", T0 + 2);
+    h.priority = Priority::High;
+    let h1 = store.insert_outbound(h, None).await.unwrap();
+    let mut later = outbound(&phone(11), "later", T0);
+    later.send_at = Some(T0 + 60_000);
+    later.priority = Priority::High;
+    let scheduled = store.insert_outbound(later, None).await.unwrap();
+
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.extend(claim(&store, T0 + 10, 1).await.into_iter().map(|c| c.message.id));
+    }
+    assert_eq!(order, vec![h1.id.clone(), n1.id.clone(), n2.id.clone()]);
+    for id in [&h1.id, &n1.id, &n2.id] {
+        store.record_attempt(id, accepted(&sid()), T0 + 20).await.unwrap();
+    }
+    let due = claim(&store, T0 + 60_000, 5).await;
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].message.id, scheduled.id);
+    assert_eq!(due[0].message.status, MessageStatus::Scheduled);
+}
+
+async fn record_attempt_outcomes(store: Arc<dyn Store>) {
+    let to = phone(12);
+    let m = store
+        .insert_outbound(outbound(&to, "retry me", T0), None)
+        .await
+        .unwrap();
+    claim(&store, T0, 10).await;
+    let r = store
+        .record_attempt(
+            &m.id,
+            AttemptOutcome::Retry {
+                next_at: T0 + 2000,
+                code: Some(20429),
+                message: "Too Many Requests".into(),
+                reconcile: false,
+            },
+            T0 + 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, MessageStatus::Queued);
+    assert_eq!((r.attempts, r.next_attempt_at), (1, Some(T0 + 2000)));
+    assert_eq!(r.error_code, Some(20429));
+    assert_eq!(r.updated_at, T0 + 1);
+    assert!(r.change_seq > m.change_seq);
+    let last = store.message_history(&m.id).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (
+            last.status.as_str(),
+            last.source.as_str(),
+            last.applied,
+            last.error_code
+        ),
+        ("retry_scheduled", "worker", false, Some(20429))
+    );
+
+    claim(&store, T0 + 2000, 10).await;
+    let s = sid();
+    let r = store.record_attempt(&m.id, accepted(&s), T0 + 2001).await.unwrap();
+    assert_eq!((r.attempts, r.next_attempt_at), (2, None));
+    assert_eq!((r.error_code, r.error_message.as_deref()), (None, None));
+    assert!(store.provider_sid_known(&s).await.unwrap());
+
+    let f = store.insert_outbound(outbound(&to, "fail me", T0), None).await.unwrap();
+    claim(&store, T0 + 3000, 10).await;
+    let r = store
+        .record_attempt(
+            &f.id,
+            AttemptOutcome::Failed {
+                code: Some(21211),
+                message: "Invalid 'To' Phone Number".into(),
+                opt_out: false,
+                status: MessageStatus::Failed,
+            },
+            T0 + 3001,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, MessageStatus::Failed);
+    assert_eq!(r.error_code, Some(21211));
+    assert_eq!(r.error_message.as_deref(), Some("Invalid 'To' Phone Number"));
+    assert_eq!((r.attempts, r.next_attempt_at), (1, None));
+    assert!(!store.is_opted_out(Channel::Sms, &to).await.unwrap());
+
+    let o = store
+        .insert_outbound(outbound(&phone(13), "opted", T0), None)
+        .await
+        .unwrap();
+    claim(&store, T0 + 4000, 10).await;
+    store
+        .record_attempt(
+            &o.id,
+            AttemptOutcome::Failed {
+                code: Some(21610),
+                message: "unsubscribed".into(),
+                opt_out: true,
+                status: MessageStatus::Failed,
+            },
+            T0 + 4001,
+        )
+        .await
+        .unwrap();
+    assert!(store.is_opted_out(Channel::Sms, &phone(13)).await.unwrap());
+    let opt_outs = store
+        .list_opt_outs(&PageRequest {
+            cursor: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (opt_outs.items[0].keyword.as_str(), opt_outs.items[0].source.as_str()),
+        ("21610", "twilio")
+    );
+
+    // A SID already held by another message is a conflict, and changes nothing.
+    let d = store.insert_outbound(outbound(&to, "dup sid", T0), None).await.unwrap();
+    claim(&store, T0 + 5000, 10).await;
+    let r = store.record_attempt(&d.id, accepted(&s), T0 + 5001).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert!(message(&store, &d.id).await.provider_sid.is_none());
+
+    let r = store.record_attempt(&MessageId::new(), accepted(&sid()), T0).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+}
+
+fn parts_of(to: &str, n: u32, now: i64) -> Vec<NewOutbound> {
+    let group = MessageId::new();
+    (0..n)
+        .map(|i| NewOutbound {
+            id: if i == 0 { group.clone() } else { MessageId::new() },
+            part: Some(Part {
+                group_id: group.clone(),
+                index: i,
+                count: n,
+            }),
+            ..outbound(to, &format!("part {i} "), now)
+        })
+        .collect()
+}
+
+async fn split_parts_chain(store: Arc<dyn Store>) {
+    let to = phone(14);
+    let single = store
+        .insert_outbound(outbound(&to, "single", T0 - 10), None)
+        .await
+        .unwrap();
+    let parts = store.insert_outbound_parts(parts_of(&to, 3, T0)).await.unwrap();
+    assert_eq!(parts.len(), 3);
+    assert!(parts.iter().all(|p| p.status == MessageStatus::Queued));
+    assert!(parts.iter().all(|p| p.conversation_id == parts[0].conversation_id));
+    assert!(parts.windows(2).all(|w| w[0].change_seq < w[1].change_seq));
+    assert_eq!(parts[0].next_attempt_at, Some(T0));
+    assert_eq!((parts[1].next_attempt_at, parts[2].next_attempt_at), (None, None));
+    assert_eq!(
+        parts.iter().map(|p| p.part.as_ref().unwrap().index).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let conv = conversation(&store, &parts[0].conversation_id).await;
+    assert_eq!(conv.message_count, 2, "a split body counts once");
+    assert_eq!(conv.last_preview.as_deref(), Some("part 0"));
+
+    // Parts go one after the other: each is released when the one before is accepted.
+    let first = claim(&store, T0 - 10, 10).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].message.id, single.id);
+    for (i, p) in parts.iter().enumerate() {
+        let got = claim(&store, T0 + 100 * i as i64, 10).await;
+        assert_eq!(
+            got.iter().map(|c| c.message.id.clone()).collect::<Vec<_>>(),
+            vec![p.id.clone()]
+        );
+        store
+            .record_attempt(&p.id, accepted(&sid()), T0 + 100 * i as i64 + 1)
+            .await
+            .unwrap();
+        if let Some(next) = parts.get(i + 1) {
+            assert_eq!(
+                message(&store, &next.id).await.next_attempt_at,
+                Some(T0 + 100 * i as i64 + 1)
+            );
+        }
+    }
+
+    // The thread view lists the group once, by its first part.
+    let thread = collect_pages(1, |page| {
+        let s = store.clone();
+        let to = to.clone();
+        async move { s.list_counterpart_messages(Channel::Sms, &to, &page).await }
+    })
+    .await;
+    assert_eq!(
+        thread.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        vec![parts[0].id.clone(), single.id.clone()]
+    );
+    let grouped = store
+        .group_parts(&[parts[0].id.to_string(), "msg_unknown".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        grouped.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        parts.iter().map(|m| m.id.clone()).collect::<Vec<_>>()
+    );
+
+    // A failed part ends the parts after it.
+    let b = store.insert_outbound_parts(parts_of(&to, 3, T0 + 1000)).await.unwrap();
+    claim(&store, T0 + 1000, 10).await;
+    store
+        .record_attempt(&b[0].id, accepted(&sid()), T0 + 1001)
+        .await
+        .unwrap();
+    claim(&store, T0 + 1002, 10).await;
+    store
+        .record_attempt(
+            &b[1].id,
+            AttemptOutcome::Failed {
+                code: Some(21617),
+                message: "too long".into(),
+                opt_out: false,
+                status: MessageStatus::Failed,
+            },
+            T0 + 1003,
+        )
+        .await
+        .unwrap();
+    assert_eq!(message(&store, &b[0].id).await.status, MessageStatus::Queued);
+    let last = message(&store, &b[2].id).await;
+    assert_eq!(last.status, MessageStatus::Failed);
+    assert_eq!(last.error_code, Some(21617));
+    assert_eq!(
+        last.error_message.as_deref(),
+        Some("part 2 of 3 did not go out: too long")
+    );
+    assert_eq!(last.next_attempt_at, None);
+    let h = store.message_history(&b[2].id).await.unwrap();
+    assert_eq!(
+        h.iter()
+            .map(|e| (e.status.as_str(), e.source.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("queued", "api"), ("failed", "worker")]
+    );
+    assert!(claim(&store, T0 + 5000, 10).await.is_empty());
+}
+
+async fn cancel(store: Arc<dyn Store>) {
+    let to = phone(15);
+    let m = store
+        .insert_outbound(outbound(&to, "cancel me", T0), None)
+        .await
+        .unwrap();
+    let c = store.cancel_message(&m.id, T0 + 1).await.unwrap();
+    assert_eq!(c.status, MessageStatus::Canceled);
+    assert_eq!((c.next_attempt_at, c.updated_at), (None, T0 + 1));
+    assert!(c.change_seq > m.change_seq);
+    let last = store.message_history(&m.id).await.unwrap().pop().unwrap();
+    assert_eq!((last.status.as_str(), last.source.as_str()), ("canceled", "api"));
+    let again = store.cancel_message(&m.id, T0 + 2).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert!(claim(&store, T0 + 10, 10).await.is_empty());
+
+    let mut s = outbound(&to, "scheduled", T0);
+    s.send_at = Some(T0 + 60_000);
+    let s = store.insert_outbound(s, None).await.unwrap();
+    assert_eq!(
+        store.cancel_message(&s.id, T0 + 1).await.unwrap().status,
+        MessageStatus::Canceled
+    );
+
+    // Leased: being handed to Twilio right now.
+    let l = store.insert_outbound(outbound(&to, "leased", T0), None).await.unwrap();
+    assert_eq!(claim(&store, T0, 10).await.len(), 1);
+    let r = store.cancel_message(&l.id, T0 + 1).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    // The lease ran out (the worker died): still waiting, so it can be canceled.
+    assert_eq!(
+        store.cancel_message(&l.id, T0 + 40_000).await.unwrap().status,
+        MessageStatus::Canceled
+    );
+
+    // An earlier attempt may have reached Twilio: canceling our copy would not stop it.
+    let amb = store
+        .insert_outbound(outbound(&to, "ambiguous", T0), None)
+        .await
+        .unwrap();
+    claim(&store, T0 + 45_000, 10).await;
+    let retry = AttemptOutcome::Retry {
+        next_at: T0 + 46_000,
+        code: None,
+        message: "timeout".into(),
+        reconcile: true,
+    };
+    store.record_attempt(&amb.id, retry, T0 + 45_001).await.unwrap();
+    let r = store.cancel_message(&amb.id, T0 + 45_002).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert_eq!(message(&store, &amb.id).await.status, MessageStatus::Queued);
+
+    // With Twilio already.
+    let a = store.insert_outbound(outbound(&to, "sent", T0), None).await.unwrap();
+    claim(&store, T0 + 50_000, 10).await;
+    store
+        .record_attempt(&a.id, accepted(&sid()), T0 + 50_001)
+        .await
+        .unwrap();
+    let r = store.cancel_message(&a.id, T0 + 50_002).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+
+    let r = store.cancel_message(&MessageId::new(), T0).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+    let InboundOutcome::Created(inb) = store.insert_inbound(inbound(&sid(), &to, "hi", T0)).await.unwrap() else {
+        panic!("created")
+    };
+    let r = store.cancel_message(&inb.id, T0).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+
+    // Canceling the first part of a split body cancels the rest.
+    let parts = store.insert_outbound_parts(parts_of(&to, 3, T0)).await.unwrap();
+    store.cancel_message(&parts[0].id, T0 + 1).await.unwrap();
+    for p in &parts[1..] {
+        let p = message(&store, &p.id).await;
+        assert_eq!(p.status, MessageStatus::Canceled);
+        let index = p.part.as_ref().unwrap().index;
+        assert_eq!(
+            p.error_message.as_deref(),
+            Some("part 1 of 3 did not go out: an earlier part was canceled"),
+            "part {index}"
+        );
+    }
+}
+
+async fn keyset_pagination(store: Arc<dyn Store>) {
+    // Conversations, three to a timestamp so that ties need the ID to break them.
+    let mut conv_ids = HashSet::new();
+    for i in 0..23 {
+        let m = store
+            .insert_outbound(outbound(&phone(500 + i), "page", T0 + (i / 3) as i64), None)
+            .await
+            .unwrap();
+        conv_ids.insert(m.conversation_id);
+    }
+    for i in 0..4 {
+        let mut m = outbound(&phone(600 + i), "wa", T0);
+        m.channel = Channel::Whatsapp;
+        store.insert_outbound(m, None).await.unwrap();
+    }
+    for i in 0..2 {
+        store
+            .insert_inbound(inbound(&sid(), &phone(500 + i), "unread", T0 + 100))
+            .await
+            .unwrap();
+    }
+    let convs = collect_pages(5, |page| {
+        let s = store.clone();
+        async move { s.list_conversations(&ConversationFilter::default(), &page).await }
+    })
+    .await;
+    assert_eq!(assert_unique(convs.iter().map(|c| c.id.clone())), 27);
+    let keys: Vec<(i64, String)> = convs
+        .iter()
+        .map(|c| (c.last_message_at.unwrap_or(c.created_at), c.id.to_string()))
+        .collect();
+    assert!(keys.windows(2).all(|w| w[0] > w[1]), "newest activity first");
+    let sms = collect_pages(4, |page| {
+        let s = store.clone();
+        let filter = ConversationFilter {
+            channel: Some(Channel::Sms),
+            unread: None,
+        };
+        async move { s.list_conversations(&filter, &page).await }
+    })
+    .await;
+    assert_eq!(sms.iter().map(|c| c.id.clone()).collect::<HashSet<_>>(), conv_ids);
+    let wa = collect_pages(3, |page| {
+        let s = store.clone();
+        let filter = ConversationFilter {
+            channel: Some(Channel::Whatsapp),
+            unread: None,
+        };
+        async move { s.list_conversations(&filter, &page).await }
+    })
+    .await;
+    assert_eq!(wa.len(), 4);
+    for (unread, n) in [(true, 2), (false, 25)] {
+        let got = collect_pages(7, |page| {
+            let s = store.clone();
+            let filter = ConversationFilter {
+                channel: None,
+                unread: Some(unread),
+            };
+            async move { s.list_conversations(&filter, &page).await }
+        })
+        .await;
+        assert_eq!(got.len(), n, "unread={unread}");
+    }
+
+    // Messages of one conversation.
+    let to = phone(700);
+    let mut conv = None;
+    for i in 0..17 {
+        let m = store
+            .insert_outbound(outbound(&to, "m", T0 + (i / 4) as i64), None)
+            .await
+            .unwrap();
+        conv = Some(m.conversation_id);
+    }
+    let conv = conv.unwrap();
+    let msgs = collect_pages(4, |page| {
+        let s = store.clone();
+        let conv = conv.clone();
+        async move { s.list_conversation_messages(&conv, &page).await }
+    })
+    .await;
+    assert_eq!(assert_unique(msgs.iter().map(|m| m.id.clone())), 17);
+    let keys: Vec<(i64, String)> = msgs.iter().map(|m| (m.created_at, m.id.to_string())).collect();
+    assert!(keys.windows(2).all(|w| w[0] > w[1]), "newest first");
+    let thread = collect_pages(5, |page| {
+        let s = store.clone();
+        let to = to.clone();
+        async move { s.list_counterpart_messages(Channel::Sms, &to, &page).await }
+    })
+    .await;
+    assert_eq!(assert_unique(thread.iter().map(|m| m.id.clone())), 17);
+
+    // Contacts.
+    for i in 0..19 {
+        store
+            .create_contact(NewContact {
+                id: ContactId::new(),
+                phone_number: phone(800 + i),
+                display_name: format!("Contact {i}"),
+                now: T0 + (i / 5) as i64,
+            })
+            .await
+            .unwrap();
+    }
+    let contacts = collect_pages(6, |page| {
+        let s = store.clone();
+        async move { s.list_contacts(&page).await }
+    })
+    .await;
+    assert_eq!(assert_unique(contacts.iter().map(|c| c.id.clone())), 19);
+    let keys: Vec<(i64, String)> = contacts.iter().map(|c| (c.created_at, c.id.to_string())).collect();
+    assert!(keys.windows(2).all(|w| w[0] > w[1]));
+
+    // Opt-outs, on both channels for some numbers (the tie-breaker is channel:number).
+    for i in 0..13 {
+        let channel = if i % 2 == 0 { Channel::Sms } else { Channel::Whatsapp };
+        store
+            .insert_inbound(stop(&sid(), channel, &phone(900 + i / 2), T0 + (i / 4) as i64))
+            .await
+            .unwrap();
+    }
+    let opt_outs = collect_pages(4, |page| {
+        let s = store.clone();
+        async move { s.list_opt_outs(&page).await }
+    })
+    .await;
+    assert_eq!(
+        assert_unique(opt_outs.iter().map(|o| (o.channel, o.phone_number.clone()))),
+        13
+    );
+    let keys: Vec<(i64, String)> = opt_outs
+        .iter()
+        .map(|o| (o.created_at, format!("{}:{}", o.channel, o.phone_number)))
+        .collect();
+    assert!(keys.windows(2).all(|w| w[0] > w[1]));
+}
+
+async fn changed_since_sees_every_change_once(store: Arc<dyn Store>) {
+    const WRITERS: usize = 8;
+    const EACH: usize = 50;
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let store = store.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut cursor = 0;
+            let mut seen: Vec<(MessageId, i64)> = Vec::new();
+            loop {
+                // Read the flag first: a poll that starts after every writer finished and
+                // finds nothing proves the poller has caught up.
+                let finished = done.load(Ordering::SeqCst);
+                let page = store.messages_changed_since(cursor, 37).await.unwrap();
+                if page.messages.is_empty() {
+                    if finished {
+                        return seen;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    continue;
+                }
+                let mut last = cursor;
+                for m in &page.messages {
+                    assert!(m.change_seq > last, "change order");
+                    last = m.change_seq;
+                    assert!(
+                        page.conversations.iter().any(|c| c.id == m.conversation_id),
+                        "conversation included"
+                    );
+                    seen.push((m.id.clone(), m.change_seq));
+                }
+                assert_eq!(page.next_cursor, last);
+                cursor = last;
+            }
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..EACH {
+                    // A few shared conversations, so writers also wait on each other's locks.
+                    let to = phone(1000 + (w * EACH + i) % 5);
+                    let id = if i % 5 == 4 {
+                        match store
+                            .insert_inbound(inbound(&sid(), &to, "in", T0 + i as i64))
+                            .await
+                            .unwrap()
+                        {
+                            InboundOutcome::Created(m) => m.id,
+                            InboundOutcome::Duplicate => unreachable!(),
+                        }
+                    } else {
+                        store
+                            .insert_outbound(outbound(&to, "out", T0 + i as i64), None)
+                            .await
+                            .unwrap()
+                            .id
+                    };
+                    ids.push(id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut all = HashSet::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    done.store(true, Ordering::SeqCst);
+    let seen = poller.await.unwrap();
+    assert_eq!(all.len(), WRITERS * EACH);
+    assert_eq!(assert_unique(seen.iter().map(|(id, _)| id.clone())), WRITERS * EACH);
+    assert_eq!(seen.into_iter().map(|(id, _)| id).collect::<HashSet<_>>(), all);
+}
+
+async fn contacts(store: Arc<dyn Store>) {
+    let p = phone(16);
+    let c = store
+        .create_contact(NewContact {
+            id: ContactId::new(),
+            phone_number: p.clone(),
+            display_name: "Ada".into(),
+            now: T0,
+        })
+        .await
+        .unwrap();
+    assert_eq!((c.display_name.as_str(), c.opted_out, c.created_at), ("Ada", false, T0));
+    let dup = store
+        .create_contact(NewContact {
+            id: ContactId::new(),
+            phone_number: p.clone(),
+            display_name: "Eve".into(),
+            now: T0,
+        })
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+
+    let u = store.update_contact(&c.id, "Ada L.", T0 + 5).await.unwrap();
+    assert_eq!(
+        (u.display_name.as_str(), u.updated_at, u.created_at),
+        ("Ada L.", T0 + 5, T0)
+    );
+    assert_eq!(store.get_contact(&c.id).await.unwrap().unwrap().display_name, "Ada L.");
+    // Two changes in one millisecond still move updated_at forward.
+    let u2 = store.update_contact(&c.id, "Ada Lovelace", T0 + 5).await.unwrap();
+    assert_eq!(u2.updated_at, T0 + 6);
+    let r = store.update_contact(&ContactId::new(), "x", T0).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+
+    // A conversation with the contact's number carries the contact; an opt-out on any
+    // channel shows on the contact.
+    let InboundOutcome::Created(m) = store
+        .insert_inbound(stop(&sid(), Channel::Whatsapp, &p, T0 + 6))
+        .await
+        .unwrap()
+    else {
+        panic!("created")
+    };
+    let conv = conversation(&store, &m.conversation_id).await;
+    let contact = conv.contact.expect("contact joined");
+    assert_eq!(contact.id, c.id);
+    assert!(contact.opted_out);
+    assert!(store.get_contact(&c.id).await.unwrap().unwrap().opted_out);
+
+    store.delete_contact(&c.id).await.unwrap();
+    assert!(store.get_contact(&c.id).await.unwrap().is_none());
+    let r = store.delete_contact(&c.id).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+    assert!(conversation(&store, &m.conversation_id).await.contact.is_none());
+}
+
+async fn mark_read(store: Arc<dyn Store>) {
+    let from = phone(17);
+    let mut conv = None;
+    for i in 0..2 {
+        if let InboundOutcome::Created(m) = store
+            .insert_inbound(inbound(&sid(), &from, "unread", T0 + i))
+            .await
+            .unwrap()
+        {
+            conv = Some(m.conversation_id);
+        }
+    }
+    let conv = conv.unwrap();
+    assert_eq!(conversation(&store, &conv).await.unread_count, 2);
+    let unread = ConversationFilter {
+        channel: None,
+        unread: Some(true),
+    };
+    let page = PageRequest {
+        cursor: None,
+        limit: 10,
+    };
+    assert_eq!(store.list_conversations(&unread, &page).await.unwrap().items.len(), 1);
+    let r = store.mark_conversation_read(&conv, T0 + 10).await.unwrap();
+    assert_eq!((r.unread_count, r.message_count, r.updated_at), (0, 2, T0 + 10));
+    assert!(store.list_conversations(&unread, &page).await.unwrap().items.is_empty());
+    store
+        .insert_outbound(outbound(&from, "reply", T0 + 11), None)
+        .await
+        .unwrap();
+    assert_eq!(conversation(&store, &conv).await.unread_count, 0);
+    let r = store.mark_conversation_read(&ConversationId::new(), T0).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+}
+
+async fn contacts_by_phone_and_updated_since(store: Arc<dyn Store>) {
+    for i in [1, 2, 3] {
+        store
+            .create_contact(NewContact {
+                id: ContactId::new(),
+                phone_number: phone(1100 + i),
+                display_name: format!("C{i}"),
+                now: T0,
+            })
+            .await
+            .unwrap();
+    }
+    let got = store
+        .contacts_by_phone(&[phone(1103), phone(1999), phone(1101)])
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.display_name.as_str()).collect::<Vec<_>>(),
+        vec!["C3", "C1"]
+    );
+    assert!(store.contacts_by_phone(&[]).await.unwrap().is_empty());
+
+    let a = store
+        .insert_outbound(outbound(&phone(18), "a", T0), None)
+        .await
+        .unwrap();
+    let b = store
+        .insert_outbound(outbound(&phone(19), "b", T0 + 10), None)
+        .await
+        .unwrap();
+    let mut w = outbound(&phone(18), "w", T0 + 5);
+    w.channel = Channel::Whatsapp;
+    let w = store.insert_outbound(w, None).await.unwrap();
+    let ids = |v: Vec<MessageRecord>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.messages_updated_since(Channel::Sms, T0 - 1, 100).await.unwrap()),
+        vec![a.id.clone(), b.id.clone()]
+    );
+    assert_eq!(
+        ids(store.messages_updated_since(Channel::Sms, T0, 100).await.unwrap()),
+        vec![b.id.clone()]
+    );
+    assert_eq!(
+        ids(store.messages_updated_since(Channel::Sms, T0 - 1, 1).await.unwrap()),
+        vec![a.id.clone()]
+    );
+    assert_eq!(
+        ids(store
+            .messages_updated_since(Channel::Whatsapp, T0 - 1, 100)
+            .await
+            .unwrap()),
+        vec![w.id.clone()]
+    );
+    // A change moves a message to the end.
+    claim(&store, T0 + 20, 10).await;
+    store.record_attempt(&a.id, accepted(&sid()), T0 + 100).await.unwrap();
+    assert_eq!(
+        ids(store.messages_updated_since(Channel::Sms, T0 - 1, 100).await.unwrap()),
+        vec![b.id.clone(), a.id.clone()]
+    );
+    assert_eq!(
+        ids(store.messages_updated_since(Channel::Sms, T0 + 50, 100).await.unwrap()),
+        vec![a.id]
+    );
+}
+
+/// A status callback can arrive while the worker is recording Twilio's answer (same SID);
+/// whichever commits first, the callback ends up applied.
+async fn callbacks_racing_the_accept_are_never_lost(store: Arc<dyn Store>) {
+    let mut msgs = Vec::new();
+    for i in 0..40 {
+        msgs.push(
+            store
+                .insert_outbound(outbound(&phone(1200 + i), "race", T0), None)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(claim(&store, T0, 100).await.len(), 40);
+    let races: Vec<_> = msgs
+        .iter()
+        .map(|m| {
+            let s = sid();
+            let (worker, callbacks) = (store.clone(), store.clone());
+            let (id, s2) = (m.id.clone(), s.clone());
+            let a = tokio::spawn(async move { worker.record_attempt(&id, accepted(&s), T0 + 1).await.unwrap() });
+            let b =
+                tokio::spawn(async move { callbacks.record_status(status(&s2, "delivered", T0 + 1)).await.unwrap() });
+            (a, b)
+        })
+        .collect();
+    for (a, b) in races {
+        a.await.unwrap();
+        b.await.unwrap();
+    }
+    for m in &msgs {
+        assert_eq!(
+            message(&store, &m.id).await.status,
+            MessageStatus::Delivered,
+            "{}",
+            m.id
+        );
+        let delivered: Vec<_> = store
+            .message_history(&m.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.status == "delivered")
+            .collect();
+        assert_eq!(delivered.len(), 1);
+        assert!(delivered[0].applied);
+    }
+}
+
+/// Callbacks for one message arriving at once apply one after the other: the status ends at
+/// the furthest one, never moved back by a slower, earlier one.
+async fn concurrent_callbacks_end_at_the_furthest_status(store: Arc<dyn Store>) {
+    let mut sids = Vec::new();
+    for i in 0..20 {
+        let m = store
+            .insert_outbound(outbound(&phone(1300 + i), "cb", T0), None)
+            .await
+            .unwrap();
+        sids.push((m.id, sid()));
+    }
+    claim(&store, T0, 100).await;
+    for (id, s) in &sids {
+        store.record_attempt(id, accepted(s), T0 + 1).await.unwrap();
+    }
+    let tasks: Vec<_> = sids
+        .iter()
+        .flat_map(|(_, s)| {
+            ["sent", "delivered", "read"].map(|raw| {
+                let store = store.clone();
+                let s = s.clone();
+                tokio::spawn(async move { store.record_status(status(&s, raw, T0 + 2)).await.unwrap() })
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (id, _) in &sids {
+        assert_eq!(message(&store, id).await.status, MessageStatus::Read);
+        let history = store.message_history(id).await.unwrap();
+        let twilio: Vec<_> = history.iter().filter(|e| e.source == "twilio").collect();
+        assert_eq!(twilio.len(), 3);
+        assert!(twilio.iter().any(|e| e.status == "read" && e.applied));
+    }
+}
+
+/// A message is either canceled or claimed, never both.
+async fn cancel_racing_claims(store: Arc<dyn Store>) {
+    let mut all = HashSet::new();
+    for i in 0..30 {
+        let m = from_sender(outbound(&phone(1400 + i), "race", T0), &phone(1500 + i % 3));
+        all.insert(store.insert_outbound(m, None).await.unwrap().id);
+    }
+    let claimers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = claim(&store, T0, 2).await;
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(got.into_iter().map(|c| c.message.id));
+                }
+            })
+        })
+        .collect();
+    let cancels: Vec<_> = all
+        .iter()
+        .map(|id| {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                match store.cancel_message(&id, T0 + 1).await {
+                    Ok(m) => {
+                        assert_eq!(m.status, MessageStatus::Canceled);
+                        Some(id)
+                    }
+                    Err(StoreError::Conflict(_)) => None,
+                    Err(e) => panic!("{e:?}"),
+                }
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for c in claimers {
+        claimed.extend(c.await.unwrap());
+    }
+    let mut canceled = HashSet::new();
+    for c in cancels {
+        canceled.extend(c.await.unwrap());
+    }
+    claimed.extend(claim(&store, T0, 100).await.into_iter().map(|c| c.message.id));
+    assert_eq!(assert_unique(claimed.iter().cloned()), claimed.len());
+    let claimed: HashSet<_> = claimed.into_iter().collect();
+    assert!(claimed.is_disjoint(&canceled), "claimed and canceled");
+    assert_eq!(claimed.union(&canceled).cloned().collect::<HashSet<_>>(), all);
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL only
+// ---------------------------------------------------------------------------------------
+
+/// Connections PostgreSQL closed (a restart, a failover, an idle kill) are replaced without
+/// the gateway noticing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pool_recovers_after_connections_are_killed() {
+    with_postgres_db(|url| async move {
+        let store = PostgresStore::connect(&url, 4).await.unwrap();
+        store.ping().await.unwrap();
+        store
+            .insert_outbound(outbound(&phone(20), "before", T0), None)
+            .await
+            .unwrap();
+        let name = url::Url::parse(&url)
+            .unwrap()
+            .path()
+            .trim_start_matches('/')
+            .to_string();
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty(), "the store held connections");
+        store.ping().await.unwrap();
+        store
+            .insert_outbound(outbound(&phone(20), "after", T0 + 1), None)
+            .await
+            .unwrap();
+        assert_eq!(all_changes(&(Arc::new(store.clone()) as Arc<dyn Store>)).await.len(), 2);
+        store.pool().close().await;
+    })
+    .await;
+}
+
+/// A pool with no free connection answers `Unavailable` after the acquire timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_exhausted_pool_is_unavailable() {
+    with_postgres_db(|url| async move {
+        let store = PostgresStore::connect(&url, 1).await.unwrap();
+        let held = store.pool().acquire().await.unwrap();
+        let r = store.ping().await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        drop(held);
+        store.ping().await.unwrap();
+        store.pool().close().await;
+    })
+    .await;
+}
+
+/// An unreachable server fails `connect` (the gateway refuses to start) instead of hanging.
+#[tokio::test]
+async fn postgres_unreachable_server_fails_to_connect() {
+    let started = std::time::Instant::now();
+    let r = PostgresStore::connect("postgres://postgres@127.0.0.1:1/none", 2).await;
+    assert!(r.is_err());
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+}
