@@ -201,7 +201,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        let switchboard_env = Env::prefixed("SWITCHBOARD_").ignore(&["CONFIG"]).split("__");
+        // SWITCHBOARD_CONFIG names the file; SWITCHBOARD_TEST_* belong to the test suite.
+        // Any other unknown SWITCHBOARD_* variable is an error (a typo would otherwise be
+        // silently ignored).
+        let switchboard_env = Env::prefixed("SWITCHBOARD_")
+            .ignore(&["CONFIG"])
+            .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
+            .split("__");
         let twilio_env = Env::prefixed("TWILIO_").map(|k| format!("twilio.{}", k.as_str()).into());
         fig = fig
             .merge(Serialized::defaults(env_as_strings(&switchboard_env)))
@@ -556,6 +562,7 @@ mod tests {
             jail.set_env("SWITCHBOARD_DELIVERY__DEFAULT_RATE", "2.5");
             jail.set_env("SWITCHBOARD_DELIVERY__SENDER_RATES", "+15005550006=10");
             jail.set_env("SWITCHBOARD_SIMULATOR__STATUS_CALLBACKS", "false");
+            jail.set_env("SWITCHBOARD_TEST_BACKEND", "postgres");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.twilio.phone_number.as_deref(), Some("+15005550006"));
             assert_eq!(
@@ -566,6 +573,17 @@ mod tests {
             assert_eq!(c.delivery.default_rate, 2.5);
             assert_eq!(c.delivery.sender_rates["+15005550006"], 10.0);
             assert!(!c.simulator.status_callbacks);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
+    fn a_misspelt_variable_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SWITCHBOARD_LISTN", "127.0.0.1:1");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("listn"), "{err}");
             Ok(())
         });
     }
