@@ -45,6 +45,8 @@ pub struct AppState {
     pub public_url: Arc<str>,
     /// Whether the delivery worker is running.
     pub worker_alive: Arc<AtomicBool>,
+    /// Twilio's answer to the credential check made at start (`None` until it answered).
+    pub twilio_check: Arc<std::sync::Mutex<Option<Result<(), String>>>>,
 }
 
 /// A running gateway.
@@ -169,6 +171,38 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         )
     };
 
+    let twilio_check = Arc::new(std::sync::Mutex::new(None));
+    {
+        // Checked once, in the background (the embedded simulator only answers once the
+        // server below runs); /ready reports the cached result rather than calling Twilio.
+        let (provider, slot) = (provider.clone(), twilio_check.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let result = match provider.check_credentials().await {
+                    Ok(()) => {
+                        info!("Twilio credentials accepted");
+                        Ok(())
+                    }
+                    // A definite refusal (wrong SID or token) stays until restart.
+                    Err(e @ crate::provider::ProviderError::Rejected { .. }) => {
+                        warn!(error = %e, "Twilio refused the credentials");
+                        Err(e.to_string())
+                    }
+                    // Unreachable or failing: not a verdict on the credentials; ask again.
+                    Err(e) => {
+                        warn!(error = %e, "could not check the Twilio credentials yet; retrying in 30 s");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(30)) => continue,
+                        }
+                    }
+                };
+                *slot.lock().expect("check lock") = Some(result);
+                return;
+            }
+        });
+    }
     let delivery = Delivery::new(
         store.clone(),
         provider,
@@ -184,6 +218,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         webhook_auth_token: Arc::new(webhook_token),
         public_url: public_url.clone().into(),
         worker_alive: worker_alive.clone(),
+        twilio_check,
     };
 
     let worker_shutdown = shutdown.clone();
@@ -285,8 +320,17 @@ async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>,
     if !state.worker_alive.load(Ordering::SeqCst) {
         return Err(Error::Unavailable("delivery worker is not running".into()));
     }
+    let twilio = match &*state.twilio_check.lock().expect("check lock") {
+        None => "checking".to_string(),
+        Some(Ok(())) => "ok".to_string(),
+        Some(Err(e)) => {
+            return Err(Error::Unavailable(format!(
+                "Twilio credentials were refused at start: {e}"
+            )))
+        }
+    };
     Ok(Json(
-        serde_json::json!({ "status": "ready", "database": "ok", "workers": "running" }),
+        serde_json::json!({ "status": "ready", "database": "ok", "workers": "running", "twilio": twilio }),
     ))
 }
 

@@ -125,4 +125,8 @@ pub trait Provider: Send + Sync + 'static {
         from: Option<&str>,
         since_ms: i64,
     ) -> Result<Vec<ProviderMessage>, ProviderError>;
+
+    /// One cheap authenticated call proving the credentials work. Errors: `Rejected` with
+    /// code 20003 for wrong credentials; transport errors when the provider is unreachable.
+    async fn check_credentials(&self) -> Result<(), ProviderError>;
 }

@@ -7,5 +7,6 @@ mod bad_input;
 mod compat;
 mod delivery;
 mod messages;
+mod ops;
 mod restart;
 mod webhooks;

@@ -197,6 +197,12 @@ impl Provider for TwilioClient {
         Ok(msg.into())
     }
 
+    async fn check_credentials(&self) -> Result<(), ProviderError> {
+        self.call(self.http.get(format!("{}?PageSize=1", self.messages_url())))
+            .await
+            .map(|_| ())
+    }
+
     async fn list_recent(
         &self,
         to: &str,
