@@ -208,6 +208,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         provider,
         config.delivery.clone(),
         format!("{public_url}/webhooks/twilio/status"),
+        Duration::from_secs(config.shutdown_timeout_secs),
     );
     let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
     let worker_alive = Arc::new(AtomicBool::new(true));

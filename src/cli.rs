@@ -41,6 +41,17 @@ pub enum Command {
     },
     /// Apply database migrations and exit.
     Migrate(ConfigArg),
+    /// Copy everything from the SQLite database into an empty PostgreSQL database, in one
+    /// transaction, and verify it (stop the gateway first). Exits non-zero, with nothing
+    /// committed, on any error or mismatch.
+    Copy {
+        /// The SQLite database to copy from: `sqlite://PATH`.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database to copy into: `postgres://…`.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// `--config FILE` (also `SWITCHBOARD_CONFIG`).
@@ -167,6 +178,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(database = %redact_url(&config.database_url), "migrations applied");
             Ok(())
         }
+        Command::Copy { from, to } => {
+            crate::telemetry::init(Default::default());
+            let report = crate::store::copy::copy_sqlite_to_postgres(&from, &to).await?;
+            println!("{report}");
+            Ok(())
+        }
     }
 }
 
@@ -191,17 +208,27 @@ async fn serve(a: ConfigArg) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
+    let deadline = std::time::Duration::from_secs(config.shutdown_timeout_secs);
     let server = crate::app::start(config, listener, shutdown.clone()).await?;
     if let Some(key) = &server.generated_api_key {
         tracing::info!("created the first API key; it is printed once on stdout and cannot be shown again");
         println!("API key (shown once; keep it): {key}");
     }
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        shutdown.cancel();
-    });
-    server.wait().await
+    shutdown_signal().await;
+    tracing::info!(
+        deadline_secs = deadline.as_secs(),
+        "shutting down: no new work; finishing requests and sends in flight"
+    );
+    shutdown.cancel();
+    match tokio::time::timeout(deadline + std::time::Duration::from_secs(1), server.wait()).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                "shutdown deadline passed; exiting with work in flight (it will be reconciled at the next start)"
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn simulator(a: SimulatorArgs) -> anyhow::Result<()> {

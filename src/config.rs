@@ -36,6 +36,10 @@ pub struct Config {
     pub default_region: String,
     /// `text` (default) or `json` log lines (`SWITCHBOARD_LOG_FORMAT`).
     pub log_format: LogFormat,
+    /// How long a stopping gateway (SIGTERM, Ctrl-C) waits for requests and sends in flight
+    /// to finish, in seconds (`SWITCHBOARD_SHUTDOWN_TIMEOUT_SECS`, default 30). Sends still
+    /// unfinished then keep their lease and are reconciled at the next start.
+    pub shutdown_timeout_secs: u64,
     /// Largest request body accepted, in bytes (`SWITCHBOARD_MAX_BODY_BYTES`, default 1 MiB).
     pub max_body_bytes: usize,
     /// Twilio account and senders (`TWILIO_*`).
@@ -171,6 +175,7 @@ impl Default for Config {
             default_region: "US".into(),
             log_format: LogFormat::Text,
             max_body_bytes: 1024 * 1024,
+            shutdown_timeout_secs: 30,
             twilio: TwilioConfig {
                 request_timeout_secs: 15,
                 ..Default::default()

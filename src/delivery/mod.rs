@@ -65,6 +65,7 @@ struct Inner {
     wake: Notify,
     permits: Arc<Semaphore>,
     attempted: tokio::sync::broadcast::Sender<crate::domain::MessageId>,
+    drain_timeout: Duration,
 }
 
 impl Delivery {
@@ -74,6 +75,7 @@ impl Delivery {
         provider: Arc<dyn Provider>,
         config: DeliveryConfig,
         status_callback: String,
+        drain_timeout: Duration,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.concurrency));
         Self {
@@ -86,6 +88,7 @@ impl Delivery {
                 wake: Notify::new(),
                 permits,
                 attempted: tokio::sync::broadcast::channel(1024).0,
+                drain_timeout,
             }),
         }
     }
@@ -190,7 +193,7 @@ impl Delivery {
         }
         // Let in-flight sends finish so their outcomes are recorded.
         let total = self.inner.config.concurrency as u32;
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.inner.permits.acquire_many(total)).await;
+        let _ = tokio::time::timeout(self.inner.drain_timeout, self.inner.permits.acquire_many(total)).await;
         info!("delivery worker stopped");
     }
 
