@@ -4,6 +4,7 @@
 //!
 //! Times are Unix milliseconds (`i64`) throughout, which both backends store natively.
 
+pub mod copy;
 pub mod postgres;
 pub mod sqlite;
 
