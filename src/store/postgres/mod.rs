@@ -568,17 +568,6 @@ fn cursor_parts(page: &PageRequest) -> (Option<i64>, Option<String>) {
     }
 }
 
-/// Cuts the `limit + 1` rows fetched to a page, with a cursor when there are more.
-fn into_page<T>(mut items: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> Cursor) -> Page<T> {
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(cursor_of)
-    } else {
-        None
-    };
-    Page { items, next_cursor }
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> StoreResult<()> {
@@ -1350,7 +1339,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
-        Ok(into_page(items, limit, |m| Cursor {
+        Ok(Page::from_overfetch(items, limit as usize, |m| Cursor {
             key: m.created_at,
             id: m.id.to_string(),
         }))
@@ -1430,7 +1419,7 @@ impl Store for PostgresStore {
             .iter()
             .map(conversation_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok(into_page(items, limit, |c| Cursor {
+        Ok(Page::from_overfetch(items, limit as usize, |c| Cursor {
             key: c.last_message_at.unwrap_or(c.created_at),
             id: c.id.to_string(),
         }))
@@ -1465,7 +1454,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let items = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
-        Ok(into_page(items, limit, |m| Cursor {
+        Ok(Page::from_overfetch(items, limit as usize, |m| Cursor {
             key: m.created_at,
             id: m.id.to_string(),
         }))
@@ -1542,7 +1531,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let items: Vec<ContactRecord> = rows.iter().map(contact_from_row).collect();
-        Ok(into_page(items, limit, |c| Cursor {
+        Ok(Page::from_overfetch(items, limit as usize, |c| Cursor {
             key: c.created_at,
             id: c.id.to_string(),
         }))
@@ -1610,7 +1599,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let items = rows.iter().map(opt_out_from_row).collect::<StoreResult<Vec<_>>>()?;
-        Ok(into_page(items, limit, |o| Cursor {
+        Ok(Page::from_overfetch(items, limit as usize, |o| Cursor {
             key: o.created_at,
             id: format!("{}:{}", o.channel, o.phone_number),
         }))
