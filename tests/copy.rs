@@ -4,11 +4,12 @@
 //! read back through the `Store` trait: everything must read the same, and the gateway's
 //! rules (reconcile in-flight messages, change order, idempotent replays) must keep holding.
 
-use futures::FutureExt;
+#[path = "support/postgres.rs"]
+mod postgres;
+
 use serde_json::json;
-use sqlx::{Connection, Executor};
+use sqlx::Connection;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 use switchboard::app::open_store;
@@ -20,17 +21,12 @@ use switchboard::store::*;
 /// "now" in the future is what the scenario's timeline runs on.
 const T0: i64 = 4_000_000_000_000;
 const SENDER: &str = "+15005550006";
-const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const IDEM_TTL: i64 = 86_400_000;
 const IDEM_STALE: i64 = 60_000;
 
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
-
-fn admin_url() -> String {
-    std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_string())
-}
 
 fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("switchboard.db").display())
@@ -43,24 +39,9 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let admin = admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must be running for these tests ({admin}): {e}"));
-    let name = format!(
-        "switchboard_copy_test_{}",
-        ulid::Ulid::new().to_string().to_ascii_lowercase()
-    );
-    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    let result = AssertUnwindSafe(scenario(url.to_string())).catch_unwind().await;
-    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    // Dropped (and the database with it) when the scenario returns or panics.
+    let db = postgres::TestDatabase::create("switchboard_copy_test").await;
+    scenario(db.url.clone()).await;
 }
 
 // ---------------------------------------------------------------------------------------

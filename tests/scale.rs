@@ -11,6 +11,9 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created for the test
 //! and dropped afterwards, also when it fails.
 
+#[path = "support/postgres.rs"]
+mod postgres;
+
 use futures::stream::{self, StreamExt};
 use rand::Rng;
 use secrecy::ExposeSecret;
@@ -70,54 +73,6 @@ const SETTLE: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------------
-
-/// A PostgreSQL database created for this test; dropped with the guard (also on panic).
-struct TestDatabase {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl TestDatabase {
-    async fn create() -> Self {
-        use sqlx::Connection;
-        let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("sbscale_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-        let mut conn = sqlx::postgres::PgConnection::connect(&admin)
-            .await
-            .expect("connect to PostgreSQL (set SWITCHBOARD_TEST_POSTGRES_URL)");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let (base, _) = admin.rsplit_once('/').expect("admin URL ends in a database name");
-        let url = format!("{base}/{name}");
-        TestDatabase { admin, name, url }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Drop runs inside the test's runtime; use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
 
 /// Cancels the simulator's server when the test ends.
 struct StopOnDrop(CancellationToken);
@@ -485,7 +440,7 @@ fn instance_of_callback(m: &SentMessage, instances: &[Instance]) -> Option<usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_share_delivery_and_survive_a_sigkill() {
     let started = Instant::now();
-    let db = TestDatabase::create().await;
+    let db = postgres::TestDatabase::create("sbscale").await;
     let dir = tempfile::tempdir().unwrap();
 
     // Twilio answers after 25 ms, so that when the victim dies some of its creates are in

@@ -4,12 +4,13 @@
 //! and dropped afterwards). The concurrency scenarios are what the PostgreSQL backend must get
 //! right across instances; SQLite passes them by serialising writes.
 
-use futures::FutureExt;
+#[path = "support/postgres.rs"]
+mod postgres;
+
 use serde_json::json;
-use sqlx::{Connection, Executor};
+use sqlx::Connection;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use switchboard::domain::{Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority};
@@ -22,7 +23,6 @@ use switchboard::store::*;
 /// the wall clock is what a scenario's timeline runs on.
 const T0: i64 = 4_000_000_000_000;
 const SENDER: &str = "+15005550006";
-const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 // ---------------------------------------------------------------------------------------
 // Harness
@@ -32,10 +32,6 @@ const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// so the suite stays under the server's `max_connections`. tokio's semaphore works across
 /// the per-test runtimes.
 static PG_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
-
-fn admin_url() -> String {
-    std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_string())
-}
 
 async fn with_sqlite<F, Fut>(scenario: F)
 where
@@ -55,24 +51,9 @@ where
     Fut: Future<Output = ()>,
 {
     let _slot = PG_SLOTS.acquire().await.unwrap();
-    let admin = admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must be running for these tests ({admin}): {e}"));
-    let name = format!(
-        "switchboard_store_test_{}",
-        ulid::Ulid::new().to_string().to_ascii_lowercase()
-    );
-    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    let result = AssertUnwindSafe(scenario(url.to_string())).catch_unwind().await;
-    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    // Dropped (and the database with it) when the scenario returns or panics.
+    let db = postgres::TestDatabase::create("switchboard_store_test").await;
+    scenario(db.url.clone()).await;
 }
 
 async fn with_postgres<F, Fut>(scenario: F)
@@ -1929,7 +1910,7 @@ async fn postgres_pool_recovers_after_connections_are_killed() {
             .path()
             .trim_start_matches('/')
             .to_string();
-        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+        let mut admin = sqlx::PgConnection::connect(&postgres::admin_url()).await.unwrap();
         let killed: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
         )

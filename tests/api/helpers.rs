@@ -13,6 +13,8 @@ use switchboard::simulator::{SentMessage, Simulator, SimulatorSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::postgres::TestDatabase;
+
 pub const SENDER: &str = "+15005550006";
 
 /// A gateway and its simulator.
@@ -265,47 +267,8 @@ pub async fn test_database(dir: &tempfile::TempDir) -> (String, Option<TestDatab
             None,
         );
     }
-    use sqlx::Connection;
-    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let name = format!("sbtest_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-    let mut conn = sqlx::postgres::PgConnection::connect(&admin)
-        .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let (base, _) = admin.rsplit_once('/').expect("admin URL ends in a database name");
-    (format!("{base}/{name}"), Some(TestDatabase { admin, name }))
-}
-
-/// A PostgreSQL database created for one test; dropped with it.
-pub struct TestDatabase {
-    admin: String,
-    name: String,
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Drop runs inside the test's runtime; use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
+    let db = TestDatabase::create("sbtest").await;
+    (db.url.clone(), Some(db))
 }
 
 /// Starts a standalone simulator on port 0 whose webhooks go to `gateway`.

@@ -2,6 +2,8 @@
 //! simulator over real HTTP.
 
 mod helpers;
+#[path = "../support/postgres.rs"]
+mod postgres;
 
 mod bad_input;
 mod compat;
