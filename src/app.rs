@@ -21,6 +21,7 @@ use crate::config::{Config, DatabaseKind};
 use crate::delivery::Delivery;
 use crate::domain::phone::split_channel_prefix;
 use crate::error::Error;
+use crate::events::EventHub;
 use crate::provider::twilio::{TwilioClient, TwilioCredentials};
 use crate::provider::Provider;
 use crate::service::api_keys::ApiKeys;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub worker_alive: Arc<AtomicBool>,
     /// Twilio's answer to the credential check made at start (`None` until it answered).
     pub twilio_check: Arc<std::sync::Mutex<Option<Result<(), String>>>>,
+    /// The instance's event fan-out (`/api/v1/events`).
+    pub events: Arc<EventHub>,
 }
 
 /// A running gateway.
@@ -212,6 +215,12 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
     );
     let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
     let worker_alive = Arc::new(AtomicBool::new(true));
+    let events = EventHub::start(store.clone(), config.events.backlog, shutdown.clone()).await?;
+    tokio::spawn(prune_events(
+        store.clone(),
+        Duration::from_secs(config.events.retention_hours.saturating_mul(3600)),
+        shutdown.clone(),
+    ));
     let state = AppState {
         config: Arc::new(config.clone()),
         messaging,
@@ -220,6 +229,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         public_url: public_url.clone().into(),
         worker_alive: worker_alive.clone(),
         twilio_check,
+        events,
     };
 
     let worker_shutdown = shutdown.clone();
@@ -348,6 +358,23 @@ async fn purge_idempotency_keys(store: Arc<dyn Store>, shutdown: CancellationTok
             Ok(n) if n > 0 => info!(count = n, "purged expired idempotency keys"),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not purge idempotency keys"),
+        }
+    }
+}
+
+/// Deletes events older than the retention window, every 10 minutes (clients resuming from
+/// a pruned cursor are told to resync).
+async fn prune_events(store: Arc<dyn Store>, retention: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+        let before = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.prune_events(before).await {
+            Ok(n) if n > 0 => info!(count = n, "pruned events past the retention window"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not prune events"),
         }
     }
 }

@@ -52,6 +52,31 @@ pub struct Config {
     /// The seeds' messenger APIs (`/api/sms-messenger`, `/api/whatsapp-messenger`;
     /// `SWITCHBOARD_MESSENGER__*`).
     pub messenger: MessengerConfig,
+    /// The event stream (`SWITCHBOARD_EVENTS__*`).
+    pub events: EventsConfig,
+}
+
+/// Settings of the event stream (`GET /api/v1/events`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// How long events are kept for clients resuming with `Last-Event-ID`, in hours
+    /// (`SWITCHBOARD_EVENTS__RETENTION_HOURS`, default 72). A client resuming from an older
+    /// cursor is told to resync.
+    pub retention_hours: u64,
+    /// How many events each instance keeps for stream clients that read slowly
+    /// (`SWITCHBOARD_EVENTS__BACKLOG`, default 1024). A client further behind than this is
+    /// told to resync rather than slowing the gateway down.
+    pub backlog: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            retention_hours: 72,
+            backlog: 1024,
+        }
+    }
 }
 
 /// Settings of the messenger compatibility APIs.
@@ -183,6 +208,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             simulator: Default::default(),
             messenger: MessengerConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -252,6 +278,12 @@ impl Config {
                     "TWILIO_MESSAGING_SERVICE_SID '{sid}' is malformed: it must be 'MG' followed by 32 hex characters"
                 ));
             }
+        }
+        if self.events.retention_hours == 0 {
+            problems.push("SWITCHBOARD_EVENTS__RETENTION_HOURS must be at least 1".into());
+        }
+        if !(16..=1_000_000).contains(&self.events.backlog) {
+            problems.push("SWITCHBOARD_EVENTS__BACKLOG must be between 16 and 1000000".into());
         }
         let any_cred =
             t.account_sid.is_some() || t.auth_token.is_some() || t.api_key_sid.is_some() || t.api_key_secret.is_some();

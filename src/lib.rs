@@ -13,6 +13,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod provider;
 pub mod service;
 pub mod simulator;

@@ -115,6 +115,10 @@ conformance!(
     callbacks_racing_the_accept_are_never_lost,
     concurrent_callbacks_end_at_the_furthest_status,
     cancel_racing_claims,
+    events_follow_every_change,
+    events_are_in_commit_order_under_concurrent_writers,
+    event_stream_resumes_and_filters,
+    event_stream_slow_client_is_told_to_resync,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1952,4 +1956,347 @@ async fn postgres_unreachable_server_fails_to_connect() {
     let r = PostgresStore::connect("postgres://postgres@127.0.0.1:1/none", 2).await;
     assert!(r.is_err());
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
+}
+
+// ---------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------
+
+async fn all_events(store: &Arc<dyn Store>, after: i64) -> Vec<switchboard::events::EventRecord> {
+    let mut out = Vec::new();
+    let mut cursor = after;
+    loop {
+        let page = store.events_after(cursor, &[], 7).await.unwrap();
+        let Some(last) = page.last() else { return out };
+        cursor = last.seq;
+        out.extend(page);
+    }
+}
+
+fn kinds(events: &[switchboard::events::EventRecord]) -> Vec<&str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+fn data(e: &switchboard::events::EventRecord) -> serde_json::Value {
+    serde_json::from_str(&e.data).expect("event data is JSON")
+}
+
+async fn events_follow_every_change(store: Arc<dyn Store>) {
+    use switchboard::events::EventDraft;
+    assert_eq!(store.event_bounds().await.unwrap().latest, 0);
+    let to = phone(40);
+    let m = store.insert_outbound(outbound(&to, "hello", T0), None).await.unwrap();
+    let conv = m.conversation_id.to_string();
+    let ev = all_events(&store, 0).await;
+    assert_eq!(kinds(&ev), ["message.created", "conversation.updated"]);
+    assert_eq!(data(&ev[0])["message"]["id"], m.id.as_str());
+    assert_eq!(data(&ev[0])["message"]["status"], "queued");
+    assert_eq!(data(&ev[1])["conversation"]["message_count"], 1);
+    assert!(ev.iter().all(|e| e.conversation_id.as_deref() == Some(conv.as_str())));
+
+    // Twilio accepts it, then reports delivery: one message.status each, with the new status.
+    let mark = ev.last().unwrap().seq;
+    let s = sid();
+    store.record_attempt(&m.id, accepted(&s), T0 + 1).await.unwrap();
+    store.record_status(status(&s, "delivered", T0 + 2)).await.unwrap();
+    // A stale callback changes nothing: no event.
+    store.record_status(status(&s, "sent", T0 + 3)).await.unwrap();
+    let ev = all_events(&store, mark).await;
+    let statuses: Vec<_> = ev.iter().map(|e| (e.kind.clone(), data(e)["status"].clone())).collect();
+    assert_eq!(
+        statuses,
+        [
+            ("message.status".to_string(), json!("queued")),
+            ("message.status".to_string(), json!("delivered")),
+        ],
+        "{ev:?}"
+    );
+    assert_eq!(data(&ev[1])["message"]["provider_sid"], s.as_str());
+
+    // STOP from the same number: the message, the opt-out, the conversation (its last change).
+    let mark = ev.last().unwrap().seq;
+    store
+        .insert_inbound(stop(&sid(), Channel::Sms, &to, T0 + 4))
+        .await
+        .unwrap();
+    let ev = all_events(&store, mark).await;
+    assert_eq!(
+        kinds(&ev),
+        ["message.created", "opt_out.changed", "conversation.updated"],
+        "{ev:?}"
+    );
+    assert_eq!(data(&ev[1])["opted_out"], true);
+    assert_eq!(data(&ev[1])["phone_number"], to.as_str());
+    assert_eq!(data(&ev[2])["conversation"]["opted_out"], true);
+    assert_eq!(data(&ev[2])["conversation"]["unread_count"], 1);
+
+    // Read, contacts, typing.
+    let mark = ev.last().unwrap().seq;
+    store.mark_conversation_read(&m.conversation_id, T0 + 5).await.unwrap();
+    let ct = store
+        .create_contact(NewContact {
+            id: ContactId::new(),
+            phone_number: to.clone(),
+            display_name: "Ada".into(),
+            now: T0 + 6,
+        })
+        .await
+        .unwrap();
+    store.update_contact(&ct.id, "Ada L.", T0 + 7).await.unwrap();
+    store.delete_contact(&ct.id).await.unwrap();
+    let typing = store
+        .append_event(EventDraft::typing(&conv, "agent-1", true))
+        .await
+        .unwrap();
+    let ev = all_events(&store, mark).await;
+    assert_eq!(
+        kinds(&ev),
+        [
+            "conversation.read",
+            "conversation.updated",
+            "contact.updated",
+            "contact.updated",
+            "contact.updated",
+            "typing"
+        ]
+    );
+    assert_eq!(data(&ev[1])["conversation"]["unread_count"], 0);
+    assert_eq!(data(&ev[2])["contact"]["display_name"], "Ada");
+    assert_eq!(data(&ev[2])["contact"]["opted_out"], true);
+    assert_eq!(data(&ev[3])["contact"]["display_name"], "Ada L.");
+    assert_eq!(data(&ev[4])["deleted"], true);
+    assert_eq!(data(&ev[5])["agent"], "agent-1");
+    assert_eq!(ev[5].seq, typing);
+
+    // Cursors only grow; filtering by conversation; bounds.
+    let every = all_events(&store, 0).await;
+    assert!(every.windows(2).all(|w| w[0].seq < w[1].seq));
+    let bounds = store.event_bounds().await.unwrap();
+    assert_eq!((bounds.pruned_through, bounds.latest), (0, typing));
+    let only = store.events_after(0, std::slice::from_ref(&conv), 1000).await.unwrap();
+    assert!(only.iter().all(|e| e.conversation_id.as_deref() == Some(conv.as_str())));
+    assert_eq!(only.len(), every.iter().filter(|e| e.conversation_id.is_some()).count());
+    let none = store
+        .events_after(0, &[ConversationId::new().to_string()], 1000)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    // Retention: pruning moves the start; later events still get larger cursors.
+    let pruned = store.prune_events(switchboard::util::now_ms() + 1000).await.unwrap();
+    assert_eq!(pruned as usize, every.len());
+    let bounds = store.event_bounds().await.unwrap();
+    assert_eq!((bounds.pruned_through, bounds.latest), (typing, typing));
+    assert!(store.events_after(0, &[], 10).await.unwrap().is_empty());
+    let next = store
+        .append_event(EventDraft::typing(&conv, "agent-1", false))
+        .await
+        .unwrap();
+    assert!(next > typing);
+    assert_eq!(store.prune_events(0).await.unwrap(), 0);
+}
+
+/// A reader tailing `events_after` while many transactions commit at once must never move
+/// its cursor past an event that commits later: it ends up with every event exactly once.
+async fn events_are_in_commit_order_under_concurrent_writers(store: Arc<dyn Store>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let tail = {
+        let (store, done) = (store.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut cursor = 0;
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let page = store.events_after(cursor, &[], 50).await.unwrap();
+                if let Some(l) = page.last() {
+                    cursor = l.seq;
+                }
+                let empty = page.is_empty();
+                seen.extend(page.into_iter().map(|e| e.seq));
+                if finished && empty {
+                    return seen;
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let from = phone(1000 + t * 100 + i);
+                store
+                    .insert_inbound(inbound(&sid(), &from, "hi", T0 + i as i64))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let seen = tail.await.unwrap();
+    let all: Vec<i64> = all_events(&store, 0).await.into_iter().map(|e| e.seq).collect();
+    assert_eq!(
+        all.len(),
+        8 * 25 * 2,
+        "a message.created and a conversation.updated per message"
+    );
+    assert_eq!(seen, all, "the tailing reader skipped or repeated events");
+}
+
+async fn open_stream(
+    hub: &Arc<switchboard::events::EventHub>,
+    cursor: Option<i64>,
+    conversations: Vec<String>,
+) -> tokio::sync::mpsc::Receiver<switchboard::events::stream::StreamItem> {
+    switchboard::events::stream::open(
+        hub.clone(),
+        switchboard::events::stream::StreamRequest {
+            cursor,
+            conversations,
+            kinds: Vec::new(),
+        },
+    )
+}
+
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::Receiver<switchboard::events::stream::StreamItem>,
+) -> Arc<switchboard::events::StreamEvent> {
+    match tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await {
+        Ok(Some(switchboard::events::stream::StreamItem::Event(e))) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+async fn event_stream_resumes_and_filters(store: Arc<dyn Store>) {
+    use switchboard::events::{EventDraft, EventHub};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let a = store
+        .insert_outbound(outbound(&phone(50), "a", T0), None)
+        .await
+        .unwrap();
+    let b = store
+        .insert_outbound(outbound(&phone(51), "b", T0), None)
+        .await
+        .unwrap();
+    let hub = EventHub::start(store.clone(), 64, stop.clone()).await.unwrap();
+    let (conv_a, conv_b) = (a.conversation_id.to_string(), b.conversation_id.to_string());
+
+    // From now: only what happens after.
+    let mut live = open_stream(&hub, None, vec![]).await;
+    // From the start: the 4 past events, then the live ones, in order.
+    let mut resumed = open_stream(&hub, Some(0), vec![]).await;
+    // Only conversation b, from the start.
+    let mut only_b = open_stream(&hub, Some(0), vec![conv_b.clone()]).await;
+    for (i, conv) in [&conv_a, &conv_b, &conv_a].into_iter().enumerate() {
+        store
+            .append_event(EventDraft::typing(conv, &format!("agent-{i}"), true))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_event(&mut live).await.seq);
+    }
+    let mut all = Vec::new();
+    for _ in 0..7 {
+        all.push(next_event(&mut resumed).await);
+    }
+    assert_eq!(all[0].kind, "message.created");
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "out of order");
+    assert_eq!(got, all[4..].iter().map(|e| e.seq).collect::<Vec<_>>());
+    let mut b_events = Vec::new();
+    for _ in 0..3 {
+        b_events.push(next_event(&mut only_b).await);
+    }
+    assert!(b_events
+        .iter()
+        .all(|e| e.conversation_id.as_deref() == Some(conv_b.as_str())));
+    assert_eq!(b_events[2].kind, "typing");
+    let envelope: serde_json::Value = serde_json::from_str(&b_events[2].json).unwrap();
+    assert_eq!(envelope["type"], "typing");
+    assert_eq!(envelope["id"], b_events[2].seq);
+    assert_eq!(envelope["data"]["agent"], "agent-1");
+
+    // Resume from the middle: exactly what came after.
+    let mid = all[3].seq;
+    let mut from_mid = open_stream(&hub, Some(mid), vec![]).await;
+    for e in &all[4..] {
+        assert_eq!(next_event(&mut from_mid).await.seq, e.seq);
+    }
+
+    // A cursor from the future, and one older than the retained log: resync.
+    let mut future = open_stream(&hub, Some(all[6].seq + 1000), vec![]).await;
+    assert!(matches!(
+        future.recv().await,
+        Some(switchboard::events::stream::StreamItem::Resync(_))
+    ));
+    store.prune_events(switchboard::util::now_ms() + 1000).await.unwrap();
+    let mut old = open_stream(&hub, Some(mid), vec![]).await;
+    match old.recv().await {
+        Some(switchboard::events::stream::StreamItem::Resync(r)) => assert_eq!(r.cursor, all[6].seq),
+        other => panic!("expected a resync, got {other:?}"),
+    }
+    assert!(old.recv().await.is_none(), "the stream ends after a resync");
+    stop.cancel();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), live.recv())
+            .await
+            .unwrap()
+            .is_none(),
+        "streams end at shutdown"
+    );
+}
+
+async fn event_stream_slow_client_is_told_to_resync(store: Arc<dyn Store>) {
+    use switchboard::events::stream::{StreamItem, CLIENT_QUEUE};
+    use switchboard::events::{EventDraft, EventHub};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let backlog = 16;
+    let hub = EventHub::start(store.clone(), backlog, stop.clone()).await.unwrap();
+    let mut slow = open_stream(&hub, None, vec![]).await;
+    let mut fast = open_stream(&hub, None, vec![]).await;
+    let conv = ConversationId::new().to_string();
+    let total = 300;
+    let reader = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        while seqs.len() < total {
+            seqs.push(next_event(&mut fast).await.seq);
+        }
+        seqs
+    });
+    for i in 0..total {
+        // Let the hub publish as we go, as it would under real traffic.
+        store
+            .append_event(EventDraft::typing(&conv, "a", i % 2 == 0))
+            .await
+            .unwrap();
+        if i % 8 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // The reading client got everything, in order, unaffected by the slow one.
+    let seqs = reader.await.unwrap();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    // The one that did not read: some events, then a resync, then the end.
+    let mut events = 0;
+    let resync = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), slow.recv())
+            .await
+            .unwrap()
+        {
+            Some(StreamItem::Event(_)) => events += 1,
+            Some(StreamItem::Resync(r)) => break r,
+            None => panic!("the stream ended without a resync"),
+        }
+    };
+    assert!(
+        events <= CLIENT_QUEUE + backlog + 1,
+        "{events} events before the resync"
+    );
+    assert!(resync.cursor >= *seqs.last().unwrap() - backlog as i64);
+    assert!(slow.recv().await.is_none());
+    stop.cancel();
 }

@@ -4,6 +4,7 @@
 pub mod compat;
 pub mod contacts;
 pub mod conversations;
+pub mod events;
 pub mod extract;
 pub mod messages;
 pub mod misc;
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(conversations::router())
         .merge(contacts::router())
         .merge(misc::router())
+        .merge(events::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_api_key))
 }
 

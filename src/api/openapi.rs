@@ -21,15 +21,18 @@ use super::types::*;
         super::conversations::list, super::conversations::get_one, super::conversations::messages, super::conversations::mark_read,
         super::contacts::list, super::contacts::create, super::contacts::get_one, super::contacts::update, super::contacts::delete,
         super::misc::opt_outs, super::misc::segments_preview,
+        super::events::sse, super::events::websocket, super::events::typing,
         compat::send, compat::messages, compat::messages_since, compat::threads, compat::list_contacts,
         compat::create_contact, compat::update_contact, compat::webhook,
     ),
-    components(schemas(MessageOut, ConversationOut, ContactOut, OptOutOut, StatusEventOut, crate::error::ErrorEnvelope)),
+    components(schemas(MessageOut, ConversationOut, ContactOut, OptOutOut, StatusEventOut, crate::error::ErrorEnvelope,
+        crate::events::EventKind, crate::events::stream::Resync, super::events::TypingIn)),
     modifiers(&BearerAuth),
     tags(
         (name = "messages", description = "Send, fetch, cancel, poll"),
         (name = "conversations", description = "One per channel + counterpart + sender"),
         (name = "contacts"), (name = "opt-outs"), (name = "segments"),
+        (name = "events", description = "Real-time events (SSE and WebSocket) with resumable cursors; typing"),
         (name = "messenger", description = "Drop-in backends for the SMS Messenger (seed 000) and WhatsApp Messenger (seed 001) frontends"),
     )
 )]

@@ -532,6 +532,30 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap round trip proving the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Stored events after `cursor`, in cursor order, at most `limit`; only those of
+    /// `conversations` when it is not empty. See [`crate::events`].
+    async fn events_after(
+        &self,
+        cursor: i64,
+        conversations: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<crate::events::EventRecord>>;
+
+    /// Where the retained event log starts and ends.
+    async fn event_bounds(&self) -> StoreResult<crate::events::EventBounds>;
+
+    /// Writes one event that goes with no other change (`typing`); returns its cursor.
+    async fn append_event(&self, draft: crate::events::EventDraft) -> StoreResult<i64>;
+
+    /// Deletes the events written before `before` (ms) and moves the log's start past them;
+    /// returns how many were deleted.
+    async fn prune_events(&self, before: i64) -> StoreResult<u64>;
+
+    /// Changes (its value means nothing) after a commit that may have written events: on
+    /// SQLite right after this process's commits, on PostgreSQL on `NOTIFY` from any
+    /// instance. The event hub waits on it; it also polls, so a lost signal only delays.
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Stores an API key by the SHA-256 of its secret; `Conflict` if that hash exists.
     async fn insert_api_key(
         &self,

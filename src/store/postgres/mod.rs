@@ -43,7 +43,11 @@ use std::time::Duration;
 use super::*;
 use crate::delivery::rate::take_slot;
 use crate::domain::message::preview;
+use crate::events::{EventBounds, EventDraft, EventRecord, Pending, PendingEvents};
 use rows::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
 
 /// Embedded migrations for this backend (`migrations/postgres`). sqlx serialises concurrent
 /// runs with an advisory lock, so instances starting together are safe.
@@ -55,6 +59,9 @@ const CHANGE_SEQ_LOCK: i64 = 0x5357_4348_0000_0001;
 /// Class (first key) of the per-SID advisory locks; the second key is `hashtext(sid)`.
 /// A hash collision only makes two SIDs wait for each other.
 const SID_LOCK_CLASS: i32 = 0x5357_0002;
+/// The `LISTEN/NOTIFY` channel on which commits announce new events (payload: the newest
+/// cursor).
+const EVENTS_CHANNEL: &str = "switchboard_events";
 /// How long a request waits for a pooled connection before answering `Unavailable`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -62,6 +69,10 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Bumped on every `NOTIFY` of new events (see [`Store::event_signal`]).
+    signal: watch::Sender<u64>,
+    /// Whether the `LISTEN` task runs (started by the first [`Store::event_signal`]).
+    listening: Arc<AtomicBool>,
 }
 
 impl PostgresStore {
@@ -87,7 +98,54 @@ impl PostgresStore {
             .await
             .context("connecting to PostgreSQL")?;
         MIGRATOR.run(&pool).await.context("applying PostgreSQL migrations")?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            signal: watch::Sender::new(0),
+            listening: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Listens on [`EVENTS_CHANNEL`] on a connection of its own (one per instance, outside
+    /// the pool's count) and bumps the signal on each notification, and also after each
+    /// (re)connection since notifications sent while disconnected are lost. Ends when
+    /// nobody watches the signal any more.
+    async fn listen(pool: PgPool, signal: watch::Sender<u64>, listening: Arc<AtomicBool>) {
+        let bump = || signal.send_modify(|v| *v = v.wrapping_add(1));
+        let run = async {
+            loop {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event listener: cannot connect to PostgreSQL; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(EVENTS_CHANNEL).await {
+                    tracing::warn!(error = %e, "event listener: LISTEN failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                bump();
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => bump(),
+                        // Connection lost and re-established: what was sent meanwhile is lost.
+                        Ok(None) => bump(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event listener: connection failed; reconnecting");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = run => {}
+            _ = signal.closed() => {}
+        }
+        listening.store(false, Ordering::Release);
     }
 
     /// The underlying pool, for PostgreSQL-only features outside the [`Store`] trait
@@ -105,6 +163,8 @@ impl PostgresStore {
         Ok(Tx {
             inner,
             changed: Vec::new(),
+            touched: Vec::new(),
+            events: PendingEvents::default(),
         })
     }
 }
@@ -139,15 +199,22 @@ fn is_transient(code: &str) -> bool {
 /// just before it commits.
 struct Tx {
     inner: Transaction<'static, Postgres>,
-    /// Messages changed so far, in order of their last change, each once.
+    /// Messages changed and not yet stamped, in order of their last change, each once.
     changed: Vec<String>,
+    /// Every message changed, in order of its last change, each once (their events).
+    touched: Vec<String>,
+    /// The other events owed (see [`crate::events`]).
+    events: PendingEvents,
 }
 
 impl Tx {
-    /// Notes that message `id` changed: it gets a new `change_seq` at [`Tx::stamp`].
+    /// Notes that message `id` changed: it gets a new `change_seq` at [`Tx::stamp`] and a
+    /// `message.created` or `message.status` event at commit.
     fn changed(&mut self, id: &str) {
         self.changed.retain(|c| c != id);
         self.changed.push(id.to_string());
+        self.touched.retain(|c| c != id);
+        self.touched.push(id.to_string());
     }
 
     /// Allocates `change_seq` values for the messages changed so far and writes them.
@@ -193,10 +260,90 @@ impl Tx {
         Ok(rows.iter().map(|r| (r.get("id"), r.get("change_seq"))).collect())
     }
 
-    /// Stamps whatever is left (see [`Tx::stamp`]) and commits.
+    /// Stamps whatever is left (see [`Tx::stamp`]), writes the events owed and commits.
     async fn commit(mut self) -> StoreResult<()> {
         self.stamp().await?;
+        self.write_events().await?;
         self.inner.commit().await.map_err(map_err)
+    }
+
+    /// Writes `message.created` / `message.status` for every message changed, then the other
+    /// events owed, each rendered from the rows as they are now; their cursors come from
+    /// `event_seq` under the same lock as `change_seq` (see [`Tx::stamp`]), so cursor order
+    /// is commit order across instances. `pg_notify` (delivered at commit, to every
+    /// instance's hub) carries only the newest cursor.
+    async fn write_events(&mut self) -> StoreResult<Option<i64>> {
+        let mut drafts = Vec::new();
+        let touched = std::mem::take(&mut self.touched);
+        if !touched.is_empty() {
+            for m in fetch_messages(self, &touched).await? {
+                drafts.push(if self.events.created.contains(m.id.as_str()) {
+                    EventDraft::message_created(&m)
+                } else {
+                    EventDraft::message_status(&m)
+                });
+            }
+        }
+        for p in std::mem::take(&mut self.events.items) {
+            match p {
+                Pending::Conversation(id) => {
+                    let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = $1"))
+                        .bind(&id)
+                        .fetch_optional(&mut *self.inner)
+                        .await
+                        .map_err(map_err)?;
+                    if let Some(r) = row {
+                        drafts.push(EventDraft::conversation_updated(conversation_from_row(&r)?));
+                    }
+                }
+                Pending::Contact(id) => {
+                    let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1"))
+                        .bind(&id)
+                        .fetch_optional(&mut *self.inner)
+                        .await
+                        .map_err(map_err)?;
+                    if let Some(r) = row {
+                        drafts.push(EventDraft::contact_updated(contact_from_row(&r), false));
+                    }
+                }
+                Pending::Ready(d) => drafts.push(d),
+            }
+        }
+        if drafts.is_empty() {
+            return Ok(None);
+        }
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CHANGE_SEQ_LOCK)
+            .execute(&mut *self.inner)
+            .await
+            .map_err(map_err)?;
+        let kinds: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
+        let conversations: Vec<Option<String>> = drafts.iter().map(|d| d.conversation_id.clone()).collect();
+        let data: Vec<String> = drafts
+            .iter()
+            .map(|d| pg_text(&d.data.to_string()).into_owned())
+            .collect();
+        let latest: i64 = sqlx::query_scalar(
+            "WITH ins AS (INSERT INTO events (seq, kind, conversation_id, data, created_at) \
+                 SELECT nextval('event_seq'), u.kind, u.conversation_id, u.data, $4 \
+                 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(kind, conversation_id, data, ord) \
+                 ORDER BY u.ord RETURNING seq) \
+             SELECT MAX(seq) FROM ins",
+        )
+        .bind(&kinds)
+        .bind(&conversations)
+        .bind(&data)
+        .bind(crate::util::now_ms())
+        .fetch_one(&mut *self.inner)
+        .await
+        .map_err(map_err)?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(EVENTS_CHANNEL)
+            .bind(latest.to_string())
+            .execute(&mut *self.inner)
+            .await
+            .map_err(map_err)?;
+        Ok(Some(latest))
     }
 }
 
@@ -332,7 +479,7 @@ async fn set_opt_out(
     source: &str,
     now: i64,
 ) -> StoreResult<()> {
-    if change.opt_out {
+    let r = if change.opt_out {
         sqlx::query(
             "INSERT INTO opt_outs (channel, phone_number, keyword, source, created_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (channel, phone_number) DO NOTHING",
@@ -344,14 +491,39 @@ async fn set_opt_out(
         .bind(now)
         .execute(&mut *tx.inner)
         .await
-        .map_err(map_err)?;
+        .map_err(map_err)?
     } else {
         sqlx::query("DELETE FROM opt_outs WHERE channel = $1 AND phone_number = $2")
             .bind(channel.as_str())
             .bind(pg_text(phone))
             .execute(&mut *tx.inner)
             .await
-            .map_err(map_err)?;
+            .map_err(map_err)?
+    };
+    if r.rows_affected() > 0 {
+        tx.events.ready(EventDraft::opt_out_changed(
+            channel,
+            phone,
+            change.opt_out,
+            &change.keyword,
+        ));
+        // Their `opted_out` flags changed too.
+        let affected: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE channel = $1 AND counterpart = $2 \
+             UNION ALL SELECT id FROM contacts WHERE phone_number = $2",
+        )
+        .bind(channel.as_str())
+        .bind(pg_text(phone))
+        .fetch_all(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        for id in affected {
+            if id.starts_with(ContactId::PREFIX) {
+                tx.events.contact(&id);
+            } else {
+                tx.events.conversation(&id);
+            }
+        }
     }
     Ok(())
 }
@@ -404,7 +576,7 @@ async fn insert_outbound_tx(tx: &mut Tx, m: &NewOutbound, conversation: Option<S
     let conv_id = match conversation {
         Some(c) => c,
         None => {
-            upsert_conversation(
+            let id = upsert_conversation(
                 tx,
                 m.channel,
                 &m.to,
@@ -414,7 +586,9 @@ async fn insert_outbound_tx(tx: &mut Tx, m: &NewOutbound, conversation: Option<S
                 Direction::Outbound,
                 m.now,
             )
-            .await?
+            .await?;
+            tx.events.conversation(&id);
+            id
         }
     };
     let status = if m.send_at.is_some() {
@@ -464,6 +638,7 @@ async fn insert_outbound_tx(tx: &mut Tx, m: &NewOutbound, conversation: Option<S
     .await
     .map_err(map_err)?;
     tx.changed(m.id.as_str());
+    tx.events.created.insert(m.id.to_string());
     insert_event(
         tx,
         Some(m.id.as_str()),
@@ -570,6 +745,89 @@ fn cursor_parts(page: &PageRequest) -> (Option<i64>, Option<String>) {
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn events_after(&self, cursor: i64, conversations: &[String], limit: u32) -> StoreResult<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, conversation_id, data, created_at FROM events WHERE seq > $1 \
+             AND (cardinality($2::text[]) = 0 OR conversation_id = ANY($2)) ORDER BY seq LIMIT $3",
+        )
+        .bind(cursor)
+        .bind(conversations)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                seq: r.get("seq"),
+                kind: r.get("kind"),
+                conversation_id: r.get("conversation_id"),
+                data: r.get("data"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn event_bounds(&self) -> StoreResult<EventBounds> {
+        // MAX(seq), not the sequence: a value allocated by a transaction still running is
+        // not an event anyone can have seen.
+        let row = sqlx::query(
+            "SELECT (SELECT pruned_through FROM event_log WHERE id = 1) AS pruned_through, \
+             GREATEST((SELECT MAX(seq) FROM events), (SELECT pruned_through FROM event_log WHERE id = 1)) AS latest",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(EventBounds {
+            pruned_through: row.get("pruned_through"),
+            latest: row.get("latest"),
+        })
+    }
+
+    async fn append_event(&self, draft: EventDraft) -> StoreResult<i64> {
+        let mut tx = self.begin().await?;
+        tx.events.ready(draft);
+        let seq = tx.write_events().await?.unwrap_or_default();
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn prune_events(&self, before: i64) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let through: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE created_at < $1")
+            .bind(before)
+            .fetch_one(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        sqlx::query("UPDATE event_log SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1")
+            .bind(through)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        let r = sqlx::query("DELETE FROM events WHERE seq <= $1")
+            .bind(through)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(r.rows_affected())
+    }
+
+    fn event_signal(&self) -> watch::Receiver<u64> {
+        let rx = self.signal.subscribe();
+        if !self.listening.swap(true, Ordering::AcqRel) {
+            tokio::spawn(Self::listen(
+                self.pool.clone(),
+                self.signal.clone(),
+                self.listening.clone(),
+            ));
+        }
+        rx
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
         Ok(())
@@ -817,6 +1075,8 @@ impl Store for PostgresStore {
             return Ok(InboundOutcome::Duplicate);
         }
         tx.changed(m.id.as_str());
+        tx.events.created.insert(m.id.to_string());
+        tx.events.conversation(&conv_id);
         insert_event(
             &mut tx,
             Some(m.id.as_str()),
@@ -1461,10 +1721,11 @@ impl Store for PostgresStore {
     }
 
     async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("UPDATE conversations SET unread_count = 0, updated_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx.inner)
             .await
             .map_err(map_err)?;
         if r.rows_affected() == 0 {
@@ -1472,13 +1733,18 @@ impl Store for PostgresStore {
         }
         let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = $1"))
             .bind(id.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx.inner)
             .await
             .map_err(map_err)?;
-        conversation_from_row(&row)
+        let record = conversation_from_row(&row)?;
+        tx.events.ready(EventDraft::conversation_read(id.as_str(), now));
+        tx.events.conversation(id.as_str());
+        tx.commit().await?;
+        Ok(record)
     }
 
     async fn create_contact(&self, c: NewContact) -> StoreResult<ContactRecord> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query(
             "INSERT INTO contacts (id, phone_number, display_name, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)",
         )
@@ -1486,7 +1752,7 @@ impl Store for PostgresStore {
         .bind(pg_text(&c.phone_number))
         .bind(pg_text(&c.display_name))
         .bind(c.now)
-        .execute(&self.pool)
+        .execute(&mut *tx.inner)
         .await;
         match r {
             Err(e) => match map_err(e) {
@@ -1499,9 +1765,11 @@ impl Store for PostgresStore {
             Ok(_) => {
                 let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1"))
                     .bind(c.id.as_str())
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *tx.inner)
                     .await
                     .map_err(map_err)?;
+                tx.events.contact(c.id.as_str());
+                tx.commit().await?;
                 Ok(contact_from_row(&row))
             }
         }
@@ -1539,13 +1807,14 @@ impl Store for PostgresStore {
 
     async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
         // updated_at strictly increases, even for two changes in the same millisecond.
+        let mut tx = self.begin().await?;
         let r = sqlx::query(
             "UPDATE contacts SET display_name = $1, updated_at = GREATEST($2, updated_at + 1) WHERE id = $3",
         )
         .bind(pg_text(display_name))
         .bind(now)
         .bind(id.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx.inner)
         .await
         .map_err(map_err)?;
         if r.rows_affected() == 0 {
@@ -1553,21 +1822,32 @@ impl Store for PostgresStore {
         }
         let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1"))
             .bind(id.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx.inner)
             .await
             .map_err(map_err)?;
+        tx.events.contact(id.as_str());
+        tx.commit().await?;
         Ok(contact_from_row(&row))
     }
 
     async fn delete_contact(&self, id: &ContactId) -> StoreResult<()> {
-        let r = sqlx::query("DELETE FROM contacts WHERE id = $1")
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = $1 FOR UPDATE"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("contact {id} not found")))?;
+        sqlx::query("DELETE FROM contacts WHERE id = $1")
             .bind(id.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx.inner)
             .await
             .map_err(map_err)?;
-        if r.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("contact {id} not found")));
-        }
+        tx.events
+            .ready(EventDraft::contact_updated(contact_from_row(&row), true));
+        tx.commit().await?;
         Ok(())
     }
 

@@ -15,6 +15,8 @@ use std::time::Duration;
 use super::*;
 use crate::delivery::rate::take_slot;
 use crate::domain::message::preview;
+use crate::events::{EventBounds, EventDraft, EventRecord, Pending, PendingEvents};
+use tokio::sync::watch;
 
 /// Embedded migrations for this backend.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -24,6 +26,108 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Bumped after each write commit (see [`Store::event_signal`]).
+    signal: watch::Sender<u64>,
+}
+
+/// A write transaction that also writes the events of its changes (see [`crate::events`])
+/// just before it commits. Derefs to the connection, so queries run on `&mut **tx`.
+struct Tx {
+    inner: Transaction<'static, Sqlite>,
+    /// The first `change_seq` this transaction allocated: the messages it changed are those
+    /// whose `change_seq` is at or above it (one writer, so no one else's are).
+    first_seq: Option<i64>,
+    events: PendingEvents,
+    /// Whether events were written (the hub is woken after the commit).
+    wrote_events: bool,
+    signal: watch::Sender<u64>,
+}
+
+impl std::ops::Deref for Tx {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
+}
+
+impl Tx {
+    /// Writes the events owed, commits, and wakes the event hub.
+    async fn commit(mut self) -> StoreResult<()> {
+        self.write_events().await?;
+        self.inner.commit().await.map_err(map_err)?;
+        if self.wrote_events {
+            self.signal.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        Ok(())
+    }
+
+    /// `message.created` / `message.status` for every message changed (in change order),
+    /// then the other events owed, each rendered from the rows as they are now.
+    async fn write_events(&mut self) -> StoreResult<()> {
+        let mut drafts = Vec::new();
+        if let Some(first) = self.first_seq {
+            let rows = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE change_seq >= ? ORDER BY change_seq"
+            ))
+            .bind(first)
+            .fetch_all(&mut **self)
+            .await
+            .map_err(map_err)?;
+            for r in &rows {
+                let m = message_from_row(r)?;
+                drafts.push(if self.events.created.contains(m.id.as_str()) {
+                    EventDraft::message_created(&m)
+                } else {
+                    EventDraft::message_status(&m)
+                });
+            }
+        }
+        for p in std::mem::take(&mut self.events.items) {
+            match p {
+                Pending::Conversation(id) => {
+                    let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
+                        .bind(&id)
+                        .fetch_optional(&mut **self)
+                        .await
+                        .map_err(map_err)?;
+                    if let Some(r) = row {
+                        drafts.push(EventDraft::conversation_updated(conversation_from_row(&r)?));
+                    }
+                }
+                Pending::Contact(id) => {
+                    let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
+                        .bind(&id)
+                        .fetch_optional(&mut **self)
+                        .await
+                        .map_err(map_err)?;
+                    if let Some(r) = row {
+                        drafts.push(EventDraft::contact_updated(contact_from_row(&r), false));
+                    }
+                }
+                Pending::Ready(d) => drafts.push(d),
+            }
+        }
+        let now = crate::util::now_ms();
+        for d in &drafts {
+            sqlx::query("INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?)")
+                .bind(d.kind.as_str())
+                .bind(&d.conversation_id)
+                .bind(d.data.to_string())
+                .bind(now)
+                .execute(&mut **self)
+                .await
+                .map_err(map_err)?;
+        }
+        self.wrote_events |= !drafts.is_empty();
+        self.first_seq = None;
+        Ok(())
+    }
 }
 
 impl SqliteStore {
@@ -51,11 +155,21 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            signal: watch::Sender::new(0),
+        })
     }
 
-    async fn begin(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        self.writer.begin().await.map_err(map_err)
+    async fn begin(&self) -> StoreResult<Tx> {
+        Ok(Tx {
+            inner: self.writer.begin().await.map_err(map_err)?,
+            first_seq: None,
+            events: PendingEvents::default(),
+            wrote_events: false,
+            signal: self.signal.clone(),
+        })
     }
 }
 
@@ -173,14 +287,17 @@ fn contact_from_row(r: &SqliteRow) -> ContactRecord {
     }
 }
 
-async fn next_seq(tx: &mut Transaction<'static, Sqlite>) -> StoreResult<i64> {
-    sqlx::query_scalar("UPDATE counters SET value = value + 1 WHERE name = 'change_seq' RETURNING value")
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(map_err)
+async fn next_seq(tx: &mut Tx) -> StoreResult<i64> {
+    let seq: i64 =
+        sqlx::query_scalar("UPDATE counters SET value = value + 1 WHERE name = 'change_seq' RETURNING value")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    tx.first_seq.get_or_insert(seq);
+    Ok(seq)
 }
 
-async fn fetch_message(tx: &mut Transaction<'static, Sqlite>, id: &str) -> StoreResult<MessageRecord> {
+async fn fetch_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
     let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ?"))
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -193,7 +310,7 @@ async fn fetch_message(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Store
 /// Creates the conversation if needed and folds one new message into its summary.
 #[allow(clippy::too_many_arguments)]
 async fn upsert_conversation(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Tx,
     channel: Channel,
     counterpart: &str,
     sender: &str,
@@ -230,7 +347,7 @@ async fn upsert_conversation(
 
 #[allow(clippy::too_many_arguments)]
 async fn insert_event(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Tx,
     message_id: Option<&str>,
     provider_sid: Option<&str>,
     status: &str,
@@ -261,14 +378,14 @@ async fn insert_event(
 }
 
 async fn set_opt_out(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Tx,
     channel: Channel,
     phone: &str,
     change: &OptChange,
     source: &str,
     now: i64,
 ) -> StoreResult<()> {
-    if change.opt_out {
+    let r = if change.opt_out {
         sqlx::query(
             "INSERT INTO opt_outs (channel, phone_number, keyword, source, created_at) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (channel, phone_number) DO NOTHING",
@@ -280,21 +397,46 @@ async fn set_opt_out(
         .bind(now)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(map_err)?
     } else {
         sqlx::query("DELETE FROM opt_outs WHERE channel = ? AND phone_number = ?")
             .bind(channel.as_str())
             .bind(phone)
             .execute(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(map_err)?
+    };
+    if r.rows_affected() > 0 {
+        tx.events.ready(EventDraft::opt_out_changed(
+            channel,
+            phone,
+            change.opt_out,
+            &change.keyword,
+        ));
+        // Their `opted_out` flags changed too.
+        let affected: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE channel = ?1 AND counterpart = ?2 \
+             UNION ALL SELECT id FROM contacts WHERE phone_number = ?2",
+        )
+        .bind(channel.as_str())
+        .bind(phone)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        for id in affected {
+            if id.starts_with(ContactId::PREFIX) {
+                tx.events.contact(&id);
+            } else {
+                tx.events.conversation(&id);
+            }
+        }
     }
     Ok(())
 }
 
 /// Moves a message to `next` if the state machine allows it; returns whether it moved.
 async fn apply_status(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Tx,
     msg: &MessageRecord,
     next: MessageStatus,
     error_code: Option<i64>,
@@ -324,11 +466,7 @@ async fn apply_status(
 /// Inserts one outbound message (checking the opt-out list first). `conversation` is given
 /// for the later parts of a split body, which join the first part's conversation entry
 /// without counting as another message.
-async fn insert_outbound_tx(
-    tx: &mut Transaction<'static, Sqlite>,
-    m: NewOutbound,
-    conversation: Option<String>,
-) -> StoreResult<MessageRecord> {
+async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<String>) -> StoreResult<MessageRecord> {
     let opted: Option<i64> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?")
         .bind(m.channel.as_str())
         .bind(&m.to)
@@ -344,7 +482,7 @@ async fn insert_outbound_tx(
     let conv_id = match conversation {
         Some(c) => c,
         None => {
-            upsert_conversation(
+            let id = upsert_conversation(
                 tx,
                 m.channel,
                 &m.to,
@@ -354,9 +492,12 @@ async fn insert_outbound_tx(
                 Direction::Outbound,
                 m.now,
             )
-            .await?
+            .await?;
+            tx.events.conversation(&id);
+            id
         }
     };
+    tx.events.created.insert(m.id.to_string());
     let seq = next_seq(tx).await?;
     let status = if m.send_at.is_some() {
         MessageStatus::Scheduled
@@ -421,7 +562,7 @@ async fn insert_outbound_tx(
 }
 
 /// After a part of a split body is accepted, releases the next part.
-async fn release_next_part(tx: &mut Transaction<'static, Sqlite>, msg: &MessageRecord, now: i64) -> StoreResult<()> {
+async fn release_next_part(tx: &mut Tx, msg: &MessageRecord, now: i64) -> StoreResult<()> {
     let Some(p) = &msg.part else { return Ok(()) };
     if p.index + 1 >= p.count {
         return Ok(());
@@ -445,7 +586,7 @@ async fn release_next_part(tx: &mut Transaction<'static, Sqlite>, msg: &MessageR
 /// When a part of a split body ends without reaching Twilio, the parts after it end too:
 /// sending them would deliver the text with a hole in it.
 async fn end_later_parts(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Tx,
     msg: &MessageRecord,
     status: MessageStatus,
     code: Option<i64>,
@@ -501,6 +642,86 @@ fn keyset_limit(page: &PageRequest) -> i64 {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn events_after(&self, cursor: i64, conversations: &[String], limit: u32) -> StoreResult<Vec<EventRecord>> {
+        let conversations = (!conversations.is_empty())
+            .then(|| serde_json::to_string(conversations).map_err(|e| StoreError::Other(e.into())))
+            .transpose()?;
+        let rows = sqlx::query(
+            "SELECT seq, kind, conversation_id, data, created_at FROM events WHERE seq > ?1 \
+             AND (?2 IS NULL OR conversation_id IN (SELECT value FROM json_each(?2))) ORDER BY seq LIMIT ?3",
+        )
+        .bind(cursor)
+        .bind(conversations)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                seq: r.get("seq"),
+                kind: r.get("kind"),
+                conversation_id: r.get("conversation_id"),
+                data: r.get("data"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn event_bounds(&self) -> StoreResult<EventBounds> {
+        let row = sqlx::query(
+            "SELECT (SELECT pruned_through FROM event_log WHERE id = 1) AS pruned_through, \
+             COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0) AS latest",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(EventBounds {
+            pruned_through: row.get("pruned_through"),
+            latest: row.get("latest"),
+        })
+    }
+
+    async fn append_event(&self, draft: EventDraft) -> StoreResult<i64> {
+        let mut tx = self.begin().await?;
+        tx.events.ready(draft);
+        tx.write_events().await?;
+        let seq: i64 = sqlx::query_scalar("SELECT last_insert_rowid()")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn prune_events(&self, before: i64) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let through: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE created_at < ?")
+            .bind(before)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        let r = sqlx::query("DELETE FROM events WHERE seq <= ?")
+            .bind(through)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("UPDATE event_log SET pruned_through = MAX(pruned_through, ?) WHERE id = 1")
+            .bind(through)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(r.rows_affected())
+    }
+
+    fn event_signal(&self) -> watch::Receiver<u64> {
+        self.signal.subscribe()
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_err)?;
         Ok(())
@@ -592,7 +813,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(IdempotencyBegin::Started)
     }
 
@@ -634,7 +855,7 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(record)
     }
 
@@ -645,7 +866,7 @@ impl Store for SqliteStore {
             let conv = out.first().map(|first| first.conversation_id.to_string());
             out.push(insert_outbound_tx(&mut tx, p, conv).await?);
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(out)
     }
 
@@ -670,6 +891,8 @@ impl Store for SqliteStore {
             m.now,
         )
         .await?;
+        tx.events.created.insert(m.id.to_string());
+        tx.events.conversation(&conv_id);
         let seq = next_seq(&mut tx).await?;
         sqlx::query(
             "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, provider_sid, \
@@ -710,7 +933,7 @@ impl Store for SqliteStore {
             set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
         }
         let record = fetch_message(&mut tx, m.id.as_str()).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(InboundOutcome::Created(Box::new(record)))
     }
 
@@ -752,7 +975,7 @@ impl Store for SqliteStore {
             Some(m) => Some(fetch_message(&mut tx, m.id.as_str()).await?),
             None => None,
         };
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(StatusOutcome { message, applied })
     }
 
@@ -835,7 +1058,7 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
             }
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(claimed)
     }
 
@@ -986,7 +1209,7 @@ impl Store for SqliteStore {
             }
         }
         let record = fetch_message(&mut tx, id.as_str()).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(record)
     }
 
@@ -1069,7 +1292,7 @@ impl Store for SqliteStore {
         )
         .await?;
         let record = fetch_message(&mut tx, id.as_str()).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(record)
     }
 
@@ -1294,10 +1517,11 @@ impl Store for SqliteStore {
     }
 
     async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("UPDATE conversations SET unread_count = 0, updated_at = ? WHERE id = ?")
             .bind(now)
             .bind(id.as_str())
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         if r.rows_affected() == 0 {
@@ -1305,13 +1529,18 @@ impl Store for SqliteStore {
         }
         let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
             .bind(id.as_str())
-            .fetch_one(&self.writer)
+            .fetch_one(&mut *tx)
             .await
             .map_err(map_err)?;
-        conversation_from_row(&row)
+        let record = conversation_from_row(&row)?;
+        tx.events.ready(EventDraft::conversation_read(id.as_str(), now));
+        tx.events.conversation(id.as_str());
+        tx.commit().await?;
+        Ok(record)
     }
 
     async fn create_contact(&self, c: NewContact) -> StoreResult<ContactRecord> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query(
             "INSERT INTO contacts (id, phone_number, display_name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
         )
@@ -1320,7 +1549,7 @@ impl Store for SqliteStore {
         .bind(&c.display_name)
         .bind(c.now)
         .bind(c.now)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await;
         match r {
             Err(e) => match map_err(e) {
@@ -1333,9 +1562,11 @@ impl Store for SqliteStore {
             Ok(_) => {
                 let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
                     .bind(c.id.as_str())
-                    .fetch_one(&self.writer)
+                    .fetch_one(&mut *tx)
                     .await
                     .map_err(map_err)?;
+                tx.events.contact(c.id.as_str());
+                tx.commit().await?;
                 Ok(contact_from_row(&row))
             }
         }
@@ -1375,11 +1606,12 @@ impl Store for SqliteStore {
 
     async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
         // updated_at strictly increases, even for two changes in the same millisecond.
+        let mut tx = self.begin().await?;
         let r = sqlx::query("UPDATE contacts SET display_name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?")
             .bind(display_name)
             .bind(now)
             .bind(id.as_str())
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         if r.rows_affected() == 0 {
@@ -1387,21 +1619,30 @@ impl Store for SqliteStore {
         }
         let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
             .bind(id.as_str())
-            .fetch_one(&self.writer)
+            .fetch_one(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.events.contact(id.as_str());
+        tx.commit().await?;
         Ok(contact_from_row(&row))
     }
 
     async fn delete_contact(&self, id: &ContactId) -> StoreResult<()> {
-        let r = sqlx::query("DELETE FROM contacts WHERE id = ?")
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
             .bind(id.as_str())
-            .execute(&self.writer)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("contact {id} not found")))?;
+        sqlx::query("DELETE FROM contacts WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        if r.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("contact {id} not found")));
-        }
+        tx.events
+            .ready(EventDraft::contact_updated(contact_from_row(&row), true));
+        tx.commit().await?;
         Ok(())
     }
 
