@@ -8,6 +8,7 @@ mod postgres;
 mod bad_input;
 mod compat;
 mod delivery;
+mod events;
 mod messages;
 mod ops;
 mod restart;
