@@ -737,6 +737,16 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         assert_eq!(history.len(), before_history + 1);
         assert_eq!(history.last().unwrap().status, "read");
         assert_eq!(history.last().unwrap().created_at, T0 + 301);
+
+        // Event cursors continue after SQLite's; SQLite-era cursors count as pruned (a client
+        // resuming from one is told to resync), and the writes above got larger cursors.
+        let source_events = source.event_bounds().await.unwrap().latest;
+        assert!(source_events > 0);
+        let bounds = target.event_bounds().await.unwrap();
+        assert_eq!(bounds.pruned_through, source_events);
+        let written = target.events_after(0, &[], 1000).await.unwrap();
+        assert!(!written.is_empty());
+        assert!(written.iter().all(|e| e.seq > source_events));
     })
     .await;
 }

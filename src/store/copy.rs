@@ -244,10 +244,13 @@ const TABLES: &[Table] = &[
     },
 ];
 
-/// SQLite tables that are deliberately not copied.
-const SQLITE_NOT_COPIED: &[&str] = &["counters", "_sqlx_migrations", "sqlite_sequence"];
-/// PostgreSQL tables that are deliberately not written.
-const POSTGRES_NOT_COPIED: &[&str] = &["_sqlx_migrations"];
+/// SQLite tables that are deliberately not copied. The event stream's log (`events`,
+/// `event_log`) is short-lived history for reconnecting clients, not data: its cursor is
+/// carried over instead (see [`advance_sequences`]), so clients resuming from a SQLite-era
+/// cursor are told to resync.
+const SQLITE_NOT_COPIED: &[&str] = &["counters", "_sqlx_migrations", "sqlite_sequence", "events", "event_log"];
+/// PostgreSQL tables that are deliberately not written (`event_log` only has its start moved).
+const POSTGRES_NOT_COPIED: &[&str] = &["_sqlx_migrations", "events", "event_log"];
 
 /// A table's row count on both sides after the copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -851,6 +854,21 @@ async fn advance_sequences(src: &mut SqliteConnection, dst: &mut PgConnection) -
     if let Some(max_event) = max_event.filter(|m| *m > 0) {
         sqlx::query("SELECT setval(pg_get_serial_sequence('status_events', 'id'), $1)")
             .bind(max_event)
+            .execute(&mut *dst)
+            .await?;
+    }
+    // Event cursors continue after SQLite's; the SQLite events themselves count as pruned.
+    let last_event: i64 =
+        sqlx::query_scalar("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)")
+            .fetch_one(&mut *src)
+            .await?;
+    if last_event > 0 {
+        sqlx::query("SELECT setval('event_seq', GREATEST($1, (SELECT last_value FROM event_seq)))")
+            .bind(last_event)
+            .execute(&mut *dst)
+            .await?;
+        sqlx::query("UPDATE event_log SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1")
+            .bind(last_event)
             .execute(&mut *dst)
             .await?;
     }
