@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::lifecycle::{send_signed, Callback};
 use super::{
-    bare_number, control_error, is_e164, is_http_url, new_message_sid, Direction, Fault, Simulator, SimulatorSettings,
-    StoredMessage, API_VERSION, DEFAULT_SMS_NUMBER, DEFAULT_WHATSAPP_NUMBER, WHATSAPP_PREFIX,
+    bare_number, control_error, is_e164, is_http_url, new_message_sid, Direction, Fault, FaultKind, Simulator,
+    SimulatorSettings, StoredMessage, API_VERSION, DEFAULT_SMS_NUMBER, DEFAULT_WHATSAPP_NUMBER, WHATSAPP_PREFIX,
 };
 use crate::domain::segments;
 
@@ -404,7 +404,7 @@ async fn put_config(State(sim): State<Simulator>, body: Result<Bytes, BytesRejec
     Json(settings).into_response()
 }
 
-/// The `status` of a fault entry: an HTTP status or `"timeout"`.
+/// The `status` of a fault entry: an HTTP status, `"timeout"` or `"slow"`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum FaultStatus {
@@ -421,6 +421,8 @@ struct FaultSpec {
     code: Option<i64>,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    delay_ms: Option<u64>,
 }
 
 /// `POST /faults` body.
@@ -430,21 +432,39 @@ struct FaultsRequest {
     next: Vec<FaultSpec>,
 }
 
+/// Longest `delay_ms` of a fault: ten minutes.
+const MAX_FAULT_DELAY_MS: u64 = 600_000;
+
 fn to_fault(spec: FaultSpec) -> Result<Fault, String> {
     let status = match spec.status {
-        FaultStatus::Http(code) if (400..=599).contains(&code) => Some(code),
+        FaultStatus::Http(code) if (400..=599).contains(&code) => FaultKind::Http(code),
         FaultStatus::Http(code) => return Err(format!("fault status {code} is not between 400 and 599")),
-        FaultStatus::Word(word) if word == "timeout" => None,
+        FaultStatus::Word(word) if word == "timeout" => FaultKind::Timeout,
+        FaultStatus::Word(word) if word == "slow" => FaultKind::Slow,
         FaultStatus::Word(word) => {
             return Err(format!(
-                "fault status {word:?} is neither an HTTP status nor \"timeout\""
+                "fault status {word:?} is neither an HTTP status nor \"timeout\" nor \"slow\""
             ))
         }
     };
+    match (status, spec.delay_ms) {
+        (FaultKind::Slow, None) => return Err("a \"slow\" fault needs \"delay_ms\"".into()),
+        (FaultKind::Timeout, Some(_)) => {
+            return Err("a \"timeout\" fault never answers: \"delay_ms\" makes no sense".into())
+        }
+        (_, Some(ms)) if ms > MAX_FAULT_DELAY_MS => {
+            return Err(format!("delay_ms {ms} is longer than {MAX_FAULT_DELAY_MS}"))
+        }
+        _ => {}
+    }
+    if status == FaultKind::Slow && (spec.code.is_some() || spec.message.is_some()) {
+        return Err("a \"slow\" fault answers 201: it takes no \"code\" or \"message\"".into());
+    }
     Ok(Fault {
         status,
         code: spec.code,
         message: spec.message,
+        delay_ms: spec.delay_ms,
     })
 }
 
@@ -704,6 +724,10 @@ mod tests {
             json!({"next": [{"status": 200}]}),
             json!({"next": [{"status": "later"}]}),
             json!({"next": [{"status": 500, "bogus": 1}]}),
+            json!({"next": [{"status": "slow"}]}),
+            json!({"next": [{"status": "slow", "delay_ms": 10, "code": 20001}]}),
+            json!({"next": [{"status": "timeout", "delay_ms": 10}]}),
+            json!({"next": [{"status": 500, "delay_ms": 600_001}]}),
             json!({"later": []}),
         ] {
             let response = t

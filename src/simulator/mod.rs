@@ -109,12 +109,16 @@
 //! | `GET /config` | → 200 the current [`SimulatorSettings`] (with `account_sid`, never the auth token) |
 //! | `PUT /config` | a [`SimulatorSettings`] JSON (missing knobs take their defaults, a missing `webhook_url` keeps the current one; `auth_token`, a different `account_sid` or unknown fields → 400) → 200 the new settings |
 //! | `GET /faults` | → 200 `{"next": [Fault…]}` still queued |
-//! | `POST /faults` | `{"next": [{"status": 500}, {"status": 429}, {"status": "timeout"}, {"status": 400, "code": 21211, "message"?: "…"}]}` appends to the queue → 200 `{"queued": n}` |
+//! | `POST /faults` | `{"next": [{"status": 500}, {"status": 429}, {"status": "timeout"}, {"status": "slow", "delay_ms": 1500}, {"status": 400, "code": 21211, "message"?: "…", "delay_ms"?: 200}]}` appends to the queue → 200 `{"queued": n}` |
 //! | `DELETE /faults` | empties the fault queue → 204 |
 //!
 //! Each queued fault is consumed, in order, by one create request that passed authentication and
 //! validation. A 4xx fault rejects the create (not recorded); a 5xx fault records it and answers
-//! with that status; `"timeout"` records it and never answers. `code` defaults to 20001 for 400,
+//! with that status; `"timeout"` records it and never answers; `"slow"` (which needs `delay_ms`)
+//! records it and answers 201 as usual, only late. `delay_ms` (at most 600,000; not with
+//! `"timeout"`) holds the answer back that long after the message is recorded, on top of
+//! `latency_ms`: a client whose timeout is shorter gives up on a message Twilio has, and the
+//! message's status callbacks can arrive before the answer. `code` defaults to 20001 for 400,
 //! 20003 for 401 and `20000 + status` otherwise.
 //!
 //! `/inbound` builds Twilio's inbound parameter set (§3.2–3.4): `ToCountry, ToState,
@@ -355,21 +359,36 @@ impl StoredMessage {
 /// One deterministic failure queued through `POST /faults`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct Fault {
-    /// HTTP status (400..=599), or `None` for "timeout".
+    /// What the create gets.
     #[serde(serialize_with = "serialize_fault_status")]
-    status: Option<u16>,
+    status: FaultKind,
     /// Twilio error code of the answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<i64>,
     /// Message of the answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Extra delay before the answer, in milliseconds (on top of `latency_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
 }
 
-fn serialize_fault_status<S: serde::Serializer>(status: &Option<u16>, serializer: S) -> Result<S::Ok, S::Error> {
+/// The `status` of a queued fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    /// Answer with this HTTP status (400..=599).
+    Http(u16),
+    /// Record the message and never answer.
+    Timeout,
+    /// Record the message and answer 201 as usual, but only after the fault's `delay_ms`.
+    Slow,
+}
+
+fn serialize_fault_status<S: serde::Serializer>(status: &FaultKind, serializer: S) -> Result<S::Ok, S::Error> {
     match status {
-        Some(code) => serializer.serialize_u16(*code),
-        None => serializer.serialize_str("timeout"),
+        FaultKind::Http(code) => serializer.serialize_u16(*code),
+        FaultKind::Timeout => serializer.serialize_str("timeout"),
+        FaultKind::Slow => serializer.serialize_str("slow"),
     }
 }
 
@@ -733,9 +752,10 @@ mod tests {
     async fn serve_standalone_stops_on_cancel_even_with_a_hanging_create() {
         let sim = Simulator::new(SimulatorSettings::default());
         sim.state().faults.push_back(Fault {
-            status: None,
+            status: FaultKind::Timeout,
             code: None,
             message: None,
+            delay_ms: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq as _;
 
 use super::{
-    bare_number, is_e164, is_http_url, lifecycle, new_message_sid, random_hex, rfc2822, Direction, Fault, Simulator,
-    State as SimState, StoredMessage, TwilioError, API_VERSION, HANG_DURATION, WHATSAPP_PREFIX,
+    bare_number, is_e164, is_http_url, lifecycle, new_message_sid, random_hex, rfc2822, Direction, Fault, FaultKind,
+    Simulator, State as SimState, StoredMessage, TwilioError, API_VERSION, HANG_DURATION, WHATSAPP_PREFIX,
 };
 use crate::domain::segments;
 
@@ -373,8 +373,10 @@ enum Disposition {
 }
 
 fn fault_disposition(fault: Fault) -> Disposition {
-    let Some(status) = fault.status else {
-        return Disposition::Hang;
+    let status = match fault.status {
+        FaultKind::Timeout => return Disposition::Hang,
+        FaultKind::Slow => return Disposition::Created,
+        FaultKind::Http(status) => status,
     };
     let http = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let code = fault.code.unwrap_or(match status {
@@ -421,11 +423,15 @@ async fn create_inner(
     let params = parse_form(&body)?;
     let req = validate(&params, received_at)?;
 
-    let (disposition, recorded) = {
+    let (disposition, recorded, delay_ms) = {
         let mut state = sim.state();
         check_numbers(&state, &req)?;
+        let mut delay_ms = 0;
         let disposition = match state.faults.pop_front() {
-            Some(fault) => fault_disposition(fault),
+            Some(fault) => {
+                delay_ms = fault.delay_ms.unwrap_or_default();
+                fault_disposition(fault)
+            }
             None => {
                 let settings = &state.settings;
                 let mut rng = rand::thread_rng();
@@ -458,11 +464,14 @@ async fn create_inner(
                 .get(idx)
                 .map(|m| (m.sid.clone(), resource_json(sim.account_sid(), m)))
         };
-        (disposition, recorded)
+        (disposition, recorded, delay_ms)
     };
 
     if let Some((sid, _)) = &recorded {
         lifecycle::spawn(sim, sid);
+    }
+    if delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
     }
     match disposition {
         Disposition::Created => {
@@ -1309,6 +1318,51 @@ mod tests {
         let (status, _) = t.create(&form).await;
         assert_eq!(status, 201);
         assert_eq!(t.sim.sent_messages().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn slow_faults_record_at_once_and_answer_late() {
+        let t = TestSim::start(SimulatorSettings::default()).await;
+        let response = t
+            .client
+            .post(t.control_url("/faults"))
+            .json(&json!({"next": [{"status": "slow", "delay_ms": 400}, {"status": 503, "delay_ms": 300}]}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status().as_u16(), 200);
+        let listed: Value = t
+            .client
+            .get(t.control_url("/faults"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            listed["next"],
+            json!([{"status": "slow", "delay_ms": 400}, {"status": 503, "delay_ms": 300}])
+        );
+        let form = [("To", "+15558675310"), ("From", "+15005550006"), ("Body", "hi")];
+        // A client that gives up first still leaves the message recorded.
+        let gave_up = t
+            .authed(t.client.post(t.messages_url()))
+            .form(&form)
+            .timeout(std::time::Duration::from_millis(100))
+            .send()
+            .await;
+        assert!(gave_up.is_err_and(|e| e.is_timeout()));
+        assert_eq!(t.sim.sent_messages().len(), 1);
+        let started = std::time::Instant::now();
+        let (status, body) = t.create(&form).await;
+        assert_eq!((status, body["code"].as_i64()), (503, Some(20503)));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+        assert_eq!(t.sim.sent_messages().len(), 2);
+        let started = std::time::Instant::now();
+        let (status, _) = t.create(&form).await;
+        assert_eq!(status, 201);
+        assert!(started.elapsed() < std::time::Duration::from_millis(300));
     }
 
     #[tokio::test]
