@@ -238,6 +238,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         worker_alive.store(false, Ordering::SeqCst);
     });
     tokio::spawn(purge_idempotency_keys(store.clone(), shutdown.clone()));
+    tokio::spawn(queue_gauges(store.clone(), shutdown.clone()));
     let metrics = crate::telemetry::metrics::handle();
     let upkeep_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -375,6 +376,42 @@ async fn prune_events(store: Arc<dyn Store>, retention: Duration, shutdown: Canc
             Ok(n) if n > 0 => info!(count = n, "pruned events past the retention window"),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not prune events"),
+        }
+    }
+}
+
+/// Every 5 s: `switchboard_queue_depth{sender}`, `switchboard_queue_oldest_due_age_seconds{sender}`
+/// (0 when nothing is due) and `switchboard_db_pool_connections{state}` (`in_use`, `idle`,
+/// `max`). A sender whose queue emptied is reported as 0 rather than dropped.
+async fn queue_gauges(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        let now = now_ms();
+        match store.queue_stats(now).await {
+            Ok(queues) => {
+                let mut current = std::collections::HashSet::new();
+                for q in queues {
+                    let age = q.oldest_due.map_or(0.0, |d| (now - d).max(0) as f64 / 1000.0);
+                    metrics::gauge!("switchboard_queue_depth", "sender" => q.sender.clone()).set(q.waiting as f64);
+                    metrics::gauge!("switchboard_queue_oldest_due_age_seconds", "sender" => q.sender.clone()).set(age);
+                    current.insert(q.sender);
+                }
+                for gone in known.difference(&current) {
+                    metrics::gauge!("switchboard_queue_depth", "sender" => gone.clone()).set(0.0);
+                    metrics::gauge!("switchboard_queue_oldest_due_age_seconds", "sender" => gone.clone()).set(0.0);
+                }
+                known.extend(current);
+            }
+            Err(e) => warn!(error = %e, "could not read the delivery queue for metrics"),
+        }
+        let pool = store.pool_stats();
+        metrics::gauge!("switchboard_db_pool_connections", "state" => "in_use")
+            .set(f64::from(pool.open - pool.idle.min(pool.open)));
+        metrics::gauge!("switchboard_db_pool_connections", "state" => "idle").set(f64::from(pool.idle));
+        metrics::gauge!("switchboard_db_pool_connections", "state" => "max").set(f64::from(pool.max));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

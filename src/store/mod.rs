@@ -501,6 +501,28 @@ pub struct ConversationFilter {
     pub unread: Option<bool>,
 }
 
+/// One sender's delivery queue, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderQueue {
+    /// The rate key (sender number, `whatsapp:` number or Messaging Service SID).
+    pub sender: String,
+    /// Messages waiting to be handed to Twilio (due, retrying or scheduled).
+    pub waiting: i64,
+    /// The earliest due time (ms) among those already due, if any.
+    pub oldest_due: Option<i64>,
+}
+
+/// Connection pool usage, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Connections open.
+    pub open: u32,
+    /// Of those, idle.
+    pub idle: u32,
+    /// The most the pool(s) may open.
+    pub max: u32,
+}
+
 /// Messages created or changed after a cursor, for polling.
 #[derive(Debug, Clone)]
 pub struct ChangedMessages {
@@ -531,6 +553,12 @@ pub struct NewContact {
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip proving the database answers.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The delivery queue per sender at `now` (ms): waiting messages and the oldest due.
+    async fn queue_stats(&self, now: i64) -> StoreResult<Vec<SenderQueue>>;
+
+    /// Connection pool usage (SQLite: the writer and readers together).
+    fn pool_stats(&self) -> PoolStats;
 
     /// Stored events after `cursor`, in cursor order, at most `limit`; only those of
     /// `conversations` when it is not empty. See [`crate::events`].

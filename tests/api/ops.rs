@@ -65,6 +65,56 @@ async fn metrics_count_sends_and_inbound_messages() {
     }
 }
 
+/// Queue, pool and event-stream gauges. The recorder is shared by every gateway of the test
+/// process, so this looks for this test's own sender, and for the others by name.
+#[tokio::test]
+async fn metrics_report_queue_depth_pool_and_stream_clients() {
+    let sender = "+15005550099";
+    let app = TestApp::spawn_with(Options {
+        config: Box::new(move |c| c.twilio.phone_number = Some(sender.to_string())),
+        ..Options::default()
+    })
+    .await;
+    // Held for an hour: it waits in the queue.
+    let at = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    app.send_ok(json!({"to": "+14155550100", "body": "later", "send_at": at}))
+        .await;
+    let _stream = app
+        .client
+        .get(app.url("/api/v1/events"))
+        .bearer_auth(&app.api_key)
+        .send()
+        .await
+        .unwrap();
+    let depth = format!("switchboard_queue_depth{{sender=\"{sender}\"}} 1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (found, text) = loop {
+        let text = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(&depth) || std::time::Instant::now() > deadline {
+            break (text.contains(&depth), text);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(found, "{depth} missing from /metrics:\n{text}");
+    for name in [
+        "switchboard_queue_oldest_due_age_seconds{sender=",
+        "switchboard_db_pool_connections{state=\"in_use\"}",
+        "switchboard_db_pool_connections{state=\"max\"}",
+        "switchboard_event_stream_clients",
+        "switchboard_events_published_total{type=\"message.created\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn the_openapi_document_describes_both_apis() {
     let app = TestApp::spawn().await;

@@ -828,6 +828,33 @@ impl Store for PostgresStore {
         rx
     }
 
+    async fn queue_stats(&self, now: i64) -> StoreResult<Vec<SenderQueue>> {
+        let rows = sqlx::query(
+            "SELECT rate_key, COUNT(*) AS waiting, MIN(next_attempt_at) FILTER (WHERE next_attempt_at <= $1) AS oldest_due \
+             FROM messages WHERE next_attempt_at IS NOT NULL GROUP BY rate_key ORDER BY rate_key",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| SenderQueue {
+                sender: r.get("rate_key"),
+                waiting: r.get("waiting"),
+                oldest_due: r.get("oldest_due"),
+            })
+            .collect())
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats {
+            open: self.pool.size(),
+            idle: self.pool.num_idle() as u32,
+            max: self.pool.options().get_max_connections(),
+        }
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
         Ok(())

@@ -722,6 +722,34 @@ impl Store for SqliteStore {
         self.signal.subscribe()
     }
 
+    async fn queue_stats(&self, now: i64) -> StoreResult<Vec<SenderQueue>> {
+        let rows = sqlx::query(
+            "SELECT rate_key, COUNT(*) AS waiting, MIN(CASE WHEN next_attempt_at <= ? THEN next_attempt_at END) AS oldest_due \
+             FROM messages WHERE next_attempt_at IS NOT NULL GROUP BY rate_key ORDER BY rate_key",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| SenderQueue {
+                sender: r.get("rate_key"),
+                waiting: r.get("waiting"),
+                oldest_due: r.get("oldest_due"),
+            })
+            .collect())
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        let (w, r) = (&self.writer, &self.reader);
+        PoolStats {
+            open: w.size() + r.size(),
+            idle: (w.num_idle() + r.num_idle()) as u32,
+            max: w.options().get_max_connections() + r.options().get_max_connections(),
+        }
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_err)?;
         Ok(())
