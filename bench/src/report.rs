@@ -195,6 +195,14 @@ pub fn markdown(results: &[BackendResults]) -> String {
         let _ = writeln!(out, "| {name} | {} | {target} |", cells.join(" | "));
     }
     for r in results {
+        if !r.rss_by_phase.is_empty() {
+            let phases: Vec<String> = r
+                .rss_by_phase
+                .iter()
+                .map(|(p, kb)| format!("{p} {}", mb(Some(*kb))))
+                .collect();
+            let _ = writeln!(out, "\n- {}: highest RSS by phase: {}", r.backend, phases.join(", "));
+        }
         for n in &r.notes {
             let _ = writeln!(out, "\n- {}: {n}", r.backend);
         }
@@ -274,9 +282,12 @@ pub fn svg(results: &[BackendResults], path: &Path) -> anyhow::Result<()> {
         .draw()?;
     // The 10 ms target at 2,000/s.
     chart
-        .draw_series(LineSeries::new([(0.0, 10.0), (x_max, 10.0)], BLACK.mix(0.3)))?
+        .draw_series(LineSeries::new(
+            [(0.0, 10.0), (x_max, 10.0)],
+            BLACK.mix(0.7).stroke_width(2),
+        ))?
         .label("10 ms target")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.3)));
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.7).stroke_width(2)));
     for Series {
         label,
         points,
@@ -301,7 +312,7 @@ pub fn svg(results: &[BackendResults], path: &Path) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
         .draw()?;

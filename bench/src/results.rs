@@ -106,6 +106,9 @@ pub struct BackendResults {
     pub rss_peak_kb: Option<u64>,
     /// VmRSS after the run (kB).
     pub rss_after_kb: Option<u64>,
+    /// Highest VmRSS sampled during each phase (kB), in run order.
+    #[serde(default)]
+    pub rss_by_phase: Vec<(String, u64)>,
     /// Inbound webhooks, closed loop.
     pub inbound_max: Option<MaxRate>,
     /// Inbound webhooks, open loop.

@@ -100,19 +100,29 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<BackendResults> {
 
     r.rss_idle_kb = cfg.pid.and_then(rss).map(|x| x.0);
     let peak = Arc::new(AtomicU64::new(0));
+    let phase_peak = Arc::new(AtomicU64::new(0));
     if let Some(pid) = cfg.pid {
-        let peak = peak.clone();
+        let (peak, phase_peak) = (peak.clone(), phase_peak.clone());
         tokio::spawn(async move {
             while let Some((now, _)) = rss(pid) {
                 peak.fetch_max(now, Ordering::Relaxed);
+                phase_peak.fetch_max(now, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
     }
+    // The highest RSS seen since the last call, labelled, then start over.
+    let end_phase = |name: &str, r: &mut BackendResults| {
+        if let Some((now, _)) = cfg.pid.and_then(rss) {
+            let p = phase_peak.swap(now, Ordering::Relaxed).max(now);
+            r.rss_by_phase.push((name.to_string(), p));
+        }
+    };
 
     if cfg.wants("reads") {
         eprintln!("[{}] reads at scale", cfg.backend);
         r.reads = reads(&cfg).await;
+        end_phase("reads", &mut r);
     }
     if cfg.wants("inbound") {
         eprintln!("[{}] inbound webhooks", cfg.backend);
@@ -145,6 +155,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<BackendResults> {
             log_errors(&format!("inbound at {rate}/s"), &o);
             r.inbound_steps.push(step(rate, &o));
         }
+        end_phase("inbound", &mut r);
     }
     if cfg.wants("sends") {
         eprintln!("[{}] sends", cfg.backend);
@@ -174,10 +185,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<BackendResults> {
                 ));
             }
         }
+        end_phase("sends", &mut r);
     }
     if cfg.wants("push") {
         eprintln!("[{}] event push", cfg.backend);
         r.push = Some(push(&cfg).await);
+        end_phase("push", &mut r);
     }
     if let Some(pid) = cfg.pid {
         if let Some((now, hwm)) = rss(pid) {
