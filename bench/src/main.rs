@@ -1,0 +1,194 @@
+//! `switchboard-bench`: the load generator behind `scripts/bench`. A separate process from the
+//! gateway and the simulator, talking to them over loopback HTTP only (it does not link the
+//! gateway crate). See docs/BENCHMARKS.md.
+//!
+//! * `seed`: bulk-load conversations and messages into a migrated database.
+//! * `run`: measure one backend against a running gateway + simulator; write JSON results.
+//! * `report`: turn results files into the markdown table and the SVG chart.
+
+#![forbid(unsafe_code)]
+
+mod http;
+mod load;
+mod report;
+mod results;
+mod run;
+mod seed;
+mod sign;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard-bench",
+    about = "Switchboard load generator (used by scripts/bench)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+// Parsed once at start; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    /// Bulk-load conversations and messages into a migrated database.
+    Seed {
+        /// `sqlite://PATH` or `postgres://…`, already migrated (`switchboard migrate`).
+        #[arg(long)]
+        database_url: String,
+        /// Conversations to create.
+        #[arg(long, default_value_t = 100_000)]
+        conversations: u64,
+        /// Messages per conversation.
+        #[arg(long, default_value_t = 10)]
+        per_conversation: u64,
+        /// Where to write what the run phase needs (sample IDs, search words).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Measure one backend against a running gateway and simulator.
+    Run {
+        /// Label for the results (`sqlite`, `postgres`).
+        #[arg(long)]
+        backend: String,
+        /// The gateway, `http://IP:PORT`.
+        #[arg(long)]
+        gateway: String,
+        /// The gateway's SWITCHBOARD_PUBLIC_URL (webhook signatures are computed over it).
+        #[arg(long)]
+        public_url: String,
+        /// The standalone simulator, `http://IP:PORT`.
+        #[arg(long)]
+        simulator: String,
+        /// An API key the gateway accepts.
+        #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+        api_key: String,
+        /// The Twilio account SID the gateway and simulator share.
+        #[arg(long, env = "TWILIO_ACCOUNT_SID")]
+        account_sid: String,
+        /// The Twilio auth token the gateway checks webhook signatures with.
+        #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+        auth_token: String,
+        /// The gateway's process ID (for RSS from /proc).
+        #[arg(long)]
+        gateway_pid: Option<u32>,
+        /// The file `seed --out` wrote.
+        #[arg(long)]
+        seed_info: Option<PathBuf>,
+        /// Smaller counts and shorter steps.
+        #[arg(long)]
+        quick: bool,
+        /// Comma-separated subset of reads,inbound,sends,push (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Offered rates of the open-loop steps.
+        #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000")]
+        rates: Vec<f64>,
+        /// SSE clients for the push measurement.
+        #[arg(long, default_value_t = 1000)]
+        sse_clients: usize,
+        /// Where to write the results (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the markdown table of results files and draw the chart.
+    Report {
+        /// Results files written by `run`, one per backend.
+        #[arg(long = "results", required = true)]
+        results: Vec<PathBuf>,
+        /// Also write the table here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Draw p50/p99 against offered rate here (SVG).
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Seed {
+            database_url,
+            conversations,
+            per_conversation,
+            out,
+        } => {
+            let info = seed::seed(&database_url, conversations, per_conversation, 1000).await?;
+            eprintln!(
+                "seeded {} messages in {} conversations in {:.1} s",
+                info.messages, info.conversations, info.seconds
+            );
+            std::fs::write(&out, serde_json::to_vec(&info)?).with_context(|| format!("writing {}", out.display()))?;
+        }
+        Command::Run {
+            backend,
+            gateway,
+            public_url,
+            simulator,
+            api_key,
+            account_sid,
+            auth_token,
+            gateway_pid,
+            seed_info,
+            quick,
+            only,
+            rates,
+            sse_clients,
+            out,
+        } => {
+            let seed = match seed_info {
+                Some(p) => {
+                    serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?
+                }
+                None => seed::SeedInfo::default(),
+            };
+            let cfg = run::RunConfig {
+                backend,
+                gateway: http::Target::parse(&gateway, Some(&api_key))?,
+                public_url,
+                simulator: http::Target::parse(&simulator, None)?,
+                account_sid,
+                auth_token,
+                pid: gateway_pid,
+                seed,
+                quick,
+                only: only
+                    .into_iter()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                rates,
+                sse_clients,
+            };
+            let results = run::run(cfg).await?;
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, serde_json::to_vec_pretty(&results)?)?;
+        }
+        Command::Report { results, markdown, svg } => {
+            let mut all = Vec::new();
+            for p in results {
+                let r: results::BackendResults =
+                    serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
+                all.push(r);
+            }
+            let table = report::markdown(&all);
+            print!("{table}");
+            if let Some(m) = markdown {
+                if let Some(dir) = m.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(m, &table)?;
+            }
+            if let Some(s) = svg {
+                report::svg(&all, &s)?;
+            }
+        }
+    }
+    Ok(())
+}
