@@ -42,12 +42,24 @@ impl PhoneNumber {
         if trimmed.chars().any(|c| c.is_alphabetic()) {
             return Err(PhoneError::Unparseable(trimmed.to_string()));
         }
-        let region = phonenumber::country::Id::from_str(&default_region.to_ascii_uppercase()).ok();
+        // A number written with `+` is already international: the default region must play
+        // no part. (The phonenumber crate otherwise strips the region's national prefix from
+        // the digits after the country code: with US, +49 151… became +49 51…, another valid
+        // number. Found by the `phone` fuzz target.)
+        let region = if trimmed.starts_with('+') {
+            None
+        } else {
+            phonenumber::country::Id::from_str(&default_region.to_ascii_uppercase()).ok()
+        };
         let parsed = phonenumber::parse(region, trimmed).map_err(|_| PhoneError::Unparseable(trimmed.to_string()))?;
         if !phonenumber::is_valid(&parsed) {
             return Err(PhoneError::Invalid(trimmed.to_string()));
         }
         let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        // E.164 allows at most 15 digits (ITU-T E.164 §6.1).
+        if e164.len() > 16 {
+            return Err(PhoneError::Invalid(trimmed.to_string()));
+        }
         Ok(Self(e164))
     }
 
@@ -181,6 +193,29 @@ mod tests {
         assert_eq!(
             PhoneNumber::parse("+15005550006", "US").unwrap().as_str(),
             "+15005550006"
+        );
+    }
+
+    #[test]
+    fn international_numbers_ignore_the_default_region() {
+        for (input, e164) in [
+            ("+4915112345678", "+4915112345678"),
+            ("+441214960000", "+441214960000"),
+            ("+33142685300", "+33142685300"),
+            ("+8613812345678", "+8613812345678"),
+            ("+390612345678", "+390612345678"),
+        ] {
+            for region in ["US", "GB", "DE", "FR", "JP"] {
+                assert_eq!(
+                    PhoneNumber::parse(input, region).map(|p| p.as_str().to_string()),
+                    Ok(e164.to_string()),
+                    "{input} in {region}"
+                );
+            }
+        }
+        assert!(
+            PhoneNumber::parse("80794488733//4744", "DE").is_err(),
+            "more than 15 digits"
         );
     }
 
