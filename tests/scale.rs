@@ -13,6 +13,8 @@
 
 #[path = "support/postgres.rs"]
 mod postgres;
+#[path = "support/sse.rs"]
+mod sse;
 
 use futures::stream::{self, StreamExt};
 use rand::Rng;
@@ -157,22 +159,10 @@ async fn follow_events(url: String, out: Arc<std::sync::Mutex<Vec<(i64, String, 
             Err(e) => return format!("the stream failed: {e}"),
         };
         buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let (mut kind, mut data) = (String::new(), String::new());
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event: ") {
-                    kind = v.to_string();
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data.push_str(v);
-                }
-            }
-            if data.is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&data).unwrap();
-            assert_ne!(kind, "resync", "the stream told the test client to resync: {v}");
-            out.lock().unwrap().push((v["id"].as_i64().unwrap(), kind, v));
+        while let Some(f) = sse::take_frame(&mut buf) {
+            let v: Value = serde_json::from_str(&f.data).unwrap();
+            assert_ne!(f.event, "resync", "the stream told the test client to resync: {v}");
+            out.lock().unwrap().push((v["id"].as_i64().unwrap(), f.event, v));
         }
     }
 }

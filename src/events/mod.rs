@@ -176,8 +176,8 @@ impl EventDraft {
     }
 }
 
-/// A stored event, as the store returns it.
-#[derive(Debug, Clone)]
+/// A stored event, as the store returns it (a row of `events`).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct EventRecord {
     /// The cursor: unique, growing in commit order (gaps are possible on PostgreSQL).
     pub seq: i64,

@@ -502,7 +502,7 @@ pub struct ConversationFilter {
 }
 
 /// One sender's delivery queue, for metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SenderQueue {
     /// The rate key (sender number, `whatsapp:` number or Messaging Service SID).
     pub sender: String,

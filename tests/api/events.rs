@@ -49,25 +49,11 @@ impl SseClient {
     async fn next(&mut self) -> Sse {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Some(end) = self.buf.find("\n\n") {
-                    let block: String = self.buf.drain(..end + 2).collect();
-                    let (mut id, mut event, mut data) = (None, String::from("message"), String::new());
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("id:") {
-                            id = Some(v.trim().parse().unwrap());
-                        } else if let Some(v) = line.strip_prefix("event:") {
-                            event = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                        }
-                    }
-                    if data.is_empty() {
-                        continue; // a keep-alive comment
-                    }
+                if let Some(f) = crate::sse::take_frame(&mut self.buf) {
                     return Sse {
-                        id,
-                        event,
-                        data: serde_json::from_str(&data).unwrap(),
+                        id: f.id,
+                        event: f.event,
+                        data: serde_json::from_str(&f.data).unwrap(),
                     };
                 }
                 let chunk = self.resp.chunk().await.unwrap().expect("the stream ended");

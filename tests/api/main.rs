@@ -4,6 +4,8 @@
 mod helpers;
 #[path = "../support/postgres.rs"]
 mod postgres;
+#[path = "../support/sse.rs"]
+mod sse;
 
 mod bad_input;
 mod compat;

@@ -746,7 +746,7 @@ fn cursor_parts(page: &PageRequest) -> (Option<i64>, Option<String>) {
 #[async_trait]
 impl Store for PostgresStore {
     async fn events_after(&self, cursor: i64, conversations: &[String], limit: u32) -> StoreResult<Vec<EventRecord>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT seq, kind, conversation_id, data, created_at FROM events WHERE seq > $1 \
              AND (cardinality($2::text[]) = 0 OR conversation_id = ANY($2)) ORDER BY seq LIMIT $3",
         )
@@ -755,17 +755,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
-        Ok(rows
-            .iter()
-            .map(|r| EventRecord {
-                seq: r.get("seq"),
-                kind: r.get("kind"),
-                conversation_id: r.get("conversation_id"),
-                data: r.get("data"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        .map_err(map_err)
     }
 
     async fn event_bounds(&self) -> StoreResult<EventBounds> {
@@ -829,22 +819,14 @@ impl Store for PostgresStore {
     }
 
     async fn queue_stats(&self, now: i64) -> StoreResult<Vec<SenderQueue>> {
-        let rows = sqlx::query(
-            "SELECT rate_key, COUNT(*) AS waiting, MIN(next_attempt_at) FILTER (WHERE next_attempt_at <= $1) AS oldest_due \
+        sqlx::query_as(
+            "SELECT rate_key AS sender, COUNT(*) AS waiting, MIN(next_attempt_at) FILTER (WHERE next_attempt_at <= $1) AS oldest_due \
              FROM messages WHERE next_attempt_at IS NOT NULL GROUP BY rate_key ORDER BY rate_key",
         )
         .bind(now)
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
-        Ok(rows
-            .iter()
-            .map(|r| SenderQueue {
-                sender: r.get("rate_key"),
-                waiting: r.get("waiting"),
-                oldest_due: r.get("oldest_due"),
-            })
-            .collect())
+        .map_err(map_err)
     }
 
     fn pool_stats(&self) -> PoolStats {

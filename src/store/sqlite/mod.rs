@@ -646,7 +646,7 @@ impl Store for SqliteStore {
         let conversations = (!conversations.is_empty())
             .then(|| serde_json::to_string(conversations).map_err(|e| StoreError::Other(e.into())))
             .transpose()?;
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT seq, kind, conversation_id, data, created_at FROM events WHERE seq > ?1 \
              AND (?2 IS NULL OR conversation_id IN (SELECT value FROM json_each(?2))) ORDER BY seq LIMIT ?3",
         )
@@ -655,17 +655,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await
-        .map_err(map_err)?;
-        Ok(rows
-            .iter()
-            .map(|r| EventRecord {
-                seq: r.get("seq"),
-                kind: r.get("kind"),
-                conversation_id: r.get("conversation_id"),
-                data: r.get("data"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        .map_err(map_err)
     }
 
     async fn event_bounds(&self) -> StoreResult<EventBounds> {
@@ -723,22 +713,14 @@ impl Store for SqliteStore {
     }
 
     async fn queue_stats(&self, now: i64) -> StoreResult<Vec<SenderQueue>> {
-        let rows = sqlx::query(
-            "SELECT rate_key, COUNT(*) AS waiting, MIN(CASE WHEN next_attempt_at <= ? THEN next_attempt_at END) AS oldest_due \
+        sqlx::query_as(
+            "SELECT rate_key AS sender, COUNT(*) AS waiting, MIN(CASE WHEN next_attempt_at <= ? THEN next_attempt_at END) AS oldest_due \
              FROM messages WHERE next_attempt_at IS NOT NULL GROUP BY rate_key ORDER BY rate_key",
         )
         .bind(now)
         .fetch_all(&self.reader)
         .await
-        .map_err(map_err)?;
-        Ok(rows
-            .iter()
-            .map(|r| SenderQueue {
-                sender: r.get("rate_key"),
-                waiting: r.get("waiting"),
-                oldest_due: r.get("oldest_due"),
-            })
-            .collect())
+        .map_err(map_err)
     }
 
     fn pool_stats(&self) -> PoolStats {
