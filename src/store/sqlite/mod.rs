@@ -1,12 +1,13 @@
 //! SQLite backend: one file, WAL journal, a single writer connection (SQLite allows one
-//! writer at a time; one pooled connection serialises writes in-process instead of letting
-//! them fail with SQLITE_BUSY) and a pool of readers.
+//! writer at a time; one connection serialises writes in-process instead of letting them fail
+//! with SQLITE_BUSY) whose operations share group-committed transactions (see [`writer`]),
+//! and a pool of readers.
 
 use anyhow::Context;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -17,6 +18,9 @@ use crate::delivery::rate::take_slot;
 use crate::domain::message::preview;
 use crate::events::{EventBounds, EventDraft, EventRecord, Pending, PendingEvents};
 use tokio::sync::watch;
+use writer::{WriteTx, Writer};
+
+mod writer;
 
 /// Embedded migrations for this backend.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -24,23 +28,23 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 /// The SQLite store.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    writer: Writer,
     reader: SqlitePool,
     /// Bumped after each write commit (see [`Store::event_signal`]).
     signal: watch::Sender<u64>,
 }
 
-/// A write transaction that also writes the events of its changes (see [`crate::events`])
-/// just before it commits. Derefs to the connection, so queries run on `&mut **tx`.
+/// A write operation (see [`writer`]: it shares a group-committed transaction) that also
+/// writes the events of its changes (see [`crate::events`]) just before it ends. Derefs to the
+/// connection, so queries run on `&mut **tx`; dropping it unfinished rolls the operation back.
 struct Tx {
-    inner: Transaction<'static, Sqlite>,
-    /// The first `change_seq` this transaction allocated: the messages it changed are those
+    inner: WriteTx,
+    /// The first `change_seq` this operation allocated: the messages it changed are those
     /// whose `change_seq` is at or above it (one writer, so no one else's are).
     first_seq: Option<i64>,
     events: PendingEvents,
     /// Whether events were written (the hub is woken after the commit).
     wrote_events: bool,
-    signal: watch::Sender<u64>,
 }
 
 impl std::ops::Deref for Tx {
@@ -57,14 +61,11 @@ impl std::ops::DerefMut for Tx {
 }
 
 impl Tx {
-    /// Writes the events owed, commits, and wakes the event hub.
+    /// Writes the events owed and ends the operation, returning once it is durable (the
+    /// event hub is woken after the commit).
     async fn commit(mut self) -> StoreResult<()> {
         self.write_events().await?;
-        self.inner.commit().await.map_err(map_err)?;
-        if self.wrote_events {
-            self.signal.send_modify(|v| *v = v.wrapping_add(1));
-        }
-        Ok(())
+        self.inner.commit(self.wrote_events).await
     }
 
     /// `message.created` / `message.status` for every message changed (in change order),
@@ -143,32 +144,29 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-16000");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.clone())
+        let mut conn = SqliteConnection::connect_with(&opts)
             .await
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
-        MIGRATOR.run(&writer).await.context("applying SQLite migrations")?;
+        MIGRATOR.run(&mut conn).await.context("applying SQLite migrations")?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_readers.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts.read_only(true))
             .await?;
+        let signal = watch::Sender::new(0);
         Ok(Self {
-            writer,
+            writer: Writer::start(conn, signal.clone()),
             reader,
-            signal: watch::Sender::new(0),
+            signal,
         })
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(Tx {
-            inner: self.writer.begin().await.map_err(map_err)?,
+            inner: self.writer.begin().await?,
             first_seq: None,
             events: PendingEvents::default(),
             wrote_events: false,
-            signal: self.signal.clone(),
         })
     }
 }
@@ -724,11 +722,11 @@ impl Store for SqliteStore {
     }
 
     fn pool_stats(&self) -> PoolStats {
-        let (w, r) = (&self.writer, &self.reader);
+        let r = &self.reader;
         PoolStats {
-            open: w.size() + r.size(),
-            idle: (w.num_idle() + r.num_idle()) as u32,
-            max: w.options().get_max_connections() + r.options().get_max_connections(),
+            open: 1 + r.size(),
+            idle: u32::from(!self.writer.busy()) + r.num_idle() as u32,
+            max: 1 + r.options().get_max_connections(),
         }
     }
 
@@ -744,15 +742,16 @@ impl Store for SqliteStore {
         key_hash: &str,
         now: i64,
     ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)")
             .bind(id.as_str())
             .bind(name)
             .bind(key_hash)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn find_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>> {
@@ -828,21 +827,24 @@ impl Store for SqliteStore {
     }
 
     async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_progress'")
             .bind(scope)
             .bind(key)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
             .bind(before)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
@@ -1224,17 +1226,19 @@ impl Store for SqliteStore {
     }
 
     async fn expire_all_leases(&self) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
     async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool> {
         let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = ?")
             .bind(sid)
-            .fetch_optional(&self.writer)
+            .fetch_optional(&self.reader)
             .await
             .map_err(map_err)?;
         Ok(found.is_some())
