@@ -115,15 +115,17 @@ impl Tx {
             }
         }
         let now = crate::util::now_ms();
-        for d in &drafts {
-            sqlx::query("INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?)")
-                .bind(d.kind.as_str())
-                .bind(&d.conversation_id)
-                .bind(d.data.to_string())
-                .bind(now)
-                .execute(&mut **self)
-                .await
-                .map_err(map_err)?;
+        // One statement for all of them (each statement is a round trip to sqlx's SQLite
+        // thread); 200 rows × 4 values stays far below SQLite's 32,766 variables.
+        for chunk in drafts.chunks(200) {
+            let mut q = sqlx::QueryBuilder::new("INSERT INTO events (kind, conversation_id, data, created_at) ");
+            q.push_values(chunk, |mut row, d| {
+                row.push_bind(d.kind.as_str())
+                    .push_bind(&d.conversation_id)
+                    .push_bind(d.data.to_string())
+                    .push_bind(now);
+            });
+            q.build().execute(&mut **self).await.map_err(map_err)?;
         }
         self.wrote_events |= !drafts.is_empty();
         self.first_seq = None;
@@ -142,16 +144,19 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("temp_store", "memory")
-            .pragma("cache_size", "-16000");
-        let mut conn = SqliteConnection::connect_with(&opts)
+            .pragma("temp_store", "memory");
+        // Page caches are per connection. The writer gets 16 MB (its working set is the
+        // indexes it updates); each reader 2 MB, since readers mostly re-read the same hot
+        // pages and the OS page cache backs them all: 17 connections × 16 MB kept RSS over
+        // 100 MB on a million messages (docs/BENCHMARKS.md).
+        let mut conn = SqliteConnection::connect_with(&opts.clone().pragma("cache_size", "-16000"))
             .await
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
         MIGRATOR.run(&mut conn).await.context("applying SQLite migrations")?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_readers.max(1))
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.read_only(true).pragma("cache_size", "-2000"))
             .await?;
         let signal = watch::Sender::new(0);
         Ok(Self {
