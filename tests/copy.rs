@@ -111,6 +111,7 @@ fn inbound(sid: &str, channel: Channel, from: &str, body: &str, now: i64) -> New
             "FromCountry": "US", "SmsStatus": "received", "ApiVersion": "2010-04-01"
         }),
         opt_change: None,
+        enrichment: None,
         now,
     }
 }
