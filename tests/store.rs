@@ -123,6 +123,7 @@ conformance!(
     webhook_claims_are_exclusive_and_leases_fence_results,
     webhook_failures_retry_disable_and_recover,
     enrichment_jobs_come_with_new_contacts_and_attach_results,
+    two_dispatchers_make_each_attempt_once,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -2999,4 +3000,86 @@ async fn enrichment_jobs_come_with_new_contacts_and_attach_results(store: Arc<dy
         .await
         .unwrap()
         .is_empty());
+}
+
+/// Two dispatchers (as two instances would run) on one database, a receiver that is slow and
+/// fails every third event's first attempt: each event arrives, and no attempt is made twice.
+async fn two_dispatchers_make_each_attempt_once(store: Arc<dyn Store>) {
+    use std::sync::Mutex;
+    use switchboard::hooks::dispatcher::Dispatcher;
+    let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::new(Mutex::new(HashMap::new()));
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let seen = s2.clone();
+            async move {
+                let id = headers["webhook-id"].to_str().unwrap().to_string();
+                let attempt = {
+                    let mut seen = seen.lock().unwrap();
+                    let v = seen.entry(id).or_default();
+                    v.push(body.clone());
+                    v.len()
+                };
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if attempt == 1 && event["id"].as_i64().unwrap() % 3 == 0 {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let now = switchboard::util::now_ms();
+    let e = store.create_webhook_endpoint(endpoint(&url, &[], now)).await.unwrap();
+    let total = 60;
+    for i in 0..total {
+        store
+            .append_event(switchboard::events::EventDraft::typing("conv_x", "a", i % 2 == 0))
+            .await
+            .unwrap();
+    }
+    let config = switchboard::config::WebhooksConfig {
+        retry_schedule: switchboard::outbound::RetrySchedule::parse("50ms,50ms").unwrap(),
+        poll_interval_ms: 20,
+        timeout_ms: 2000,
+        concurrency: 4,
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    for _ in 0..2 {
+        let d = Dispatcher::new(store.clone(), config.clone(), true).unwrap();
+        tokio::spawn(d.run(stop.clone()));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let log = all_deliveries(&store, &e.id).await;
+        if log.len() == total && log.iter().all(|d| d.status == DeliveryStatus::Succeeded) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not all delivered: {log:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), total, "one webhook-id per event");
+    let log = all_deliveries(&store, &e.id).await;
+    for d in &log {
+        let bodies = &seen[d.id.as_str()];
+        let expected = if d.event_seq % 3 == 0 { 2 } else { 1 };
+        assert_eq!(
+            bodies.len(),
+            expected,
+            "delivery {} was attempted {} times",
+            d.id,
+            bodies.len()
+        );
+        assert_eq!(d.attempts as usize, expected);
+        assert!(bodies.iter().all(|b| b == &d.payload));
+    }
 }
