@@ -234,6 +234,7 @@ impl Enricher {
         let mut inflight: JoinSet<()> = JoinSet::new();
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         loop {
+            while inflight.try_join_next().is_some() {}
             let free = CONCURRENCY.saturating_sub(inflight.len());
             if free > 0 {
                 match self.claim(free).await {

@@ -25,9 +25,6 @@ const FAN_OUT_BATCH: u32 = 500;
 /// The lease outlives the request timeout by this much, so a live attempt is never
 /// claimed again by another instance.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
-/// After a wake-up by the event signal, wait at least this long before the next round, so
-/// a busy gateway's commits are fanned out in batches rather than one round per commit.
-const MIN_ROUND: Duration = Duration::from_millis(20);
 
 /// The HTTP client deliveries use: the configured timeout, guarded addresses, bounded
 /// answers.
@@ -208,6 +205,8 @@ impl Dispatcher {
         let mut inflight: JoinSet<()> = JoinSet::new();
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         loop {
+            // Every attempt that finished frees its slot now, not one per round.
+            while inflight.try_join_next().is_some() {}
             if let Err(e) = self.fan_out().await {
                 tracing::warn!(error = %e, "webhooks: fanning out events failed; retrying");
             }
@@ -230,11 +229,11 @@ impl Dispatcher {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+                // Several commits in a burst wake it once (the signal keeps only the latest).
                 changed = signal.changed() => {
                     if changed.is_err() {
                         tokio::time::sleep(poll).await;
                     }
-                    tokio::time::sleep(MIN_ROUND).await;
                 }
                 _ = tokio::time::sleep(poll) => {}
             }

@@ -635,3 +635,101 @@ async fn bad_webhook_endpoint_input_is_refused_with_the_envelope() {
     assert_eq!((s, v["description"].as_str()), (StatusCode::OK, Some("ok")));
     assert!(v.get("secret").is_none());
 }
+
+/// Measures delivery latency (typing event committed → request at the receiver) and
+/// throughput to one endpoint on loopback. Ignored by default; run with
+/// `cargo test --test api webhook_delivery_speed -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, not a check"]
+async fn webhook_delivery_speed() {
+    use std::collections::HashMap;
+    use std::time::Instant;
+    let app = app_with("1s", |_| {}).await;
+    let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let a2 = arrivals.clone();
+    let rx = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let a = a2.clone();
+            async move {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                a.lock().unwrap().insert(v["id"].as_i64().unwrap(), Instant::now());
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, rx).await });
+    create_endpoint(&app, json!({ "url": url, "event_types": ["typing"] })).await;
+    app.inbound(json!({ "from": "+14155550199", "body": "hi" })).await;
+    let (_, c) = app.get("/api/v1/conversations").await;
+    let conv = c["data"][0]["id"].as_str().unwrap().to_string();
+    let typing = |on: bool| {
+        let (app, conv) = (&app, &conv);
+        async move {
+            let (s, v) = app
+                .post_json(&format!("/api/v1/conversations/{conv}/typing"), json!({ "typing": on }))
+                .await;
+            assert_eq!(s, StatusCode::ACCEPTED);
+            (v["cursor"].as_i64().unwrap(), Instant::now())
+        }
+    };
+    // Latency: one event at a time.
+    let mut lat = Vec::new();
+    for i in 0..300 {
+        let (cursor, sent) = typing(i % 2 == 0).await;
+        loop {
+            if let Some(t) = arrivals.lock().unwrap().get(&cursor) {
+                lat.push(t.saturating_duration_since(sent));
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    // Throughput: 2,000 events from 8 concurrent clients.
+    let n = 2000;
+    let before = arrivals.lock().unwrap().len();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (client, url, key) = (
+            app.client.clone(),
+            app.url(&format!("/api/v1/conversations/{conv}/typing")),
+            app.api_key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for i in 0..n / 8 {
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({ "typing": (i + w) % 2 == 0 }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::ACCEPTED);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published = started.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(120), || async {
+            arrivals.lock().unwrap().len() >= before + n
+        })
+        .await
+    );
+    let delivered = started.elapsed();
+    println!(
+        "webhook delivery: latency p50 {:?} p99 {:?} max {:?} (300 events one at a time); \
+         {n} events published in {published:?}, all delivered after {delivered:?} ({:.0}/s)",
+        pct(0.5),
+        pct(0.99),
+        lat.last().unwrap(),
+        n as f64 / delivered.as_secs_f64()
+    );
+}
