@@ -774,6 +774,44 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
+    fn webhook_and_enrichment_settings_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            jail.set_env(
+                "SWITCHBOARD_DATABASE_URL",
+                format!("sqlite://{}", dir.join("x.db").display()),
+            );
+            jail.set_env("SWITCHBOARD_OUTBOUND__ALLOW_PRIVATE_NETWORKS", "true");
+            jail.set_env("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE", "1s,10s,1m");
+            jail.set_env("SWITCHBOARD_WEBHOOKS__DISABLE_AFTER_FAILURES", "10");
+            jail.set_env("SWITCHBOARD_ENRICHMENT__URL", "https://crm.example.com/lookup");
+            jail.set_env("SWITCHBOARD_ENRICHMENT__BEARER_TOKEN", "0123456789");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(c.outbound.allow_private_networks);
+            assert_eq!(
+                c.webhooks.retry_schedule.0,
+                [1, 10, 60].map(Duration::from_secs).to_vec()
+            );
+            assert_eq!(c.webhooks.disable_after_failures, 10);
+            assert_eq!(c.enrichment.url.as_deref(), Some("https://crm.example.com/lookup"));
+            assert_eq!(
+                c.enrichment.bearer_token.as_ref().unwrap().expose_secret(),
+                "0123456789"
+            );
+            assert!(!format!("{c:?}").contains("0123456789"));
+            jail.set_env("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE", "5 minutes");
+            jail.set_env("SWITCHBOARD_ENRICHMENT__URL", "ftp://x");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("5 minutes"), "{err}");
+            jail.set_env("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE", "5s");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("SWITCHBOARD_ENRICHMENT__URL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn sender_rates_parse_from_a_list() {
         #[derive(Deserialize)]
         struct W {

@@ -65,7 +65,7 @@ async fn app_for(lookup: &Lookup, max_attempts: u32) -> TestApp {
         config: Box::new(move |c| {
             c.enrichment.url = Some(url);
             c.enrichment.allow_private_networks = true;
-            c.enrichment.timeout_ms = 2000;
+            c.enrichment.timeout_ms = 3000;
             c.enrichment.max_attempts = max_attempts;
             c.enrichment.backoff_base_ms = 50;
             c.enrichment.backoff_max_ms = 100;
@@ -103,9 +103,9 @@ async fn wait_enrichment(app: &TestApp, number: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn the_webhook_answers_at_once_and_the_contact_is_enriched_later() {
-    // Each lookup takes 700 ms and the first two fail.
+    // Each lookup takes 1.5 s and the first two fail.
     let lookup = Lookup::start(
-        Duration::from_millis(700),
+        Duration::from_millis(1500),
         2,
         (
             200,
