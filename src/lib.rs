@@ -4,6 +4,9 @@
 //! handlers over `service`; `service` applies the product's rules over `store` (storage
 //! behind one trait) and wakes `delivery` (the workers that hand queued messages to
 //! `provider`, i.e. Twilio); `simulator` is a Twilio stand-in for development and tests.
+//! `events` is the stream of every visible change; `hooks` pushes it to subscribers' URLs
+//! (outbound event webhooks) and `enrichment` asks a lookup service about new numbers, both
+//! through `outbound`, the guarded HTTP client for calls made on someone else's behalf.
 #![forbid(unsafe_code)]
 
 pub mod api;
