@@ -50,6 +50,8 @@ pub struct AppState {
     pub twilio_check: Arc<std::sync::Mutex<Option<Result<(), String>>>>,
     /// The instance's event fan-out (`/api/v1/events`).
     pub events: Arc<EventHub>,
+    /// Outbound event webhooks (`/api/v1/webhook-endpoints`).
+    pub webhooks: crate::hooks::Webhooks,
 }
 
 /// A running gateway.
@@ -102,6 +104,10 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         let n = store.expire_all_leases().await?;
         if n > 0 {
             warn!(count = n, "messages were in flight when the previous process stopped; they will be reconciled with Twilio before any resend");
+        }
+        let n = store.release_background_leases().await?;
+        if n > 0 {
+            info!(count = n, "webhook deliveries or enrichment lookups were in flight when the previous process stopped; they will be made again");
         }
     }
 
@@ -213,7 +219,21 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         format!("{public_url}/webhooks/twilio/status"),
         Duration::from_secs(config.shutdown_timeout_secs),
     );
-    let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
+    let mut messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
+    let enricher = crate::enrichment::Enricher::new(store.clone(), config.enrichment.clone())?;
+    if let Some(e) = &enricher {
+        messaging = messaging.with_enrichment(e.waker());
+        info!("contact enrichment is on: new numbers are looked up in the background");
+        tokio::spawn(e.clone().run(shutdown.clone()));
+    }
+    let webhooks =
+        crate::hooks::Webhooks::new(store.clone(), &config.webhooks, config.outbound.allow_private_networks)?;
+    let dispatcher = crate::hooks::dispatcher::Dispatcher::new(
+        store.clone(),
+        config.webhooks.clone(),
+        config.outbound.allow_private_networks,
+    )?;
+    tokio::spawn(dispatcher.run(shutdown.clone()));
     let worker_alive = Arc::new(AtomicBool::new(true));
     let events = EventHub::start(store.clone(), config.events.backlog, shutdown.clone()).await?;
     tokio::spawn(prune_events(
@@ -230,6 +250,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         worker_alive: worker_alive.clone(),
         twilio_check,
         events,
+        webhooks,
     };
 
     let worker_shutdown = shutdown.clone();

@@ -54,6 +54,117 @@ pub struct Config {
     pub messenger: MessengerConfig,
     /// The event stream (`SWITCHBOARD_EVENTS__*`).
     pub events: EventsConfig,
+    /// Calls to URLs outside the gateway: webhook endpoints, the enrichment lookup
+    /// (`SWITCHBOARD_OUTBOUND__*`).
+    pub outbound: OutboundConfig,
+    /// Outbound event webhooks (`SWITCHBOARD_WEBHOOKS__*`).
+    pub webhooks: WebhooksConfig,
+    /// Contact enrichment from a lookup service (`SWITCHBOARD_ENRICHMENT__*`).
+    pub enrichment: EnrichmentConfig,
+}
+
+/// Settings shared by every outbound call (see [`crate::outbound`]).
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Allow webhook endpoints on loopback, private, link-local, CGNAT and other
+    /// special-purpose addresses (`SWITCHBOARD_OUTBOUND__ALLOW_PRIVATE_NETWORKS`, default
+    /// false). Off, such URLs are refused when an endpoint is created and at every delivery
+    /// (SSRF protection). Turn it on only when every API key holder may reach the gateway's
+    /// network (tests, a single-tenant deployment delivering to internal services).
+    pub allow_private_networks: bool,
+}
+
+/// Settings of outbound event webhooks (`/api/v1/webhook-endpoints`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Timeout of one delivery attempt, in ms (`SWITCHBOARD_WEBHOOKS__TIMEOUT_MS`, default
+    /// 15000). No answer by then is a failed attempt.
+    pub timeout_ms: u64,
+    /// Delays before each retry of a failed delivery, after the immediate first attempt
+    /// (`SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE`, default `5s,5m,30m,2h,5h,10h,10h`: Standard
+    /// Webhooks' schedule, 8 attempts over about 27.6 hours). Each delay is jittered ±20 %.
+    pub retry_schedule: crate::outbound::RetrySchedule,
+    /// Disable an endpoint automatically once its deliveries have failed without a single
+    /// success for this long, in seconds (`SWITCHBOARD_WEBHOOKS__DISABLE_AFTER_SECS`,
+    /// default 432000 = 5 days; 0 = never by time).
+    pub disable_after_secs: u64,
+    /// Disable an endpoint automatically after this many failed attempts in a row
+    /// (`SWITCHBOARD_WEBHOOKS__DISABLE_AFTER_FAILURES`, default 0 = never by count).
+    pub disable_after_failures: u32,
+    /// Deliveries in flight at once per instance (`SWITCHBOARD_WEBHOOKS__CONCURRENCY`,
+    /// default 16).
+    pub concurrency: usize,
+    /// How often the dispatcher looks for new events and due retries when nothing woke it,
+    /// in ms (`SWITCHBOARD_WEBHOOKS__POLL_INTERVAL_MS`, default 1000). New events wake it at
+    /// once; this bounds the delay of retries.
+    pub poll_interval_ms: u64,
+    /// Bytes of each response body kept in the delivery log
+    /// (`SWITCHBOARD_WEBHOOKS__RESPONSE_BODY_BYTES`, default 1024).
+    pub response_body_bytes: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 15_000,
+            retry_schedule: crate::outbound::RetrySchedule::standard(),
+            disable_after_secs: 5 * 86_400,
+            disable_after_failures: 0,
+            concurrency: 16,
+            poll_interval_ms: 1000,
+            response_body_bytes: 1024,
+        }
+    }
+}
+
+/// Contact enrichment: a lookup service asked about every new number (see
+/// [`crate::enrichment`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrichmentConfig {
+    /// The lookup URL (`SWITCHBOARD_ENRICHMENT__URL`); unset (the default) turns enrichment
+    /// off. `POST`ed a JSON description of the number (docs/enrichment.md).
+    pub url: Option<String>,
+    /// Sent as `Authorization: Bearer <token>` when set (`SWITCHBOARD_ENRICHMENT__BEARER_TOKEN`).
+    #[serde(serialize_with = "ser_secret_opt")]
+    pub bearer_token: Option<SecretString>,
+    /// Timeout of one lookup, in ms (`SWITCHBOARD_ENRICHMENT__TIMEOUT_MS`, default 5000).
+    pub timeout_ms: u64,
+    /// Lookups per number before it is marked `failed` (`SWITCHBOARD_ENRICHMENT__MAX_ATTEMPTS`,
+    /// default 6).
+    pub max_attempts: u32,
+    /// Ceiling of the first retry delay in ms; it doubles per retry, and each delay is drawn
+    /// uniformly below its ceiling (full jitter) (`SWITCHBOARD_ENRICHMENT__BACKOFF_BASE_MS`,
+    /// default 2000).
+    pub backoff_base_ms: u64,
+    /// Cap on a retry delay's ceiling, in ms (`SWITCHBOARD_ENRICHMENT__BACKOFF_MAX_MS`,
+    /// default 300000 = 5 min).
+    pub backoff_max_ms: u64,
+    /// Allow the lookup URL on a loopback or private address
+    /// (`SWITCHBOARD_ENRICHMENT__ALLOW_PRIVATE_NETWORKS`, default false). The URL is the
+    /// operator's own, so an internal lookup service can be allowed here without opening
+    /// webhook endpoints to internal addresses.
+    pub allow_private_networks: bool,
+    /// How often the worker looks for due lookups when nothing woke it, in ms
+    /// (`SWITCHBOARD_ENRICHMENT__POLL_INTERVAL_MS`, default 1000).
+    pub poll_interval_ms: u64,
+}
+
+impl Default for EnrichmentConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            bearer_token: None,
+            timeout_ms: 5000,
+            max_attempts: 6,
+            backoff_base_ms: 2000,
+            backoff_max_ms: 300_000,
+            allow_private_networks: false,
+            poll_interval_ms: 1000,
+        }
+    }
 }
 
 /// Settings of the event stream (`GET /api/v1/events`).
@@ -209,6 +320,9 @@ impl Default for Config {
             simulator: Default::default(),
             messenger: MessengerConfig::default(),
             events: EventsConfig::default(),
+            outbound: OutboundConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            enrichment: EnrichmentConfig::default(),
         }
     }
 }
@@ -383,6 +497,40 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             problems.push("SWITCHBOARD_MAX_BODY_BYTES must be at least 1024".into());
+        }
+        let w = &self.webhooks;
+        if !(100..=300_000).contains(&w.timeout_ms) {
+            problems.push("SWITCHBOARD_WEBHOOKS__TIMEOUT_MS must be between 100 and 300000".into());
+        }
+        if w.retry_schedule.0.len() > 50 {
+            problems.push("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE may list at most 50 retries".into());
+        }
+        if w.concurrency == 0 {
+            problems.push("SWITCHBOARD_WEBHOOKS__CONCURRENCY must be at least 1".into());
+        }
+        if w.poll_interval_ms == 0 {
+            problems.push("SWITCHBOARD_WEBHOOKS__POLL_INTERVAL_MS must be at least 1".into());
+        }
+        if w.response_body_bytes > 65_536 {
+            problems.push("SWITCHBOARD_WEBHOOKS__RESPONSE_BODY_BYTES must be at most 65536".into());
+        }
+        let en = &self.enrichment;
+        if let Some(u) = &en.url {
+            if !is_http_url(u) {
+                problems.push(format!("SWITCHBOARD_ENRICHMENT__URL '{u}' is not an http(s) URL"));
+            }
+        }
+        if !(100..=300_000).contains(&en.timeout_ms) {
+            problems.push("SWITCHBOARD_ENRICHMENT__TIMEOUT_MS must be between 100 and 300000".into());
+        }
+        if en.max_attempts == 0 {
+            problems.push("SWITCHBOARD_ENRICHMENT__MAX_ATTEMPTS must be at least 1".into());
+        }
+        if en.backoff_base_ms == 0 || en.backoff_max_ms < en.backoff_base_ms {
+            problems.push("SWITCHBOARD_ENRICHMENT__BACKOFF_BASE_MS must be at least 1 and at most SWITCHBOARD_ENRICHMENT__BACKOFF_MAX_MS".into());
+        }
+        if en.poll_interval_ms == 0 {
+            problems.push("SWITCHBOARD_ENRICHMENT__POLL_INTERVAL_MS must be at least 1".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -621,6 +769,44 @@ mod tests {
             jail.set_env("SWITCHBOARD_LISTN", "127.0.0.1:1");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
+    fn webhook_and_enrichment_settings_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            jail.set_env(
+                "SWITCHBOARD_DATABASE_URL",
+                format!("sqlite://{}", dir.join("x.db").display()),
+            );
+            jail.set_env("SWITCHBOARD_OUTBOUND__ALLOW_PRIVATE_NETWORKS", "true");
+            jail.set_env("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE", "1s,10s,1m");
+            jail.set_env("SWITCHBOARD_WEBHOOKS__DISABLE_AFTER_FAILURES", "10");
+            jail.set_env("SWITCHBOARD_ENRICHMENT__URL", "https://crm.example.com/lookup");
+            jail.set_env("SWITCHBOARD_ENRICHMENT__BEARER_TOKEN", "0123456789");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(c.outbound.allow_private_networks);
+            assert_eq!(
+                c.webhooks.retry_schedule.0,
+                [1, 10, 60].map(Duration::from_secs).to_vec()
+            );
+            assert_eq!(c.webhooks.disable_after_failures, 10);
+            assert_eq!(c.enrichment.url.as_deref(), Some("https://crm.example.com/lookup"));
+            assert_eq!(
+                c.enrichment.bearer_token.as_ref().unwrap().expose_secret(),
+                "0123456789"
+            );
+            assert!(!format!("{c:?}").contains("0123456789"));
+            jail.set_env("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE", "5 minutes");
+            jail.set_env("SWITCHBOARD_ENRICHMENT__URL", "ftp://x");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("5 minutes"), "{err}");
+            jail.set_env("SWITCHBOARD_WEBHOOKS__RETRY_SCHEDULE", "5s");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("SWITCHBOARD_ENRICHMENT__URL"), "{err}");
             Ok(())
         });
     }

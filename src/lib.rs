@@ -4,6 +4,9 @@
 //! handlers over `service`; `service` applies the product's rules over `store` (storage
 //! behind one trait) and wakes `delivery` (the workers that hand queued messages to
 //! `provider`, i.e. Twilio); `simulator` is a Twilio stand-in for development and tests.
+//! `events` is the stream of every visible change; `hooks` pushes it to subscribers' URLs
+//! (outbound event webhooks) and `enrichment` asks a lookup service about new numbers, both
+//! through `outbound`, the guarded HTTP client for calls made on someone else's behalf.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -12,8 +15,11 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod enrichment;
 pub mod error;
 pub mod events;
+pub mod hooks;
+pub mod outbound;
 pub mod provider;
 pub mod service;
 pub mod simulator;

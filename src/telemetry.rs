@@ -114,6 +114,32 @@ pub mod metrics {
             "switchboard_queue_depth",
             "Messages waiting to be handed to Twilio, per sender"
         );
+        describe_counter!(
+            "switchboard_outbound_webhook_attempts_total",
+            "Event webhook delivery attempts by outcome (success, http_error, timeout, connect, refused, error)"
+        );
+        describe_histogram!(
+            "switchboard_outbound_webhook_duration_seconds",
+            Unit::Seconds,
+            "Event webhook delivery attempt latency (request to answer)"
+        );
+        describe_counter!(
+            "switchboard_outbound_webhook_deliveries_failed_total",
+            "Event webhook deliveries that ran out of retries"
+        );
+        describe_counter!(
+            "switchboard_outbound_webhook_endpoints_disabled_total",
+            "Webhook endpoints disabled by the failure rule"
+        );
+        describe_counter!(
+            "switchboard_enrichment_lookups_total",
+            "Contact enrichment lookups by outcome (done, not_found, retry, failed)"
+        );
+        describe_histogram!(
+            "switchboard_enrichment_lookup_duration_seconds",
+            Unit::Seconds,
+            "Contact enrichment lookup latency"
+        );
         describe_gauge!(
             "switchboard_queue_oldest_due_seconds",
             Unit::Seconds,

@@ -111,6 +111,7 @@ fn inbound(sid: &str, channel: Channel, from: &str, body: &str, now: i64) -> New
             "FromCountry": "US", "SmsStatus": "received", "ApiVersion": "2010-04-01"
         }),
         opt_change: None,
+        enrichment: None,
         now,
     }
 }
@@ -198,6 +199,18 @@ struct Fixture {
 
 /// Builds a database with every kind of row the gateway writes.
 async fn populate(store: &Arc<dyn Store>) -> Fixture {
+    // A webhook endpoint that sees every event below.
+    let hook = store
+        .create_webhook_endpoint(NewWebhookEndpoint {
+            id: switchboard::domain::WebhookEndpointId::new(),
+            url: "https://crm.example.com/hooks".into(),
+            description: "CRM".into(),
+            event_types: vec!["message.created".into(), "contact.updated".into()],
+            secret: switchboard::hooks::generate_secret(),
+            now: T0,
+        })
+        .await
+        .unwrap();
     store
         .insert_api_key(&ApiKeyId::new(), "initial", "hash-initial", T0)
         .await
@@ -349,6 +362,11 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
     store
         .insert_inbound(NewInbound {
             opt_change: Some(stop.clone()),
+            // With contact enrichment on: a contact and a pending lookup come with it.
+            enrichment: Some(NewEnrichment {
+                contact_id: ContactId::new(),
+                received_as: phone(6),
+            }),
             ..inbound(&sid(), Channel::Sms, &phone(6), "STOP", T0 + 31)
         })
         .await
@@ -442,6 +460,29 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
     let conv = store.get_message(&rich.id).await.unwrap().unwrap().conversation_id;
     store.mark_conversation_read(&conv, T0 + 110).await.unwrap();
 
+    // The endpoint's deliveries: one attempted and waiting for its retry, the rest pending.
+    assert!(store.fan_out_webhooks(500, T0 + 120).await.unwrap().deliveries > 0);
+    let claimed = store.claim_webhook_deliveries(T0 + 121, 1, 30_000, "w").await.unwrap();
+    store
+        .record_webhook_attempt(
+            &claimed[0],
+            "w",
+            DeliveryAttempt {
+                success: false,
+                response_status: Some(502),
+                response_body: Some("bad gateway".into()),
+                error: Some("the endpoint answered HTTP 502".into()),
+                duration_ms: 40,
+                next_attempt_at: Some(T0 + 5_000),
+            },
+            DisablePolicy::default(),
+            T0 + 122,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hook.url, "https://crm.example.com/hooks");
+
     Fixture {
         leased: leased.id,
         orphan_sid,
@@ -470,6 +511,7 @@ struct Snapshot {
     counterpart: String,
     groups: String,
     updated_since: String,
+    webhooks: String,
 }
 
 async fn snapshot(store: &Arc<dyn Store>) -> Snapshot {
@@ -545,6 +587,23 @@ async fn snapshot(store: &Arc<dyn Store>) -> Snapshot {
             "{:#?}",
             store.messages_updated_since(Channel::Sms, 0, 1000).await.unwrap()
         ),
+        webhooks: {
+            let endpoints = pages(|p| {
+                let s = store.clone();
+                async move { s.list_webhook_endpoints(&p).await }
+            })
+            .await;
+            let mut out = format!("{endpoints:#?}");
+            for e in &endpoints {
+                let log = pages(|p| {
+                    let (s, id) = (store.clone(), e.id.clone());
+                    async move { s.list_webhook_deliveries(&id, &p).await }
+                })
+                .await;
+                out.push_str(&format!("{log:#?}"));
+            }
+            out
+        },
     }
 }
 
@@ -562,6 +621,7 @@ fn assert_same(source: &Snapshot, target: &Snapshot) {
     assert_eq!(source.counterpart, target.counterpart);
     assert_eq!(source.groups, target.groups);
     assert_eq!(source.updated_since, target.updated_since);
+    assert_eq!(source.webhooks, target.webhooks);
 }
 
 /// Row counts of every table, read directly (for "changed nothing" checks).
@@ -621,7 +681,10 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         let count = |t: &str| report.tables.iter().find(|c| c.table == t).unwrap().clone();
         assert_eq!(count("messages").source, 12);
         assert_eq!(count("messages").target, 12);
-        assert_eq!(count("contacts").target, 2);
+        assert_eq!(count("contacts").target, 3);
+        assert_eq!(count("webhook_endpoints").target, 1);
+        assert!(count("webhook_deliveries").target > 3);
+        assert_eq!(count("enrichment_jobs").target, 1);
         assert_eq!(count("api_keys").target, 3);
         assert_eq!(count("api_keys").already_there, 1);
         assert!(count("status_events").target > 12);
@@ -648,6 +711,43 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         let target = open_store(&to, 4).await.unwrap();
         let after = snapshot(&target).await;
         assert_same(&before, &after);
+
+        // The pending lookup and deliveries carry on in the target.
+        let jobs = target
+            .claim_enrichment_jobs(T0 + 10_000, 10, 30_000, "pg")
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].phone_number, phone(6));
+        let due = target
+            .claim_webhook_deliveries(T0 + 10_000, 100, 30_000, "pg")
+            .await
+            .unwrap();
+        assert!(
+            due.iter().any(|d| d.delivery.attempts == 1),
+            "the retried delivery is due"
+        );
+        for d in &due {
+            let r = target
+                .record_webhook_attempt(
+                    d,
+                    "pg",
+                    DeliveryAttempt {
+                        success: true,
+                        response_status: Some(200),
+                        response_body: None,
+                        error: None,
+                        duration_ms: 5,
+                        next_attempt_at: None,
+                    },
+                    DisablePolicy::default(),
+                    T0 + 10_001,
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.delivery.status, DeliveryStatus::Succeeded);
+        }
 
         // API keys: every source key works, with its ID; the target's own key is kept.
         assert_eq!(target.count_api_keys().await.unwrap(), source_keys + 1);

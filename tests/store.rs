@@ -120,6 +120,11 @@ conformance!(
     event_stream_resumes_and_filters,
     event_stream_slow_client_is_told_to_resync,
     failed_and_cancelled_writes_leave_nothing_behind,
+    webhook_fan_out_filters_and_never_repeats,
+    webhook_claims_are_exclusive_and_leases_fence_results,
+    webhook_failures_retry_disable_and_recover,
+    enrichment_jobs_come_with_new_contacts_and_attach_results,
+    two_dispatchers_make_each_attempt_once,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -169,6 +174,7 @@ fn inbound(sid: &str, from: &str, body: &str, now: i64) -> NewInbound {
         encoding: "GSM-7".into(),
         raw_payload: json!({ "MessageSid": sid, "From": from, "Body": body }),
         opt_change: None,
+        enrichment: None,
         now,
     }
 }
@@ -2410,4 +2416,781 @@ async fn failed_and_cancelled_writes_leave_nothing_behind(store: Arc<dyn Store>)
         .collect();
     assert_eq!(created.len(), stored.len() + 1, "message.created events: {created:?}");
     assert_unique(created);
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbound webhooks and contact enrichment
+// ---------------------------------------------------------------------------------------
+
+fn endpoint(url: &str, types: &[&str], now: i64) -> NewWebhookEndpoint {
+    NewWebhookEndpoint {
+        id: switchboard::domain::WebhookEndpointId::new(),
+        url: url.into(),
+        description: "test".into(),
+        event_types: types.iter().map(|t| t.to_string()).collect(),
+        secret: switchboard::hooks::generate_secret(),
+        now,
+    }
+}
+
+async fn all_deliveries(
+    store: &Arc<dyn Store>,
+    e: &switchboard::domain::WebhookEndpointId,
+) -> Vec<WebhookDeliveryRecord> {
+    collect_pages(7, |p| {
+        let store = store.clone();
+        let e = e.clone();
+        async move { store.list_webhook_deliveries(&e, &p).await }
+    })
+    .await
+}
+
+async fn claim_hooks(store: &Arc<dyn Store>, now: i64, owner: &str) -> Vec<ClaimedDelivery> {
+    store.claim_webhook_deliveries(now, 100, 30_000, owner).await.unwrap()
+}
+
+fn failed_attempt(next: Option<i64>) -> DeliveryAttempt {
+    DeliveryAttempt {
+        success: false,
+        response_status: Some(503),
+        response_body: Some("busy".into()),
+        error: Some("the endpoint answered HTTP 503".into()),
+        duration_ms: 12,
+        next_attempt_at: next,
+    }
+}
+
+fn ok_attempt() -> DeliveryAttempt {
+    DeliveryAttempt {
+        success: true,
+        response_status: Some(204),
+        response_body: Some(String::new()),
+        error: None,
+        duration_ms: 3,
+        next_attempt_at: None,
+    }
+}
+
+async fn webhook_fan_out_filters_and_never_repeats(store: Arc<dyn Store>) {
+    // Events before an endpoint exists are not delivered to it.
+    store
+        .insert_outbound(outbound(&phone(60), "before", T0), None)
+        .await
+        .unwrap();
+    let all = store
+        .create_webhook_endpoint(endpoint("https://a.example/hook", &[], T0))
+        .await
+        .unwrap();
+    let created_only = store
+        .create_webhook_endpoint(endpoint("https://b.example/hook", &["message.created"], T0))
+        .await
+        .unwrap();
+    assert!(all.enabled && all.event_types.is_empty());
+    assert_eq!(
+        store.get_webhook_endpoint(&all.id).await.unwrap().unwrap().url,
+        "https://a.example/hook"
+    );
+    let listed = collect_pages(1, |p| {
+        let store = store.clone();
+        async move { store.list_webhook_endpoints(&p).await }
+    })
+    .await;
+    assert_eq!(listed.len(), 2);
+
+    let before = store.event_bounds().await.unwrap().latest;
+    let m = store
+        .insert_outbound(outbound(&phone(61), "after", T0 + 1), None)
+        .await
+        .unwrap();
+    store
+        .insert_inbound(inbound(&sid(), &phone(62), "hi", T0 + 2))
+        .await
+        .unwrap();
+    let events = all_events(&store, before).await;
+    assert_eq!(events.len(), 4, "{:?}", kinds(&events));
+
+    let r = store.fan_out_webhooks(500, T0 + 3).await.unwrap();
+    assert_eq!(r.deliveries, 4 + 2);
+    assert!(!r.more);
+    // Nothing new: nothing more, however often it runs.
+    assert_eq!(store.fan_out_webhooks(500, T0 + 3).await.unwrap(), FanOut::default());
+
+    let to_all = all_deliveries(&store, &all.id).await;
+    let mut seqs: Vec<i64> = to_all.iter().map(|d| d.event_seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, events.iter().map(|e| e.seq).collect::<Vec<_>>());
+    assert!(to_all
+        .iter()
+        .all(|d| d.status == DeliveryStatus::Pending && d.attempts == 0 && d.next_attempt_at == Some(T0 + 3)));
+    let to_created = all_deliveries(&store, &created_only.id).await;
+    assert_eq!(to_created.len(), 2);
+    assert!(to_created.iter().all(|d| d.event_type == "message.created"));
+    // The body is the stream's envelope.
+    let first = to_created
+        .iter()
+        .find(|d| d.payload.contains(m.id.as_str()))
+        .expect("delivery of m");
+    let body: serde_json::Value = serde_json::from_str(&first.payload).unwrap();
+    assert_eq!(body["type"], "message.created");
+    assert_eq!(body["id"], first.event_seq);
+    assert_eq!(body["data"]["message"]["id"], m.id.as_str());
+
+    // Batches: a small batch says there is more, and the rest follows.
+    for i in 0..5 {
+        store
+            .append_event(switchboard::events::EventDraft::typing("conv_x", "a", i % 2 == 0))
+            .await
+            .unwrap();
+    }
+    let r = store.fan_out_webhooks(2, T0 + 4).await.unwrap();
+    assert!(r.more);
+    let mut total = r.deliveries;
+    loop {
+        let r = store.fan_out_webhooks(2, T0 + 4).await.unwrap();
+        total += r.deliveries;
+        if !r.more {
+            break;
+        }
+    }
+    assert_eq!(total, 5, "typing goes only to the endpoint of every type");
+    assert_eq!(all_deliveries(&store, &all.id).await.len(), 9);
+
+    // Updating types and description; deleting removes the log.
+    let e = store
+        .update_webhook_endpoint(
+            &created_only.id,
+            WebhookEndpointPatch {
+                event_types: Some(vec!["typing".into()]),
+                description: Some("typing only".into()),
+                now: T0 + 5,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (e.event_types.clone(), e.description.as_str()),
+        (vec!["typing".to_string()], "typing only")
+    );
+    store.delete_webhook_endpoint(&created_only.id).await.unwrap();
+    assert!(store.get_webhook_endpoint(&created_only.id).await.unwrap().is_none());
+    assert!(matches!(
+        store
+            .list_webhook_deliveries(
+                &created_only.id,
+                &PageRequest {
+                    cursor: None,
+                    limit: 10
+                }
+            )
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.delete_webhook_endpoint(&created_only.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn webhook_claims_are_exclusive_and_leases_fence_results(store: Arc<dyn Store>) {
+    let e = store
+        .create_webhook_endpoint(endpoint("https://a.example/hook", &[], T0))
+        .await
+        .unwrap();
+    for i in 0..40 {
+        store
+            .append_event(switchboard::events::EventDraft::typing("conv_x", "a", i % 2 == 0))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.fan_out_webhooks(500, T0).await.unwrap().deliveries, 40);
+    // Not due yet: nothing to claim.
+    assert!(claim_hooks(&store, T0 - 1, "early").await.is_empty());
+
+    // Eight claimers at once, a few at a time: every delivery goes to exactly one.
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = store
+                    .claim_webhook_deliveries(T0 + 1, 3, 30_000, &format!("w{w}"))
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|c| (c.delivery.id.to_string(), w)));
+            }
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    assert_eq!(assert_unique(claimed.iter().map(|(id, _)| id.clone())), 40);
+
+    // While the leases run nobody else gets them; once they run out, someone does.
+    assert!(claim_hooks(&store, T0 + 29_000, "late").await.is_empty());
+    let again = claim_hooks(&store, T0 + 31_002, "rescuer").await;
+    assert_eq!(again.len(), 40);
+    let c = &again[0];
+    assert_eq!(c.url, "https://a.example/hook");
+    assert_eq!(c.secrets.len(), 1);
+    // The first owner's late result is refused; the rescuer's is recorded.
+    let (_, first_owner) = claimed.iter().find(|(id, _)| id == c.delivery.id.as_str()).unwrap();
+    let stale = ClaimedDelivery { ..c.clone() };
+    let r = store
+        .record_webhook_attempt(
+            &stale,
+            &format!("w{first_owner}"),
+            ok_attempt(),
+            DisablePolicy::default(),
+            T0 + 31_003,
+        )
+        .await
+        .unwrap();
+    assert!(r.is_none(), "a lost lease must not record");
+    let r = store
+        .record_webhook_attempt(c, "rescuer", ok_attempt(), DisablePolicy::default(), T0 + 31_004)
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(
+        (
+            r.delivery.status,
+            r.delivery.attempts,
+            r.delivery.response_status,
+            r.delivery.next_attempt_at
+        ),
+        (DeliveryStatus::Succeeded, 1, Some(204), None)
+    );
+    // Recording twice (a replayed result) does nothing.
+    assert!(store
+        .record_webhook_attempt(c, "rescuer", ok_attempt(), DisablePolicy::default(), T0 + 31_005)
+        .await
+        .unwrap()
+        .is_none());
+    // A succeeded delivery is never claimed again.
+    let later = claim_hooks(&store, T0 + 100_000, "x").await;
+    assert!(later.iter().all(|l| l.delivery.id != c.delivery.id));
+    assert_eq!(later.len(), 39);
+
+    // Rotation: both secrets sign during the grace period, only the new one after it.
+    let before = store.get_webhook_endpoint(&e.id).await.unwrap().unwrap();
+    let rotated = store
+        .rotate_webhook_secret(
+            &e.id,
+            &switchboard::hooks::generate_secret(),
+            T0 + 200_000,
+            T0 + 100_001,
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.previous_secret.as_deref(), Some(before.secret.as_str()));
+    assert_eq!(rotated.signing_secrets(T0 + 100_002).len(), 2);
+    assert_eq!(rotated.signing_secrets(T0 + 200_001), vec![rotated.secret.clone()]);
+    let after_rotation = claim_hooks(&store, T0 + 150_000, "y").await;
+    assert_eq!(
+        after_rotation[0].secrets,
+        vec![rotated.secret.clone(), before.secret.clone()]
+    );
+}
+
+async fn webhook_failures_retry_disable_and_recover(store: Arc<dyn Store>) {
+    let e = store
+        .create_webhook_endpoint(endpoint("https://a.example/hook", &[], T0))
+        .await
+        .unwrap();
+    let mark = store.event_bounds().await.unwrap().latest;
+    for i in 0..3 {
+        store
+            .append_event(switchboard::events::EventDraft::typing("conv_x", "a", i % 2 == 0))
+            .await
+            .unwrap();
+    }
+    store.fan_out_webhooks(500, T0).await.unwrap();
+    let policy = DisablePolicy {
+        after_ms: Some(60_000),
+        after_failures: Some(4),
+    };
+
+    // A failure with a retry scheduled: pending, due then, the answer logged.
+    let c = claim_hooks(&store, T0, "w").await;
+    assert_eq!(c.len(), 3);
+    let r = store
+        .record_webhook_attempt(&c[0], "w", failed_attempt(Some(T0 + 5_000)), policy, T0 + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            r.delivery.status,
+            r.delivery.attempts,
+            r.delivery.next_attempt_at,
+            r.delivery.response_status
+        ),
+        (DeliveryStatus::Pending, 1, Some(T0 + 5_000), Some(503))
+    );
+    assert_eq!(r.delivery.response_body.as_deref(), Some("busy"));
+    assert!(r.disabled.is_none());
+    // The schedule ran out: failed.
+    let r = store
+        .record_webhook_attempt(&c[1], "w", failed_attempt(None), policy, T0 + 2)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.delivery.status, r.delivery.next_attempt_at),
+        (DeliveryStatus::Failed, None)
+    );
+    let ep = store.get_webhook_endpoint(&e.id).await.unwrap().unwrap();
+    assert_eq!(
+        (ep.failure_count, ep.failing_since, ep.enabled),
+        (2, Some(T0 + 1), true)
+    );
+    // A success ends the failure run.
+    store
+        .record_webhook_attempt(&c[2], "w", ok_attempt(), policy, T0 + 3)
+        .await
+        .unwrap()
+        .unwrap();
+    let ep = store.get_webhook_endpoint(&e.id).await.unwrap().unwrap();
+    assert_eq!((ep.failure_count, ep.failing_since), (0, None));
+
+    // Manual retry of the failed one: due now, the attempt count goes on.
+    let failed_id = c[1].delivery.id.clone();
+    let d = store.retry_webhook_delivery(&e.id, &failed_id, T0 + 10).await.unwrap();
+    assert_eq!(
+        (d.status, d.next_attempt_at, d.attempts),
+        (DeliveryStatus::Pending, Some(T0 + 10), 1)
+    );
+    let other = switchboard::domain::WebhookEndpointId::new();
+    assert!(matches!(
+        store.retry_webhook_delivery(&other, &failed_id, T0 + 10).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Failures in a row reach the rule's count: the endpoint is disabled, its pending
+    // deliveries fail, and an event says so.
+    let mut disabled = None;
+    for n in 0..4 {
+        let now = T0 + 20 + n;
+        let due = claim_hooks(&store, now + 10_000, "w").await;
+        assert!(!due.is_empty(), "round {n}");
+        let r = store
+            .record_webhook_attempt(&due[0], "w", failed_attempt(Some(now + 10_000)), policy, now)
+            .await
+            .unwrap()
+            .unwrap();
+        // The others go back to waiting.
+        for d in &due[1..] {
+            store
+                .record_webhook_attempt(
+                    d,
+                    "w",
+                    failed_attempt(Some(now + 10_000)),
+                    DisablePolicy::default(),
+                    now,
+                )
+                .await
+                .unwrap();
+        }
+        if r.disabled.is_some() {
+            disabled = r.disabled;
+            break;
+        }
+    }
+    let reason = disabled.expect("disabled by the failure count");
+    assert!(reason.contains("in a row"), "{reason}");
+    let ep = store.get_webhook_endpoint(&e.id).await.unwrap().unwrap();
+    assert!(!ep.enabled);
+    assert_eq!(ep.disabled_reason.as_deref(), Some(reason.as_str()));
+    assert!(all_deliveries(&store, &e.id)
+        .await
+        .iter()
+        .all(|d| d.status != DeliveryStatus::Pending));
+    let ev = all_events(&store, mark).await;
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, "webhook_endpoint.disabled");
+    assert_eq!(data(last)["endpoint_id"], e.id.as_str());
+    // Disabled: no claims, no fan-out, no manual retries.
+    assert!(claim_hooks(&store, T0 + 1_000_000, "w").await.is_empty());
+    assert!(matches!(
+        store.retry_webhook_delivery(&e.id, &failed_id, T0 + 100).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .append_event(switchboard::events::EventDraft::typing("conv_x", "a", true))
+        .await
+        .unwrap();
+    assert_eq!(store.fan_out_webhooks(500, T0 + 101).await.unwrap().deliveries, 0);
+
+    // Re-enabled: the failure run is cleared, events of the disabled time are skipped,
+    // new ones flow, and retries work again.
+    let ep = store
+        .update_webhook_endpoint(
+            &e.id,
+            WebhookEndpointPatch {
+                enabled: Some(true),
+                now: T0 + 200,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ep.enabled && ep.disabled_reason.is_none() && ep.failure_count == 0 && ep.failing_since.is_none());
+    assert_eq!(store.fan_out_webhooks(500, T0 + 201).await.unwrap().deliveries, 0);
+    store
+        .append_event(switchboard::events::EventDraft::typing("conv_x", "a", false))
+        .await
+        .unwrap();
+    assert_eq!(store.fan_out_webhooks(500, T0 + 202).await.unwrap().deliveries, 1);
+    store.retry_webhook_delivery(&e.id, &failed_id, T0 + 203).await.unwrap();
+
+    // The time rule: failing without a success for longer than after_ms disables too.
+    let by_time = DisablePolicy {
+        after_ms: Some(60_000),
+        after_failures: None,
+    };
+    let due = claim_hooks(&store, T0 + 300, "w").await;
+    assert_eq!(due.len(), 2);
+    let r = store
+        .record_webhook_attempt(&due[0], "w", failed_attempt(Some(T0 + 400)), by_time, T0 + 300)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.disabled.is_none());
+    let r = store
+        .record_webhook_attempt(&due[1], "w", failed_attempt(Some(T0 + 70_000)), by_time, T0 + 60_301)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.disabled.expect("disabled by time").contains("without a success"));
+
+    // Disabling through the patch fails what is pending, with the reason.
+    let e2 = store
+        .create_webhook_endpoint(endpoint("https://c.example/", &[], T0))
+        .await
+        .unwrap();
+    store
+        .append_event(switchboard::events::EventDraft::typing("conv_x", "a", true))
+        .await
+        .unwrap();
+    store.fan_out_webhooks(500, T0 + 500).await.unwrap();
+    let ep = store
+        .update_webhook_endpoint(
+            &e2.id,
+            WebhookEndpointPatch {
+                enabled: Some(false),
+                now: T0 + 501,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ep.disabled_reason.as_deref(), Some("disabled through the API"));
+    let ds = all_deliveries(&store, &e2.id).await;
+    assert_eq!(ds.len(), 1);
+    assert_eq!(ds[0].status, DeliveryStatus::Failed);
+    assert!(ds[0].last_error.as_deref().unwrap().contains("disabled"));
+}
+
+async fn enrichment_jobs_come_with_new_contacts_and_attach_results(store: Arc<dyn Store>) {
+    let p = phone(70);
+    let mark = store.event_bounds().await.unwrap().latest;
+    let with_enrichment = |sid: &str, from: &str, now: i64| NewInbound {
+        enrichment: Some(NewEnrichment {
+            contact_id: ContactId::new(),
+            received_as: format!("whatsapp:{from}"),
+        }),
+        ..inbound(sid, from, "hi", now)
+    };
+    let InboundOutcome::Created(m) = store.insert_inbound(with_enrichment(&sid(), &p, T0)).await.unwrap() else {
+        panic!("created")
+    };
+    // The contact exists at once, unnamed and pending, and the conversation carries it.
+    let conv = conversation(&store, &m.conversation_id).await;
+    let c = conv.contact.expect("contact created with the message");
+    assert_eq!((c.phone_number.as_str(), c.display_name.as_str()), (p.as_str(), ""));
+    assert_eq!(c.enrichment.as_ref().unwrap().status, "pending");
+    let ev = all_events(&store, mark).await;
+    assert!(kinds(&ev).contains(&"contact.updated"), "{:?}", kinds(&ev));
+    // A second message from the number queues nothing new.
+    store.insert_inbound(with_enrichment(&sid(), &p, T0 + 1)).await.unwrap();
+    assert_eq!(
+        store.contacts_by_phone(std::slice::from_ref(&p)).await.unwrap().len(),
+        1
+    );
+    // Numbers with a contact are not looked up.
+    let known = phone(71);
+    store
+        .create_contact(NewContact {
+            id: ContactId::new(),
+            phone_number: known.clone(),
+            display_name: "Known".into(),
+            now: T0,
+        })
+        .await
+        .unwrap();
+    store
+        .insert_inbound(with_enrichment(&sid(), &known, T0 + 2))
+        .await
+        .unwrap();
+
+    // Two claimers at once: one job, one of them gets it.
+    let (a, b) = tokio::join!(
+        store.claim_enrichment_jobs(T0 + 3, 10, 30_000, "a"),
+        store.claim_enrichment_jobs(T0 + 3, 10, 30_000, "b")
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.len() + b.len(), 1, "{a:?} {b:?}");
+    let (job, owner) = if a.is_empty() {
+        (b[0].clone(), "b")
+    } else {
+        (a[0].clone(), "a")
+    };
+    assert_eq!(
+        (
+            job.contact_id.clone(),
+            job.phone_number.as_str(),
+            job.received_as.clone(),
+            job.attempts
+        ),
+        (c.id.clone(), p.as_str(), format!("whatsapp:{p}"), 0)
+    );
+    // A retry: attempts and the error show on the contact; due again later.
+    let other = if owner == "a" { "b" } else { "a" };
+    let stale = store
+        .record_enrichment(&job, other, EnrichmentOutcome::NotFound, T0 + 4)
+        .await
+        .unwrap();
+    assert!(stale.is_none(), "only the lease holder records");
+    let r = store
+        .record_enrichment(
+            &job,
+            owner,
+            EnrichmentOutcome::Retry {
+                next_at: T0 + 1_000,
+                error: "timed out".into(),
+            },
+            T0 + 4,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let en = r.enrichment.unwrap();
+    assert_eq!(
+        (en.status.as_str(), en.attempts, en.last_error.as_deref()),
+        ("pending", 1, Some("timed out"))
+    );
+    assert!(store
+        .claim_enrichment_jobs(T0 + 999, 10, 30_000, "a")
+        .await
+        .unwrap()
+        .is_empty());
+    let again = store.claim_enrichment_jobs(T0 + 1_000, 10, 30_000, "a").await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+    // Meanwhile someone named the contact: the lookup's name must not replace it.
+    store.update_contact(&c.id, "Ana (agent)", T0 + 1_001).await.unwrap();
+    let mark2 = store.event_bounds().await.unwrap().latest;
+    let mut attrs = serde_json::Map::new();
+    attrs.insert("tenant_id".into(), json!("t-9"));
+    attrs.insert("unit".into(), json!("4B"));
+    let done = store
+        .record_enrichment(
+            &again[0],
+            "a",
+            EnrichmentOutcome::Found {
+                external_id: Some("cust-42".into()),
+                display_name: Some("Ana Lima".into()),
+                attributes: attrs,
+            },
+            T0 + 1_002,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.display_name, "Ana (agent)");
+    assert_eq!(done.external_id.as_deref(), Some("cust-42"));
+    assert_eq!(done.attributes["unit"], "4B");
+    let en = done.enrichment.unwrap();
+    assert_eq!(
+        (en.status.as_str(), en.attempts, en.completed_at),
+        ("done", 2, Some(T0 + 1_002))
+    );
+    let ev = all_events(&store, mark2).await;
+    assert_eq!(kinds(&ev), ["contact.updated"]);
+    assert_eq!(data(&ev[0])["contact"]["external_id"], "cust-42");
+    // The job is gone.
+    assert!(store
+        .claim_enrichment_jobs(T0 + 1_000_000, 10, 30_000, "a")
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Not found and failed end the job too, and an unnamed contact takes the lookup's name.
+    let q = phone(72);
+    store
+        .insert_inbound(with_enrichment(&sid(), &q, T0 + 2_000))
+        .await
+        .unwrap();
+    let r = phone(73);
+    store
+        .insert_inbound(with_enrichment(&sid(), &r, T0 + 2_000))
+        .await
+        .unwrap();
+    let s2 = phone(74);
+    store
+        .insert_inbound(with_enrichment(&sid(), &s2, T0 + 2_000))
+        .await
+        .unwrap();
+    let jobs = store.claim_enrichment_jobs(T0 + 2_001, 10, 30_000, "a").await.unwrap();
+    assert_eq!(jobs.len(), 3);
+    for j in &jobs {
+        let outcome = if j.phone_number == q {
+            EnrichmentOutcome::NotFound
+        } else if j.phone_number == r {
+            EnrichmentOutcome::Failed {
+                error: "HTTP 500".into(),
+            }
+        } else {
+            EnrichmentOutcome::Found {
+                external_id: None,
+                display_name: Some("Bea".into()),
+                attributes: serde_json::Map::new(),
+            }
+        };
+        store
+            .record_enrichment(j, "a", outcome, T0 + 2_002)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let found = store
+        .contacts_by_phone(&[q.clone(), r.clone(), s2.clone()])
+        .await
+        .unwrap();
+    let status_of = |n: &str| {
+        found
+            .iter()
+            .find(|c| c.phone_number == n)
+            .unwrap()
+            .enrichment
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(status_of(&q).status, "not_found");
+    assert_eq!(
+        (status_of(&r).status.as_str(), status_of(&r).last_error.as_deref()),
+        ("failed", Some("HTTP 500"))
+    );
+    assert_eq!(found.iter().find(|c| c.phone_number == s2).unwrap().display_name, "Bea");
+    assert!(store
+        .claim_enrichment_jobs(T0 + 1_000_000, 10, 30_000, "a")
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Deleting a contact drops its pending lookup.
+    let t = phone(75);
+    store
+        .insert_inbound(with_enrichment(&sid(), &t, T0 + 3_000))
+        .await
+        .unwrap();
+    let ct = store
+        .contacts_by_phone(std::slice::from_ref(&t))
+        .await
+        .unwrap()
+        .remove(0);
+    store.delete_contact(&ct.id).await.unwrap();
+    assert!(store
+        .claim_enrichment_jobs(T0 + 1_000_000, 10, 30_000, "a")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Two dispatchers (as two instances would run) on one database, a receiver that is slow and
+/// fails every third event's first attempt: each event arrives, and no attempt is made twice.
+async fn two_dispatchers_make_each_attempt_once(store: Arc<dyn Store>) {
+    use std::sync::Mutex;
+    use switchboard::hooks::dispatcher::Dispatcher;
+    let seen: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::new(Mutex::new(HashMap::new()));
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let seen = s2.clone();
+            async move {
+                let id = headers["webhook-id"].to_str().unwrap().to_string();
+                let attempt = {
+                    let mut seen = seen.lock().unwrap();
+                    let v = seen.entry(id).or_default();
+                    v.push(body.clone());
+                    v.len()
+                };
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if attempt == 1 && event["id"].as_i64().unwrap() % 3 == 0 {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let now = switchboard::util::now_ms();
+    let e = store.create_webhook_endpoint(endpoint(&url, &[], now)).await.unwrap();
+    let total = 60;
+    for i in 0..total {
+        store
+            .append_event(switchboard::events::EventDraft::typing("conv_x", "a", i % 2 == 0))
+            .await
+            .unwrap();
+    }
+    let config = switchboard::config::WebhooksConfig {
+        retry_schedule: switchboard::outbound::RetrySchedule::parse("50ms,50ms").unwrap(),
+        poll_interval_ms: 20,
+        timeout_ms: 2000,
+        concurrency: 4,
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    for _ in 0..2 {
+        let d = Dispatcher::new(store.clone(), config.clone(), true).unwrap();
+        tokio::spawn(d.run(stop.clone()));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let log = all_deliveries(&store, &e.id).await;
+        if log.len() == total && log.iter().all(|d| d.status == DeliveryStatus::Succeeded) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not all delivered: {log:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), total, "one webhook-id per event");
+    let log = all_deliveries(&store, &e.id).await;
+    for d in &log {
+        let bodies = &seen[d.id.as_str()];
+        let expected = if d.event_seq % 3 == 0 { 2 } else { 1 };
+        assert_eq!(
+            bodies.len(),
+            expected,
+            "delivery {} was attempted {} times",
+            d.id,
+            bodies.len()
+        );
+        assert_eq!(d.attempts as usize, expected);
+        assert!(bodies.iter().all(|b| b == &d.payload));
+    }
 }

@@ -10,6 +10,7 @@ pub mod messages;
 pub mod misc;
 pub mod openapi;
 pub mod types;
+pub mod webhook_endpoints;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(contacts::router())
         .merge(misc::router())
         .merge(events::router())
+        .merge(webhook_endpoints::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_api_key))
 }
 

@@ -152,10 +152,31 @@ pub struct ContactOut {
     pub display_name: String,
     /// Opted out on any channel.
     pub opted_out: bool,
+    /// The lookup service's ID for this person or account (contact enrichment), if any.
+    pub external_id: Option<String>,
+    /// What the lookup service attached: a JSON object (empty when nothing was).
+    #[schema(value_type = Object)]
+    pub attributes: serde_json::Map<String, Value>,
+    /// The enrichment lookup's state; null for contacts that were never looked up.
+    pub enrichment: Option<EnrichmentOut>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
+}
+
+/// A contact's enrichment lookup (docs/enrichment.md).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EnrichmentOut {
+    /// `pending` (waiting or retrying), `done` (found and attached), `not_found` (the service
+    /// answered 404) or `failed` (every attempt failed).
+    pub status: String,
+    /// Lookups made.
+    pub attempts: u32,
+    /// Why the latest lookup failed.
+    pub last_error: Option<String>,
+    /// When it ended, RFC 3339.
+    pub completed_at: Option<String>,
 }
 
 impl From<ContactRecord> for ContactOut {
@@ -165,6 +186,14 @@ impl From<ContactRecord> for ContactOut {
             phone_number: c.phone_number,
             display_name: c.display_name,
             opted_out: c.opted_out,
+            external_id: c.external_id,
+            attributes: c.attributes,
+            enrichment: c.enrichment.map(|e| EnrichmentOut {
+                status: e.status,
+                attempts: e.attempts,
+                last_error: e.last_error,
+                completed_at: e.completed_at.map(rfc3339),
+            }),
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }

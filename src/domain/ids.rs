@@ -1,4 +1,5 @@
-//! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`).
+//! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`, `hook_…`,
+//! `dlv_…`).
 //!
 //! Each ID is a ULID (48-bit millisecond timestamp + 80 random bits) in lower-case
 //! Crockford base32 behind a short prefix, so IDs sort by creation time, read well in
@@ -90,6 +91,15 @@ typed_id!(
 typed_id!(
     /// An API key (`key_…`); the secret itself is never stored.
     ApiKeyId, "key"
+);
+typed_id!(
+    /// An outbound webhook endpoint (`hook_…`).
+    WebhookEndpointId, "hook"
+);
+typed_id!(
+    /// One event's delivery to one webhook endpoint (`dlv_…`); also the `webhook-id` header,
+    /// the same on every attempt.
+    WebhookDeliveryId, "dlv"
 );
 
 #[cfg(test)]

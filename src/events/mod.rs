@@ -55,11 +55,15 @@ pub enum EventKind {
     /// `opt_out.changed`: `data` has `channel`, `phone_number`, `opted_out` and `keyword`.
     #[serde(rename = "opt_out.changed")]
     OptOutChanged,
+    /// `webhook_endpoint.disabled`: an outbound webhook endpoint was disabled after a long
+    /// run of failed deliveries; `data` has `endpoint_id`, `url` and `reason`.
+    #[serde(rename = "webhook_endpoint.disabled")]
+    WebhookEndpointDisabled,
 }
 
 impl EventKind {
     /// Every kind, for validating filters.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::MessageCreated,
         EventKind::MessageStatus,
         EventKind::ConversationUpdated,
@@ -67,6 +71,7 @@ impl EventKind {
         EventKind::Typing,
         EventKind::ContactUpdated,
         EventKind::OptOutChanged,
+        EventKind::WebhookEndpointDisabled,
     ];
 
     /// The wire name.
@@ -79,6 +84,7 @@ impl EventKind {
             EventKind::Typing => "typing",
             EventKind::ContactUpdated => "contact.updated",
             EventKind::OptOutChanged => "opt_out.changed",
+            EventKind::WebhookEndpointDisabled => "webhook_endpoint.disabled",
         }
     }
 
@@ -172,6 +178,17 @@ impl EventDraft {
                 "opted_out": opted_out,
                 "keyword": keyword,
             }),
+        }
+    }
+}
+
+impl EventDraft {
+    /// `webhook_endpoint.disabled`: the failure rule disabled an endpoint.
+    pub fn webhook_endpoint_disabled(endpoint_id: &str, url: &str, reason: &str) -> Self {
+        EventDraft {
+            kind: EventKind::WebhookEndpointDisabled,
+            conversation_id: None,
+            data: json!({ "endpoint_id": endpoint_id, "url": url, "reason": reason }),
         }
     }
 }

@@ -121,6 +121,8 @@ pub struct Messaging {
     delivery: Delivery,
     senders: Senders,
     region: String,
+    /// Set when contact enrichment is on: woken when an inbound message queued a lookup.
+    enrichment: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Messaging {
@@ -131,7 +133,15 @@ impl Messaging {
             delivery,
             senders,
             region,
+            enrichment: None,
         }
+    }
+
+    /// Turns contact enrichment on: the first message from a number without a contact
+    /// creates the contact and queues its lookup (see [`crate::enrichment`]), waking `wake`.
+    pub fn with_enrichment(mut self, wake: Arc<tokio::sync::Notify>) -> Self {
+        self.enrichment = Some(wake);
+        self
     }
 
     /// The store.
@@ -478,9 +488,18 @@ impl Messaging {
         let (_, to_bare) = split_channel_prefix(to_raw);
         // Twilio passes a raw caller ID when it cannot normalise to E.164 (short codes,
         // alphanumeric IDs): keep those as they are rather than refusing the message.
-        let from = PhoneNumber::parse(from_bare, &self.region)
+        let from_number = PhoneNumber::parse(from_bare, &self.region).ok();
+        // Only real numbers get a contact and a lookup (not short codes or alphanumeric IDs).
+        let enrichment = match (&self.enrichment, &from_number) {
+            (Some(_), Some(_)) => Some(crate::store::NewEnrichment {
+                contact_id: crate::domain::ContactId::new(),
+                received_as: from_raw.to_string(),
+            }),
+            _ => None,
+        };
+        let from = from_number
             .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|_| from_bare.to_string());
+            .unwrap_or_else(|| from_bare.to_string());
         let to = PhoneNumber::parse(to_bare, &self.region)
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|_| to_bare.to_string());
@@ -538,6 +557,7 @@ impl Messaging {
                 encoding: seg.encoding.as_str().to_string(),
                 raw_payload: Value::Object(raw),
                 opt_change,
+                enrichment,
                 now: now_ms(),
             })
             .await?;
@@ -548,6 +568,9 @@ impl Messaging {
         metrics::counter!("switchboard_inbound_messages_total", "channel" => channel.as_str(), "outcome" => label)
             .increment(1);
         if let Some(m) = &result {
+            if let Some(wake) = &self.enrichment {
+                wake.notify_one();
+            }
             metrics::histogram!("switchboard_message_segments", "direction" => "inbound").record(f64::from(m.segments));
             if let Some(change) = opt_metric {
                 metrics::counter!("switchboard_opt_outs_total", "channel" => channel.as_str(), "change" => change)

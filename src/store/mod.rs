@@ -5,6 +5,7 @@
 //! Times are Unix milliseconds (`i64`) throughout, which both backends store natively.
 
 pub mod copy;
+pub mod hooks;
 pub mod postgres;
 pub mod sqlite;
 
@@ -13,7 +14,11 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::domain::{Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority};
+use crate::domain::{
+    Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority, WebhookDeliveryId,
+    WebhookEndpointId,
+};
+pub use hooks::*;
 
 /// Storage failures, already sorted into what callers must treat differently.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +162,12 @@ pub struct ContactRecord {
     pub display_name: String,
     /// Opted out on any channel.
     pub opted_out: bool,
+    /// The lookup service's ID for this person or account (contact enrichment).
+    pub external_id: Option<String>,
+    /// What the lookup service attached (a JSON object; empty when nothing was).
+    pub attributes: serde_json::Map<String, Value>,
+    /// The enrichment state; `None` for contacts never looked up.
+    pub enrichment: Option<ContactEnrichment>,
     /// Created (ms).
     pub created_at: i64,
     /// Last changed (ms).
@@ -317,6 +328,9 @@ pub struct NewInbound {
     pub raw_payload: Value,
     /// Opt-out or opt-in triggered by this message.
     pub opt_change: Option<OptChange>,
+    /// With contact enrichment on: create the contact of a number that has none and queue
+    /// its lookup, in the same transaction.
+    pub enrichment: Option<NewEnrichment>,
     /// Now (ms).
     pub now: i64,
 }
@@ -702,4 +716,94 @@ pub trait Store: Send + Sync + 'static {
     async fn is_opted_out(&self, channel: Channel, phone_number: &str) -> StoreResult<bool>;
     /// Opted-out numbers, newest first.
     async fn list_opt_outs(&self, page: &PageRequest) -> StoreResult<Page<OptOutRecord>>;
+
+    /// Creates a webhook endpoint, enabled, receiving the events committed after this call.
+    async fn create_webhook_endpoint(&self, e: NewWebhookEndpoint) -> StoreResult<WebhookEndpointRecord>;
+    /// One webhook endpoint.
+    async fn get_webhook_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<Option<WebhookEndpointRecord>>;
+    /// Webhook endpoints, newest first.
+    async fn list_webhook_endpoints(&self, page: &PageRequest) -> StoreResult<Page<WebhookEndpointRecord>>;
+    /// Changes an endpoint (see [`WebhookEndpointPatch`]). `NotFound` if missing.
+    async fn update_webhook_endpoint(
+        &self,
+        id: &WebhookEndpointId,
+        patch: WebhookEndpointPatch,
+    ) -> StoreResult<WebhookEndpointRecord>;
+    /// Replaces the signing secret; the old one keeps signing (as a second signature) until
+    /// `previous_until` (ms). `NotFound` if missing.
+    async fn rotate_webhook_secret(
+        &self,
+        id: &WebhookEndpointId,
+        secret: &str,
+        previous_until: i64,
+        now: i64,
+    ) -> StoreResult<WebhookEndpointRecord>;
+    /// Deletes an endpoint and its delivery log. `NotFound` if missing.
+    async fn delete_webhook_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<()>;
+    /// Turns events committed after each enabled endpoint's cursor into pending deliveries
+    /// (due at `now`) for the endpoints that want them, at most `max_events` events per
+    /// endpoint per call, and moves the cursors. Safe to run on several instances at once:
+    /// each endpoint is fanned out by one of them at a time.
+    async fn fan_out_webhooks(&self, max_events: u32, now: i64) -> StoreResult<FanOut>;
+    /// Leases up to `limit` due pending deliveries of enabled endpoints for `lease_ms` to
+    /// `owner`, oldest due first. Two claimers never get the same delivery while its lease
+    /// runs; a lease that ran out (a crashed instance) makes it claimable again.
+    async fn claim_webhook_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+        owner: &str,
+    ) -> StoreResult<Vec<ClaimedDelivery>>;
+    /// Records an attempt of a claimed delivery and releases the lease; updates the
+    /// endpoint's failure run and disables it (failing its pending deliveries, with a
+    /// `webhook_endpoint.disabled` event) when `policy` says so. Returns `None`, recording
+    /// nothing, when the claim is stale: the delivery is no longer leased to `owner` at the
+    /// attempt count it was claimed with (its lease ran out and another instance took it, a
+    /// manual retry, or the endpoint was disabled or deleted meanwhile).
+    async fn record_webhook_attempt(
+        &self,
+        claimed: &ClaimedDelivery,
+        owner: &str,
+        attempt: DeliveryAttempt,
+        policy: DisablePolicy,
+        now: i64,
+    ) -> StoreResult<Option<AttemptRecorded>>;
+    /// An endpoint's deliveries, newest first. `NotFound` if the endpoint is missing.
+    async fn list_webhook_deliveries(
+        &self,
+        endpoint: &WebhookEndpointId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookDeliveryRecord>>;
+    /// Makes a delivery due now (any status; the attempt count goes on). `NotFound` if the
+    /// endpoint or delivery is missing, `Conflict` if the endpoint is disabled.
+    async fn retry_webhook_delivery(
+        &self,
+        endpoint: &WebhookEndpointId,
+        id: &WebhookDeliveryId,
+        now: i64,
+    ) -> StoreResult<WebhookDeliveryRecord>;
+
+    /// Single-instance start-up (as [`Store::expire_all_leases`]): releases the leases of
+    /// webhook deliveries and enrichment lookups, whose holder is gone; returns how many.
+    async fn release_background_leases(&self) -> StoreResult<u64>;
+
+    /// Leases up to `limit` due enrichment lookups for `lease_ms` to `owner`.
+    async fn claim_enrichment_jobs(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+        owner: &str,
+    ) -> StoreResult<Vec<EnrichmentJob>>;
+    /// Records a lookup's outcome on the contact (with a `contact.updated` event) and ends
+    /// or reschedules the job. `None` when the claim is stale (see
+    /// [`Store::record_webhook_attempt`]) or the contact was deleted.
+    async fn record_enrichment(
+        &self,
+        job: &EnrichmentJob,
+        owner: &str,
+        outcome: EnrichmentOutcome,
+        now: i64,
+    ) -> StoreResult<Option<ContactRecord>>;
 }

@@ -30,6 +30,7 @@
 //! `change_seq` lock only touches rows it has already locked, so it never waits on another
 //! transaction.
 
+mod hooks;
 mod rows;
 
 use anyhow::Context;
@@ -1102,6 +1103,9 @@ impl Store for PostgresStore {
         if let Some(change) = &m.opt_change {
             set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
         }
+        if let Some(en) = &m.enrichment {
+            PostgresStore::enrichment_on_inbound(&mut tx, &m, en).await?;
+        }
         let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
         let seqs = tx.stamp().await?;
         patch_seq(&mut record, &seqs);
@@ -1892,5 +1896,115 @@ impl Store for PostgresStore {
             key: o.created_at,
             id: format!("{}:{}", o.channel, o.phone_number),
         }))
+    }
+
+    async fn create_webhook_endpoint(&self, e: NewWebhookEndpoint) -> StoreResult<WebhookEndpointRecord> {
+        self.hooks_create_endpoint(e).await
+    }
+
+    async fn get_webhook_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<Option<WebhookEndpointRecord>> {
+        self.hooks_get_endpoint(id).await
+    }
+
+    async fn list_webhook_endpoints(&self, page: &PageRequest) -> StoreResult<Page<WebhookEndpointRecord>> {
+        self.hooks_list_endpoints(page).await
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        id: &WebhookEndpointId,
+        patch: WebhookEndpointPatch,
+    ) -> StoreResult<WebhookEndpointRecord> {
+        self.hooks_update_endpoint(id, patch).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        id: &WebhookEndpointId,
+        secret: &str,
+        previous_until: i64,
+        now: i64,
+    ) -> StoreResult<WebhookEndpointRecord> {
+        self.hooks_rotate_secret(id, secret, previous_until, now).await
+    }
+
+    async fn delete_webhook_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<()> {
+        self.hooks_delete_endpoint(id).await
+    }
+
+    async fn fan_out_webhooks(&self, max_events: u32, now: i64) -> StoreResult<FanOut> {
+        self.hooks_fan_out(max_events, now).await
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+        owner: &str,
+    ) -> StoreResult<Vec<ClaimedDelivery>> {
+        self.hooks_claim(now, limit, lease_ms, owner).await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        claimed: &ClaimedDelivery,
+        owner: &str,
+        attempt: DeliveryAttempt,
+        policy: DisablePolicy,
+        now: i64,
+    ) -> StoreResult<Option<AttemptRecorded>> {
+        self.hooks_record_attempt(claimed, owner, attempt, policy, now).await
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        endpoint: &WebhookEndpointId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookDeliveryRecord>> {
+        self.hooks_list_deliveries(endpoint, page).await
+    }
+
+    async fn retry_webhook_delivery(
+        &self,
+        endpoint: &WebhookEndpointId,
+        id: &WebhookDeliveryId,
+        now: i64,
+    ) -> StoreResult<WebhookDeliveryRecord> {
+        self.hooks_retry(endpoint, id, now).await
+    }
+
+    async fn release_background_leases(&self) -> StoreResult<u64> {
+        let mut n = 0;
+        for table in ["webhook_deliveries", "enrichment_jobs"] {
+            let r = sqlx::query(&format!(
+                "UPDATE {table} SET lease_until = NULL, lease_owner = NULL WHERE lease_until IS NOT NULL"
+            ))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+            n += r.rows_affected();
+        }
+        Ok(n)
+    }
+
+    async fn claim_enrichment_jobs(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+        owner: &str,
+    ) -> StoreResult<Vec<EnrichmentJob>> {
+        self.enrichment_claim(now, limit, lease_ms, owner).await
+    }
+
+    async fn record_enrichment(
+        &self,
+        job: &EnrichmentJob,
+        owner: &str,
+        outcome: EnrichmentOutcome,
+        now: i64,
+    ) -> StoreResult<Option<ContactRecord>> {
+        self.enrichment_record(job, owner, outcome, now).await
     }
 }

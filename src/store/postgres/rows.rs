@@ -63,20 +63,28 @@ pub(super) fn message_from_row(r: &PgRow) -> StoreResult<MessageRecord> {
 pub(super) const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, \
     c.last_direction, c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
     ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
-    ct.updated_at AS ct_updated, \
+    ct.updated_at AS ct_updated, ct.external_id AS ct_external_id, ct.attributes AS ct_attributes, \
+    ct.enrichment_status AS ct_enrichment_status, ct.enrichment_attempts AS ct_enrichment_attempts, \
+    ct.enrichment_error AS ct_enrichment_error, ct.enriched_at AS ct_enriched_at, \
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.channel = c.channel AND o.phone_number = c.counterpart) AS opted_out, \
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = c.counterpart) AS ct_opted_out \
     FROM conversations c LEFT JOIN contacts ct ON ct.phone_number = c.counterpart";
 
 pub(super) fn conversation_from_row(r: &PgRow) -> StoreResult<ConversationRecord> {
     let channel: String = r.get("channel");
-    let contact = r.get::<Option<String>, _>("ct_id").map(|id| ContactRecord {
-        id: ContactId::from_trusted(id),
-        phone_number: r.get("ct_phone"),
-        display_name: r.get("ct_name"),
-        opted_out: r.get("ct_opted_out"),
-        created_at: r.get("ct_created"),
-        updated_at: r.get("ct_updated"),
+    let contact = r.get::<Option<String>, _>("ct_id").map(|id| {
+        let (external_id, attributes, enrichment) = contact_extras_of(r, "ct_");
+        ContactRecord {
+            id: ContactId::from_trusted(id),
+            phone_number: r.get("ct_phone"),
+            display_name: r.get("ct_name"),
+            opted_out: r.get("ct_opted_out"),
+            external_id,
+            attributes,
+            enrichment,
+            created_at: r.get("ct_created"),
+            updated_at: r.get("ct_updated"),
+        }
     });
     Ok(ConversationRecord {
         id: ConversationId::from_trusted(r.get("id")),
@@ -99,14 +107,40 @@ pub(super) fn conversation_from_row(r: &PgRow) -> StoreResult<ConversationRecord
 
 /// Contact columns with the opt-out flag, for a `contacts ct` row source.
 pub(super) const CONTACT_COLS: &str = "ct.id, ct.phone_number, ct.display_name, ct.created_at, ct.updated_at, \
+    ct.external_id, ct.attributes, ct.enrichment_status, ct.enrichment_attempts, ct.enrichment_error, ct.enriched_at, \
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = ct.phone_number) AS opted_out";
 
+/// The enrichment columns of a contact row whose names start with `prefix`.
+pub(super) fn contact_extras_of(
+    r: &PgRow,
+    prefix: &str,
+) -> (
+    Option<String>,
+    serde_json::Map<String, Value>,
+    Option<ContactEnrichment>,
+) {
+    let col = |c: &str| format!("{prefix}{c}");
+    crate::store::hooks::contact_extras(
+        r.get(col("external_id").as_str()),
+        r.get(col("attributes").as_str()),
+        r.get(col("enrichment_status").as_str()),
+        r.get::<Option<i64>, _>(col("enrichment_attempts").as_str())
+            .unwrap_or(0),
+        r.get(col("enrichment_error").as_str()),
+        r.get(col("enriched_at").as_str()),
+    )
+}
+
 pub(super) fn contact_from_row(r: &PgRow) -> ContactRecord {
+    let (external_id, attributes, enrichment) = contact_extras_of(r, "");
     ContactRecord {
         id: ContactId::from_trusted(r.get("id")),
         phone_number: r.get("phone_number"),
         display_name: r.get("display_name"),
         opted_out: r.get("opted_out"),
+        external_id,
+        attributes,
+        enrichment,
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     }

@@ -22,6 +22,8 @@ use writer::{WriteTx, Writer};
 
 mod writer;
 
+mod hooks;
+
 /// Embedded migrations for this backend.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -240,20 +242,28 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
 const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, c.last_direction, \
     c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
     ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
-    ct.updated_at AS ct_updated, \
+    ct.updated_at AS ct_updated, ct.external_id AS ct_external_id, ct.attributes AS ct_attributes, \
+    ct.enrichment_status AS ct_enrichment_status, ct.enrichment_attempts AS ct_enrichment_attempts, \
+    ct.enrichment_error AS ct_enrichment_error, ct.enriched_at AS ct_enriched_at, \
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.channel = c.channel AND o.phone_number = c.counterpart) AS opted_out, \
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = c.counterpart) AS ct_opted_out \
     FROM conversations c LEFT JOIN contacts ct ON ct.phone_number = c.counterpart";
 
 fn conversation_from_row(r: &SqliteRow) -> StoreResult<ConversationRecord> {
     let channel: String = r.get("channel");
-    let contact = r.get::<Option<String>, _>("ct_id").map(|id| ContactRecord {
-        id: ContactId::from_trusted(id),
-        phone_number: r.get("ct_phone"),
-        display_name: r.get("ct_name"),
-        opted_out: r.get::<i64, _>("ct_opted_out") != 0,
-        created_at: r.get("ct_created"),
-        updated_at: r.get("ct_updated"),
+    let contact = r.get::<Option<String>, _>("ct_id").map(|id| {
+        let (external_id, attributes, enrichment) = contact_extras_of(r, "ct_");
+        ContactRecord {
+            id: ContactId::from_trusted(id),
+            phone_number: r.get("ct_phone"),
+            display_name: r.get("ct_name"),
+            opted_out: r.get::<i64, _>("ct_opted_out") != 0,
+            external_id,
+            attributes,
+            enrichment,
+            created_at: r.get("ct_created"),
+            updated_at: r.get("ct_updated"),
+        }
     });
     Ok(ConversationRecord {
         id: ConversationId::from_trusted(r.get("id")),
@@ -277,14 +287,40 @@ fn conversation_from_row(r: &SqliteRow) -> StoreResult<ConversationRecord> {
 }
 
 const CONTACT_SELECT: &str = "SELECT ct.id, ct.phone_number, ct.display_name, ct.created_at, ct.updated_at, \
+    ct.external_id, ct.attributes, ct.enrichment_status, ct.enrichment_attempts, ct.enrichment_error, ct.enriched_at, \
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = ct.phone_number) AS opted_out FROM contacts ct";
 
+/// The enrichment columns of a contact row whose names start with `prefix`.
+fn contact_extras_of(
+    r: &SqliteRow,
+    prefix: &str,
+) -> (
+    Option<String>,
+    serde_json::Map<String, Value>,
+    Option<ContactEnrichment>,
+) {
+    let col = |c: &str| format!("{prefix}{c}");
+    crate::store::hooks::contact_extras(
+        r.get(col("external_id").as_str()),
+        r.get(col("attributes").as_str()),
+        r.get(col("enrichment_status").as_str()),
+        r.get::<Option<i64>, _>(col("enrichment_attempts").as_str())
+            .unwrap_or(0),
+        r.get(col("enrichment_error").as_str()),
+        r.get(col("enriched_at").as_str()),
+    )
+}
+
 fn contact_from_row(r: &SqliteRow) -> ContactRecord {
+    let (external_id, attributes, enrichment) = contact_extras_of(r, "");
     ContactRecord {
         id: ContactId::from_trusted(r.get("id")),
         phone_number: r.get("phone_number"),
         display_name: r.get("display_name"),
         opted_out: r.get::<i64, _>("opted_out") != 0,
+        external_id,
+        attributes,
+        enrichment,
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     }
@@ -948,6 +984,9 @@ impl Store for SqliteStore {
         .await?;
         if let Some(change) = &m.opt_change {
             set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
+        }
+        if let Some(en) = &m.enrichment {
+            SqliteStore::enrichment_on_inbound(&mut tx, &m, en).await?;
         }
         let record = fetch_message(&mut tx, m.id.as_str()).await?;
         tx.commit().await?;
@@ -1711,5 +1750,117 @@ impl Store for SqliteStore {
             key: o.created_at,
             id: format!("{}:{}", o.channel, o.phone_number),
         }))
+    }
+
+    async fn create_webhook_endpoint(&self, e: NewWebhookEndpoint) -> StoreResult<WebhookEndpointRecord> {
+        self.hooks_create_endpoint(e).await
+    }
+
+    async fn get_webhook_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<Option<WebhookEndpointRecord>> {
+        self.hooks_get_endpoint(id).await
+    }
+
+    async fn list_webhook_endpoints(&self, page: &PageRequest) -> StoreResult<Page<WebhookEndpointRecord>> {
+        self.hooks_list_endpoints(page).await
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        id: &WebhookEndpointId,
+        patch: WebhookEndpointPatch,
+    ) -> StoreResult<WebhookEndpointRecord> {
+        self.hooks_update_endpoint(id, patch).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        id: &WebhookEndpointId,
+        secret: &str,
+        previous_until: i64,
+        now: i64,
+    ) -> StoreResult<WebhookEndpointRecord> {
+        self.hooks_rotate_secret(id, secret, previous_until, now).await
+    }
+
+    async fn delete_webhook_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<()> {
+        self.hooks_delete_endpoint(id).await
+    }
+
+    async fn fan_out_webhooks(&self, max_events: u32, now: i64) -> StoreResult<FanOut> {
+        self.hooks_fan_out(max_events, now).await
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+        owner: &str,
+    ) -> StoreResult<Vec<ClaimedDelivery>> {
+        self.hooks_claim(now, limit, lease_ms, owner).await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        claimed: &ClaimedDelivery,
+        owner: &str,
+        attempt: DeliveryAttempt,
+        policy: DisablePolicy,
+        now: i64,
+    ) -> StoreResult<Option<AttemptRecorded>> {
+        self.hooks_record_attempt(claimed, owner, attempt, policy, now).await
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        endpoint: &WebhookEndpointId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookDeliveryRecord>> {
+        self.hooks_list_deliveries(endpoint, page).await
+    }
+
+    async fn retry_webhook_delivery(
+        &self,
+        endpoint: &WebhookEndpointId,
+        id: &WebhookDeliveryId,
+        now: i64,
+    ) -> StoreResult<WebhookDeliveryRecord> {
+        self.hooks_retry(endpoint, id, now).await
+    }
+
+    async fn release_background_leases(&self) -> StoreResult<u64> {
+        let mut n = 0;
+        let mut tx = self.begin().await?;
+        for table in ["webhook_deliveries", "enrichment_jobs"] {
+            let r = sqlx::query(&format!(
+                "UPDATE {table} SET lease_until = NULL, lease_owner = NULL WHERE lease_until IS NOT NULL"
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            n += r.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn claim_enrichment_jobs(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+        owner: &str,
+    ) -> StoreResult<Vec<EnrichmentJob>> {
+        self.enrichment_claim(now, limit, lease_ms, owner).await
+    }
+
+    async fn record_enrichment(
+        &self,
+        job: &EnrichmentJob,
+        owner: &str,
+        outcome: EnrichmentOutcome,
+        now: i64,
+    ) -> StoreResult<Option<ContactRecord>> {
+        self.enrichment_record(job, owner, outcome, now).await
     }
 }
