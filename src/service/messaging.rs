@@ -55,9 +55,11 @@ pub struct Senders {
 #[serde(deny_unknown_fields)]
 pub struct SendInput {
     /// Recipient: E.164, national (read in the default region), or `whatsapp:+…`.
+    #[schema(example = "+14155550100")]
     pub to: String,
     /// Text, up to 1,600 characters.
     #[serde(default)]
+    #[schema(example = "Your order has shipped.")]
     pub body: Option<String>,
     /// `sms` (default) or `whatsapp`.
     #[serde(default)]
