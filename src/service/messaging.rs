@@ -82,6 +82,7 @@ pub struct SendInput {
     pub send_at: Option<String>,
     /// Seconds the message may wait to be sent (1–36000); after that it fails with 30036.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 36000)]
     pub validity_period: Option<i64>,
     /// Replace Unicode look-alikes with GSM-7 characters before counting and sending.
     #[serde(default)]
