@@ -300,6 +300,7 @@ fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/api/openapi.json", get(crate::api::openapi::openapi_json))
+        .route("/api/docs", get(crate::api::reference::page))
         .route("/metrics", get(crate::telemetry::metrics::render));
     if let Some(sim) = simulator {
         let control = sim

@@ -47,6 +47,17 @@ pub struct Flavor {
     pub max_chars: usize,
 }
 
+/// The `{messenger}` path segment of the OpenAPI document: which messenger API a route belongs
+/// to (documentation type; the router has one nested router per value).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Messenger {
+    /// Seed 000, channel sms.
+    SmsMessenger,
+    /// Seed 001, channel whatsapp.
+    WhatsappMessenger,
+}
+
 /// Both messenger APIs.
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -457,13 +468,15 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> CompatResult<T> {
 #[serde(rename_all = "camelCase")]
 pub struct SendRequest {
     /// Recipient, E.164 (other forms are normalised).
+    #[schema(example = "+14155550100")]
     pub phone_number: String,
     /// Text.
+    #[schema(example = "Hello from Switchboard")]
     pub message: String,
 }
 
 /// Send a message (waits for the first attempt at Twilio)
-#[utoipa::path(post, path = "/api/{messenger}/send", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")), request_body = SendRequest,
+#[utoipa::path(post, path = "/api/{messenger}/send", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")), request_body = SendRequest,
     responses((status = 200, body = SendResponse), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody),
         (status = 502, description = "Twilio refused it; the message is stored as failed", body = SendResponse)),
     security(("api_key" = [])))]
@@ -526,7 +539,7 @@ pub(crate) struct MessagesQuery {
 }
 
 /// Messages with one counterpart, newest first
-#[utoipa::path(get, path = "/api/{messenger}/messages", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), MessagesQuery),
+#[utoipa::path(get, path = "/api/{messenger}/messages", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), MessagesQuery),
     responses((status = 200, body = MessagesResponse), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody)),
     security(("api_key" = [])))]
 pub(crate) async fn messages(
@@ -578,7 +591,7 @@ pub(crate) struct SinceQuery {
 }
 
 /// Messages since a time, the threads they touched, and the server clock
-#[utoipa::path(get, path = "/api/{messenger}/messages-since", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), SinceQuery),
+#[utoipa::path(get, path = "/api/{messenger}/messages-since", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), SinceQuery),
     responses((status = 200, body = MessagesSinceResponse), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody)),
     security(("api_key" = [])))]
 pub(crate) async fn messages_since(
@@ -659,7 +672,7 @@ async fn all_conversations(state: &AppState, channel: Channel) -> CompatResult<V
 }
 
 /// Every thread, newest activity first
-#[utoipa::path(get, path = "/api/{messenger}/threads", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
+#[utoipa::path(get, path = "/api/{messenger}/threads", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
     responses((status = 200, body = ThreadListResponse), (status = 401, body = CompatErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn threads(
     State(state): State<AppState>,
@@ -673,7 +686,7 @@ pub(crate) async fn threads(
 }
 
 /// Every contact (shared by both messenger APIs)
-#[utoipa::path(get, path = "/api/{messenger}/contacts", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
+#[utoipa::path(get, path = "/api/{messenger}/contacts", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
     responses((status = 200, body = ContactListResponse), (status = 401, body = CompatErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn list_contacts(State(state): State<AppState>) -> CompatResult<Response> {
     let mut page = PageRequest {
@@ -697,8 +710,10 @@ pub(crate) async fn list_contacts(State(state): State<AppState>) -> CompatResult
 #[serde(rename_all = "camelCase")]
 pub struct ContactCreatePayload {
     /// E.164 (other forms are normalised).
+    #[schema(example = "+14155550100")]
     pub phone_number: String,
     /// Non-empty.
+    #[schema(example = "Ada Lovelace")]
     pub display_name: String,
 }
 
@@ -707,11 +722,12 @@ pub struct ContactCreatePayload {
 #[serde(rename_all = "camelCase")]
 pub struct ContactUpdatePayload {
     /// The new name.
+    #[schema(example = "Ada King")]
     pub display_name: String,
 }
 
 /// Create a contact; a phone number already in use is INVALID_INPUT
-#[utoipa::path(post, path = "/api/{messenger}/contacts", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")), request_body = ContactCreatePayload,
+#[utoipa::path(post, path = "/api/{messenger}/contacts", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")), request_body = ContactCreatePayload,
     responses((status = 200, body = ContactMutationResult), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn create_contact(
     State(state): State<AppState>,
@@ -730,7 +746,7 @@ pub(crate) async fn create_contact(
 
 /// Rename a contact (only displayName changes; updatedAt moves)
 #[utoipa::path(patch, path = "/api/{messenger}/contacts/{contactId}", tag = "messenger",
-    params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), ("contactId" = String, Path, description = "ct_…")), request_body = ContactUpdatePayload,
+    params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)"), ("contactId" = String, Path, description = "ct_…")), request_body = ContactUpdatePayload,
     responses((status = 200, body = ContactMutationResult), (status = 400, body = CompatErrorBody), (status = 401, body = CompatErrorBody), (status = 404, body = CompatErrorBody)),
     security(("api_key" = [])))]
 pub(crate) async fn update_contact(
@@ -750,7 +766,7 @@ pub(crate) async fn update_contact(
 
 /// Twilio's inbound webhook for this API's channel: the same signature check (against
 /// this path), idempotency and TwiML answer as `/webhooks/twilio/messages`.
-#[utoipa::path(post, path = "/api/{messenger}/webhook", tag = "messenger", params(("messenger" = String, Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
+#[utoipa::path(post, path = "/api/{messenger}/webhook", tag = "messenger", params(("messenger" = inline(Messenger), Path, description = "`sms-messenger` (channel sms, seed 000) or `whatsapp-messenger` (channel whatsapp, seed 001)")),
     request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "Twilio's inbound message parameters, signed with X-Twilio-Signature"),
     responses((status = 200, description = "empty TwiML", content_type = "text/xml", body = String), (status = 400, body = CompatErrorBody),
         (status = 403, description = "missing or wrong X-Twilio-Signature", body = CompatErrorBody)))]

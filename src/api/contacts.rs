@@ -24,8 +24,10 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct ContactIn {
     /// Any phone number form; stored as E.164.
+    #[schema(example = "+14155550100")]
     pub phone_number: String,
     /// Non-empty name.
+    #[schema(example = "Ada Lovelace")]
     pub display_name: String,
 }
 
@@ -34,6 +36,7 @@ pub struct ContactIn {
 #[serde(deny_unknown_fields)]
 pub struct ContactPatch {
     /// New name.
+    #[schema(example = "Ada King")]
     pub display_name: String,
 }
 

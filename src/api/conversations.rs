@@ -33,6 +33,7 @@ pub(crate) struct ListParams {
     /// From the previous page's `next_cursor`.
     cursor: Option<String>,
     /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 
@@ -86,7 +87,7 @@ pub(crate) async fn get_one(State(state): State<AppState>, Path(id): Path<String
 /// A conversation's messages, newest first
 #[utoipa::path(get, path = "/api/v1/conversations/{id}/messages", tag = "conversations",
     params(("id" = String, Path, description = "conv_…"), PageParams),
-    responses((status = 200, body = ListOut<MessageOut>), (status = 404, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    responses((status = 200, body = ListOut<MessageOut>), (status = 404, body = crate::error::ErrorEnvelope), (status = 422, description = "bad cursor or limit, unknown query parameter", body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
     security(("api_key" = [])))]
 pub(crate) async fn messages(
     State(state): State<AppState>,

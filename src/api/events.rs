@@ -147,6 +147,7 @@ pub(crate) async fn sse(
 /// What the client sends is ignored (pings are answered).
 #[utoipa::path(get, path = "/api/v1/events/ws", tag = "events", params(StreamParams),
     responses((status = 101, description = "switching to the WebSocket protocol"),
+        (status = 400, description = "not a WebSocket upgrade request", body = crate::error::ErrorEnvelope),
         (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
     security(("api_key" = [])))]
 pub(crate) async fn websocket(
@@ -197,6 +198,7 @@ pub(crate) struct TypingIn {
     typing: bool,
     /// Who is typing, as other agents should see it (default: the API key's name). At most
     /// 100 characters.
+    #[schema(min_length = 1, max_length = 100)]
     agent: Option<String>,
 }
 

@@ -79,6 +79,7 @@ pub struct PageParams {
     /// Opaque cursor from a previous page's `next_cursor`.
     pub cursor: Option<String>,
     /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 

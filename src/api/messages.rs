@@ -38,7 +38,7 @@ fn render(m: &crate::store::MessageRecord) -> String {
 /// transaction with its idempotency record; a worker hands it to Twilio. The opt-out list is
 /// checked first: an opted-out recipient gets `opted_out` and nothing is queued.
 #[utoipa::path(post, path = "/api/v1/messages", tag = "messages", request_body = SendInput,
-    params(("Idempotency-Key" = Option<String>, Header, description = "same key + same body replays the first response (24 h)")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, description = "same key + same body replays the first response (24 h); 1–255 characters")),
     responses(
         (status = 202, description = "queued", body = MessageOut),
         (status = 400, description = "unreadable JSON", body = crate::error::ErrorEnvelope),
@@ -124,6 +124,7 @@ pub(crate) struct SinceParams {
     /// Cursor from the previous answer's `next_cursor` (start with 0).
     since: Option<String>,
     /// 1–200, default 100.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod messages;
 pub mod misc;
 pub mod openapi;
+pub mod reference;
 pub mod types;
 pub mod webhook_endpoints;
 

@@ -55,9 +55,11 @@ pub struct Senders {
 #[serde(deny_unknown_fields)]
 pub struct SendInput {
     /// Recipient: E.164, national (read in the default region), or `whatsapp:+…`.
+    #[schema(example = "+14155550100")]
     pub to: String,
     /// Text, up to 1,600 characters.
     #[serde(default)]
+    #[schema(example = "Your order has shipped.")]
     pub body: Option<String>,
     /// `sms` (default) or `whatsapp`.
     #[serde(default)]
@@ -80,6 +82,7 @@ pub struct SendInput {
     pub send_at: Option<String>,
     /// Seconds the message may wait to be sent (1–36000); after that it fails with 30036.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 36000)]
     pub validity_period: Option<i64>,
     /// Replace Unicode look-alikes with GSM-7 characters before counting and sending.
     #[serde(default)]

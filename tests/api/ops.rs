@@ -132,3 +132,100 @@ async fn the_openapi_document_describes_both_apis() {
     assert!(paths.contains_key("/api/v1/messages"));
     assert!(paths.contains_key("/api/{messenger}/send"));
 }
+
+/// Undoes the HTML escaping minijinja applies (`&`, `<`, `>`, `"`, `'`, `/`).
+fn unescape_html(s: &str) -> String {
+    s.replace("&#x2f;", "/")
+        .replace("&#x27;", "'")
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// `GET /api/docs` is the API reference: served without an API key (as the OpenAPI document
+/// is), self-contained (no script, no external asset), with a CSP that allows only its inline
+/// stylesheet by hash, and it shows every operation of the OpenAPI document.
+#[tokio::test]
+async fn the_api_reference_page_shows_every_operation_under_a_strict_csp() {
+    use base64::Engine;
+    use sha2::Digest;
+
+    let app = TestApp::spawn().await;
+    let anonymous = reqwest::Client::new();
+    let r = anonymous.get(app.url("/api/openapi.json")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the OpenAPI document needs no key");
+    let doc: Value = r.json().await.unwrap();
+
+    let r = anonymous.get(app.url("/api/docs")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the reference page needs no key");
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(header("content-type"), "text/html; charset=utf-8");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    let csp = header("content-security-policy");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'none'",
+        "base-uri 'none'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} missing from {csp}");
+    }
+    assert!(!csp.contains("unsafe-inline") && !csp.contains("http"), "{csp}");
+    let html = r.text().await.unwrap();
+
+    // The one stylesheet is inline and allowed by exactly its hash.
+    let style = html
+        .split("<style>")
+        .nth(1)
+        .and_then(|s| s.split("</style>").next())
+        .expect("a <style> element");
+    assert_eq!(html.matches("<style>").count(), 1);
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(style.as_bytes()));
+    assert!(
+        csp.contains(&format!("style-src 'sha256-{hash}'")),
+        "{csp} does not allow the page's style"
+    );
+    // Nothing to fetch: no script, no external stylesheet, image or frame.
+    for tag in ["<script", "<link", "<img", "<iframe", " src="] {
+        assert!(!html.contains(tag), "the page has {tag}");
+    }
+
+    let text = unescape_html(&html);
+    // Descriptions show `code` spans as <code>.
+    let plain = text.replace("<code>", "").replace("</code>", "");
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if !["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            operations += 1;
+            let heading = format!("{}</span> <code class=\"path\">{path}</code>", method.to_uppercase());
+            assert_eq!(text.matches(&heading).count(), 1, "{method} {path} not shown once");
+            let summary = op["summary"].as_str().unwrap_or_default().replace('`', "");
+            assert!(
+                plain.contains(&summary),
+                "summary of {method} {path} missing: {summary}"
+            );
+        }
+    }
+    assert!(operations >= 20, "only {operations} operations in the document");
+    assert!(text.contains(&format!("{operations} operations")));
+    for schema in doc["components"]["schemas"].as_object().unwrap().keys() {
+        assert!(text.contains(&format!("<h3>{schema}</h3>")), "schema {schema} missing");
+    }
+    // A curl line with the send example, and the request body's fields.
+    assert!(
+        text.contains("curl -X POST \"$SWITCHBOARD_URL/api/v1/messages\""),
+        "send example missing"
+    );
+    assert!(text.contains("\"to\": \"+14155550100\""));
+}
