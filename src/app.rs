@@ -213,7 +213,10 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         format!("{public_url}/webhooks/twilio/status"),
         Duration::from_secs(config.shutdown_timeout_secs),
     );
-    let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
+    let language = config.language.detector().map_err(|e| anyhow::anyhow!(e))?;
+    warm_up_language_models(&language);
+    let messaging =
+        Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone()).with_language(language);
     let worker_alive = Arc::new(AtomicBool::new(true));
     let events = EventHub::start(store.clone(), config.events.backlog, shutdown.clone()).await?;
     tokio::spawn(prune_events(
@@ -414,4 +417,19 @@ async fn queue_gauges(store: Arc<dyn Store>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
+}
+
+/// Loads the language models in the background, so that the first inbound message does not
+/// wait for them (lingua loads each model on first use: about 20 ms).
+fn warm_up_language_models(detector: &crate::domain::language::LanguageDetector) {
+    let detector = detector.clone();
+    tokio::task::spawn_blocking(move || {
+        for text in [
+            "Hi, what time do you open tomorrow?",
+            "Hola, ¿a qué hora abren mañana?",
+            "Olá, vocês abrem amanhã de manhã?",
+        ] {
+            detector.detect(text);
+        }
+    });
 }

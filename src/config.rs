@@ -54,6 +54,40 @@ pub struct Config {
     pub messenger: MessengerConfig,
     /// The event stream (`SWITCHBOARD_EVENTS__*`).
     pub events: EventsConfig,
+    /// Language detection of inbound messages (`SWITCHBOARD_LANGUAGE__*`).
+    pub language: LanguageConfig,
+}
+
+/// Language detection of inbound messages (docs/api.md, "Language").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LanguageConfig {
+    /// Detect the language of inbound messages (`SWITCHBOARD_LANGUAGE__DETECT`, default true).
+    pub detect: bool,
+    /// The languages to choose among, as comma-separated ISO 639-1 codes
+    /// (`SWITCHBOARD_LANGUAGE__CANDIDATES`, default empty: every language of the build, which
+    /// is `en,es,pt`). Fewer candidates make short messages more accurate.
+    pub candidates: String,
+}
+
+impl Default for LanguageConfig {
+    fn default() -> Self {
+        Self {
+            detect: true,
+            candidates: String::new(),
+        }
+    }
+}
+
+impl LanguageConfig {
+    /// The detector these settings describe. Errors: unknown language codes.
+    pub fn detector(&self) -> Result<crate::domain::language::LanguageDetector, String> {
+        if !self.detect {
+            return Ok(crate::domain::language::LanguageDetector::disabled());
+        }
+        let codes: Vec<String> = self.candidates.split(',').map(|c| c.trim().to_string()).collect();
+        crate::domain::language::LanguageDetector::new(&codes)
+    }
 }
 
 /// Settings of the event stream (`GET /api/v1/events`).
@@ -209,6 +243,7 @@ impl Default for Config {
             simulator: Default::default(),
             messenger: MessengerConfig::default(),
             events: EventsConfig::default(),
+            language: LanguageConfig::default(),
         }
     }
 }
@@ -281,6 +316,9 @@ impl Config {
         }
         if self.events.retention_hours == 0 {
             problems.push("SWITCHBOARD_EVENTS__RETENTION_HOURS must be at least 1".into());
+        }
+        if let Err(e) = self.language.detector() {
+            problems.push(format!("SWITCHBOARD_LANGUAGE__CANDIDATES: {e}"));
         }
         if !(16..=1_000_000).contains(&self.events.backlog) {
             problems.push("SWITCHBOARD_EVENTS__BACKLOG must be between 16 and 1000000".into());

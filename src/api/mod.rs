@@ -9,6 +9,7 @@ pub mod extract;
 pub mod messages;
 pub mod misc;
 pub mod openapi;
+pub mod search;
 pub mod types;
 
 use axum::extract::{Request, State};
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(contacts::router())
         .merge(misc::router())
         .merge(events::router())
+        .merge(search::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_api_key))
 }
 

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use crate::delivery::Delivery;
+use crate::domain::language::LanguageDetector;
 use crate::domain::phone::{split_channel_prefix, wire_address};
 use crate::domain::segments;
 use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, MessageStatus, PhoneNumber, Priority};
@@ -121,6 +122,7 @@ pub struct Messaging {
     delivery: Delivery,
     senders: Senders,
     region: String,
+    language: LanguageDetector,
 }
 
 impl Messaging {
@@ -131,7 +133,15 @@ impl Messaging {
             delivery,
             senders,
             region,
+            language: LanguageDetector::default(),
         }
+    }
+
+    /// Detects inbound messages' languages with `detector` (default: every language
+    /// whatlang knows).
+    pub fn with_language(mut self, detector: LanguageDetector) -> Self {
+        self.language = detector;
+        self
     }
 
     /// The store.
@@ -524,6 +534,9 @@ impl Messaging {
         for (k, v) in params {
             raw.insert(k.clone(), Value::String(v.clone()));
         }
+        // Inline: whatlang takes microseconds, and the language is then stored with the
+        // message and its conversation in one transaction.
+        let language = self.language.detect(&body);
         let outcome = self
             .store
             .insert_inbound(NewInbound {
@@ -538,6 +551,7 @@ impl Messaging {
                 encoding: seg.encoding.as_str().to_string(),
                 raw_payload: Value::Object(raw),
                 opt_change,
+                language,
                 now: now_ms(),
             })
             .await?;
