@@ -14,4 +14,5 @@ mod events;
 mod messages;
 mod ops;
 mod restart;
+mod search;
 mod webhooks;
