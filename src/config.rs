@@ -607,6 +607,31 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
+    fn language_settings_come_from_the_environment_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            jail.set_env(
+                "SWITCHBOARD_DATABASE_URL",
+                format!("sqlite://{}", dir.join("x.db").display()),
+            );
+            jail.set_env("SWITCHBOARD_LANGUAGE__DETECT", "false");
+            jail.set_env("SWITCHBOARD_LANGUAGE__CANDIDATES", "en, ES");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(!c.language.detect);
+            assert_eq!(c.language.candidates, "en, ES");
+            jail.set_env("SWITCHBOARD_LANGUAGE__DETECT", "true");
+            jail.set_env("SWITCHBOARD_LANGUAGE__CANDIDATES", "en,fr,xx");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("SWITCHBOARD_LANGUAGE__CANDIDATES") && err.contains("fr, xx"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_never_show_in_debug() {
         let c = Config {
             twilio: TwilioConfig {
