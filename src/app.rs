@@ -219,7 +219,10 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         format!("{public_url}/webhooks/twilio/status"),
         Duration::from_secs(config.shutdown_timeout_secs),
     );
-    let mut messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
+    let language = config.language.detector().map_err(|e| anyhow::anyhow!(e))?;
+    warm_up_language_models(&language);
+    let mut messaging =
+        Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone()).with_language(language);
     let enricher = crate::enrichment::Enricher::new(store.clone(), config.enrichment.clone())?;
     if let Some(e) = &enricher {
         messaging = messaging.with_enrichment(e.waker());
@@ -436,4 +439,19 @@ async fn queue_gauges(store: Arc<dyn Store>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
+}
+
+/// Loads the language models in the background, so that the first inbound message does not
+/// wait for them (lingua loads each model on first use: about 20 ms).
+fn warm_up_language_models(detector: &crate::domain::language::LanguageDetector) {
+    let detector = detector.clone();
+    tokio::task::spawn_blocking(move || {
+        for text in [
+            "Hi, what time do you open tomorrow?",
+            "Hola, ¿a qué hora abren mañana?",
+            "Olá, vocês abrem amanhã de manhã?",
+        ] {
+            detector.detect(text);
+        }
+    });
 }

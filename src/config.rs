@@ -61,6 +61,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Contact enrichment from a lookup service (`SWITCHBOARD_ENRICHMENT__*`).
     pub enrichment: EnrichmentConfig,
+    /// Language detection of inbound messages (`SWITCHBOARD_LANGUAGE__*`).
+    pub language: LanguageConfig,
 }
 
 /// Settings shared by every outbound call (see [`crate::outbound`]).
@@ -164,6 +166,38 @@ impl Default for EnrichmentConfig {
             allow_private_networks: false,
             poll_interval_ms: 1000,
         }
+    }
+}
+
+/// Language detection of inbound messages (docs/api.md, "Language").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LanguageConfig {
+    /// Detect the language of inbound messages (`SWITCHBOARD_LANGUAGE__DETECT`, default true).
+    pub detect: bool,
+    /// The languages to choose among, as comma-separated ISO 639-1 codes
+    /// (`SWITCHBOARD_LANGUAGE__CANDIDATES`, default empty: every language of the build, which
+    /// is `en,es,pt`). Fewer candidates make short messages more accurate.
+    pub candidates: String,
+}
+
+impl Default for LanguageConfig {
+    fn default() -> Self {
+        Self {
+            detect: true,
+            candidates: String::new(),
+        }
+    }
+}
+
+impl LanguageConfig {
+    /// The detector these settings describe. Errors: unknown language codes.
+    pub fn detector(&self) -> Result<crate::domain::language::LanguageDetector, String> {
+        if !self.detect {
+            return Ok(crate::domain::language::LanguageDetector::disabled());
+        }
+        let codes: Vec<String> = self.candidates.split(',').map(|c| c.trim().to_string()).collect();
+        crate::domain::language::LanguageDetector::new(&codes)
     }
 }
 
@@ -323,6 +357,7 @@ impl Default for Config {
             outbound: OutboundConfig::default(),
             webhooks: WebhooksConfig::default(),
             enrichment: EnrichmentConfig::default(),
+            language: LanguageConfig::default(),
         }
     }
 }
@@ -395,6 +430,9 @@ impl Config {
         }
         if self.events.retention_hours == 0 {
             problems.push("SWITCHBOARD_EVENTS__RETENTION_HOURS must be at least 1".into());
+        }
+        if let Err(e) = self.language.detector() {
+            problems.push(format!("SWITCHBOARD_LANGUAGE__CANDIDATES: {e}"));
         }
         if !(16..=1_000_000).contains(&self.events.backlog) {
             problems.push("SWITCHBOARD_EVENTS__BACKLOG must be between 16 and 1000000".into());
@@ -714,6 +752,31 @@ mod tests {
         assert!(err.contains("E.164"), "{err}");
         assert!(err.contains("SWITCHBOARD_PUBLIC_URL"), "{err}");
         assert!(err.contains("not writable"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
+    fn language_settings_come_from_the_environment_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            jail.set_env(
+                "SWITCHBOARD_DATABASE_URL",
+                format!("sqlite://{}", dir.join("x.db").display()),
+            );
+            jail.set_env("SWITCHBOARD_LANGUAGE__DETECT", "false");
+            jail.set_env("SWITCHBOARD_LANGUAGE__CANDIDATES", "en, ES");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(!c.language.detect);
+            assert_eq!(c.language.candidates, "en, ES");
+            jail.set_env("SWITCHBOARD_LANGUAGE__DETECT", "true");
+            jail.set_env("SWITCHBOARD_LANGUAGE__CANDIDATES", "en,fr,xx");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("SWITCHBOARD_LANGUAGE__CANDIDATES") && err.contains("fr, xx"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

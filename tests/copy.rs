@@ -112,6 +112,7 @@ fn inbound(sid: &str, channel: Channel, from: &str, body: &str, now: i64) -> New
         }),
         opt_change: None,
         enrichment: None,
+        language: None,
         now,
     }
 }
@@ -351,6 +352,11 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
                 url: "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1".into(),
                 content_type: Some("image/jpeg".into()),
             }],
+            // A detected language (REAL confidence column) is copied exactly.
+            language: Some(Language {
+                code: "en".into(),
+                confidence: 0.917,
+            }),
             ..inbound(&hello_sid, Channel::Sms, &phone(1), "Hello there", T0 + 30)
         })
         .await

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use switchboard::domain::search::SearchQuery;
 use switchboard::domain::{Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority};
 use switchboard::store::postgres::PostgresStore;
 use switchboard::store::sqlite::SqliteStore;
@@ -125,6 +126,12 @@ conformance!(
     webhook_failures_retry_disable_and_recover,
     enrichment_jobs_come_with_new_contacts_and_attach_results,
     two_dispatchers_make_each_attempt_once,
+    search_ranks_by_relevance_then_newest,
+    search_filters_messages,
+    search_pages_cover_every_result_once,
+    search_follows_contact_changes,
+    search_handles_any_query_text,
+    inbound_language_is_stored_with_the_conversation,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -175,6 +182,7 @@ fn inbound(sid: &str, from: &str, body: &str, now: i64) -> NewInbound {
         raw_payload: json!({ "MessageSid": sid, "From": from, "Body": body }),
         opt_change: None,
         enrichment: None,
+        language: None,
         now,
     }
 }
@@ -3193,4 +3201,490 @@ async fn two_dispatchers_make_each_attempt_once(store: Arc<dyn Store>) {
         assert_eq!(d.attempts as usize, expected);
         assert!(bodies.iter().all(|b| b == &d.payload));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Search and language
+// ---------------------------------------------------------------------------------------
+
+fn search_for(text: &str) -> SearchRequest {
+    SearchRequest::new(SearchQuery::parse(text).unwrap())
+}
+
+fn hit_id(h: &SearchHit) -> String {
+    match &h.item {
+        SearchItem::Message(m) => m.id.to_string(),
+        SearchItem::Contact(c) => c.id.to_string(),
+    }
+}
+
+async fn found(store: &Arc<dyn Store>, req: SearchRequest) -> Vec<String> {
+    let page = store.search(&req).await.unwrap();
+    assert!(page.next_cursor.is_none(), "one page expected");
+    page.hits.iter().map(hit_id).collect()
+}
+
+async fn found_set(store: &Arc<dyn Store>, req: SearchRequest) -> HashSet<String> {
+    found(store, req).await.into_iter().collect()
+}
+
+async fn receive(store: &Arc<dyn Store>, m: NewInbound) -> MessageRecord {
+    match store.insert_inbound(m).await.unwrap() {
+        InboundOutcome::Created(m) => *m,
+        InboundOutcome::Duplicate => panic!("new message expected"),
+    }
+}
+
+async fn new_contact(store: &Arc<dyn Store>, phone: &str, name: &str, now: i64) -> ContactRecord {
+    store
+        .create_contact(NewContact {
+            id: ContactId::new(),
+            phone_number: phone.into(),
+            display_name: name.into(),
+            now,
+        })
+        .await
+        .unwrap()
+}
+
+fn set<const N: usize>(ids: [&dyn ToString; N]) -> HashSet<String> {
+    ids.iter().map(|i| i.to_string()).collect()
+}
+
+/// Term frequency decides among documents of equal length; a long document with one
+/// occurrence comes last; equal ranks come newest first. Case does not matter.
+async fn search_ranks_by_relevance_then_newest(store: Arc<dyn Store>) {
+    let three = receive(&store, inbound(&sid(), &phone(300), "refund refund refund", T0 + 1)).await;
+    let older = receive(&store, inbound(&sid(), &phone(301), "refund please thanks", T0 + 2)).await;
+    let newer = receive(&store, inbound(&sid(), &phone(302), "refund please thanks", T0 + 3)).await;
+    let long = receive(
+        &store,
+        inbound(
+            &sid(),
+            &phone(303),
+            "we talked about many things today including the weather the game the traffic and then one refund",
+            T0 + 4,
+        ),
+    )
+    .await;
+    let other = receive(&store, inbound(&sid(), &phone(304), "nothing to see here", T0 + 5)).await;
+
+    let page = store.search(&search_for("REFUND")).await.unwrap();
+    let ids: Vec<String> = page.hits.iter().map(hit_id).collect();
+    assert_eq!(
+        ids,
+        vec![
+            three.id.to_string(),
+            newer.id.to_string(),
+            older.id.to_string(),
+            long.id.to_string()
+        ]
+    );
+    let ranks: Vec<f64> = page.hits.iter().map(|h| h.rank).collect();
+    assert!(ranks[0] > ranks[1], "{ranks:?}");
+    assert_eq!(ranks[1], ranks[2], "equal documents rank equally: {ranks:?}");
+    assert!(ranks[2] > ranks[3], "{ranks:?}");
+    assert!(ranks.iter().all(|r| r.is_finite() && *r > 0.0), "{ranks:?}");
+    assert_eq!(found(&store, search_for("nothing")).await, vec![other.id.to_string()]);
+    assert!(found(&store, search_for("absent")).await.is_empty());
+    // All words must appear.
+    assert_eq!(
+        found(&store, search_for("refund thanks")).await,
+        vec![newer.id.to_string(), older.id.to_string()]
+    );
+}
+
+/// Channel, direction, status, date range, conversation and type; message filters leave
+/// contacts out.
+async fn search_filters_messages(store: Arc<dyn Store>) {
+    let sms_in = receive(&store, inbound(&sid(), &phone(310), "invoice paid", T0 + 10)).await;
+    let sms_out = store
+        .insert_outbound(outbound(&phone(310), "invoice sent", T0 + 20), None)
+        .await
+        .unwrap();
+    let wa_in = receive(
+        &store,
+        NewInbound {
+            channel: Channel::Whatsapp,
+            ..inbound(&sid(), &phone(311), "invoice question", T0 + 30)
+        },
+    )
+    .await;
+    let wa_out = store
+        .insert_outbound(
+            NewOutbound {
+                channel: Channel::Whatsapp,
+                ..outbound(&phone(311), "invoice answer", T0 + 40)
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    store.cancel_message(&wa_out.id, T0 + 41).await.unwrap();
+    let contact = new_contact(&store, &phone(312), "Invoice Department", T0 + 50).await;
+
+    let all = set([&sms_in.id, &sms_out.id, &wa_in.id, &wa_out.id, &contact.id]);
+    assert_eq!(found_set(&store, search_for("invoice")).await, all);
+
+    let with = |f: &dyn Fn(&mut SearchRequest)| {
+        let mut r = search_for("invoice");
+        f(&mut r);
+        r
+    };
+    assert_eq!(
+        found_set(&store, with(&|r| r.channel = Some(Channel::Whatsapp))).await,
+        set([&wa_in.id, &wa_out.id])
+    );
+    assert_eq!(
+        found_set(&store, with(&|r| r.channel = Some(Channel::Sms))).await,
+        set([&sms_in.id, &sms_out.id])
+    );
+    assert_eq!(
+        found_set(&store, with(&|r| r.direction = Some(Direction::Outbound))).await,
+        set([&sms_out.id, &wa_out.id])
+    );
+    assert_eq!(
+        found_set(&store, with(&|r| r.status = Some(MessageStatus::Canceled))).await,
+        set([&wa_out.id])
+    );
+    assert_eq!(
+        found_set(&store, with(&|r| r.status = Some(MessageStatus::Received))).await,
+        set([&sms_in.id, &wa_in.id])
+    );
+    // since is inclusive, until exclusive.
+    assert_eq!(
+        found_set(
+            &store,
+            with(&|r| {
+                r.since = Some(T0 + 20);
+                r.until = Some(T0 + 40);
+            })
+        )
+        .await,
+        set([&sms_out.id, &wa_in.id])
+    );
+    assert_eq!(
+        found_set(
+            &store,
+            with(&|r| r.conversation_id = Some(sms_in.conversation_id.clone()))
+        )
+        .await,
+        set([&sms_in.id, &sms_out.id])
+    );
+    assert_eq!(
+        found_set(&store, with(&|r| r.kind = Some(SearchKind::Contact))).await,
+        set([&contact.id])
+    );
+    assert_eq!(
+        found_set(&store, with(&|r| r.kind = Some(SearchKind::Message))).await,
+        set([&sms_in.id, &sms_out.id, &wa_in.id, &wa_out.id])
+    );
+    // Filters combine.
+    assert_eq!(
+        found_set(
+            &store,
+            with(&|r| {
+                r.channel = Some(Channel::Sms);
+                r.direction = Some(Direction::Inbound);
+            })
+        )
+        .await,
+        set([&sms_in.id])
+    );
+    // The full records come back.
+    let page = store
+        .search(&with(&|r| r.status = Some(MessageStatus::Canceled)))
+        .await
+        .unwrap();
+    match &page.hits[0].item {
+        SearchItem::Message(m) => {
+            assert_eq!(
+                (m.body.as_str(), m.status, m.channel),
+                ("invoice answer", MessageStatus::Canceled, Channel::Whatsapp)
+            );
+        }
+        other => panic!("message expected, got {other:?}"),
+    }
+}
+
+/// Following next_cursor with a small limit returns exactly the one-page result, in the
+/// same order, each once: ranks, creation times and IDs all tie somewhere.
+async fn search_pages_cover_every_result_once(store: Arc<dyn Store>) {
+    let mut expected = HashSet::new();
+    for i in 0..30u32 {
+        let body = format!("{} beta", "alpha ".repeat((i % 3 + 1) as usize));
+        // Three messages per millisecond: equal ranks and equal times.
+        let m = receive(
+            &store,
+            inbound(&sid(), &phone(320 + i as usize), &body, T0 + i64::from(i / 3)),
+        )
+        .await;
+        expected.insert(m.id.to_string());
+    }
+    for i in 0..5 {
+        let c = new_contact(&store, &phone(360 + i), &format!("Alpha Contact {i}"), T0 + 2).await;
+        expected.insert(c.id.to_string());
+    }
+    let mut all = search_for("alpha");
+    all.limit = 200;
+    let whole = store.search(&all).await.unwrap();
+    assert!(whole.next_cursor.is_none());
+    let whole_ids: Vec<String> = whole.hits.iter().map(hit_id).collect();
+    assert_eq!(whole_ids.iter().cloned().collect::<HashSet<_>>(), expected);
+    for w in whole.hits.windows(2) {
+        let (a, b) = (w[0].cursor(), w[1].cursor());
+        assert!(
+            a.rank > b.rank || (a.rank == b.rank && (a.created_at, &a.id) > (b.created_at, &b.id)),
+            "order: {a:?} before {b:?}"
+        );
+    }
+
+    for limit in [1, 4, 7] {
+        let mut paged = Vec::new();
+        let mut req = search_for("alpha");
+        req.limit = limit;
+        for _ in 0..100 {
+            let page = store.search(&req).await.unwrap();
+            assert!(page.hits.len() <= limit as usize);
+            paged.extend(page.hits.iter().map(hit_id));
+            match page.next_cursor {
+                Some(c) => {
+                    // The cursor survives its text form.
+                    req.cursor = Some(SearchCursor::decode(&c.encode()).expect("cursor decodes"));
+                }
+                None => break,
+            }
+        }
+        assert_eq!(paged, whole_ids, "limit {limit}");
+    }
+}
+
+/// The index follows every write in its own transaction: new messages, contacts created,
+/// renamed and deleted.
+async fn search_follows_contact_changes(store: Arc<dyn Store>) {
+    let p = phone(370);
+    let digits = p.trim_start_matches('+').to_string();
+    let c = new_contact(&store, &p, "María López", T0).await;
+    assert_eq!(found(&store, search_for("maria")).await, vec![c.id.to_string()]);
+    assert_eq!(found(&store, search_for("LÓPEZ")).await, vec![c.id.to_string()]);
+    // By number: the digits, a prefix of them, or the number as written.
+    assert_eq!(found(&store, search_for(&digits)).await, vec![c.id.to_string()]);
+    assert_eq!(
+        found(&store, search_for(&format!("{}*", &digits[..6]))).await,
+        vec![c.id.to_string()]
+    );
+    assert_eq!(found(&store, search_for(&p)).await, vec![c.id.to_string()]);
+    let spaced = format!("+{} {} {}", &digits[..1], &digits[1..4], &digits[4..8]);
+    assert_eq!(
+        found(&store, search_for(&spaced)).await,
+        vec![c.id.to_string()],
+        "{spaced}"
+    );
+
+    store.update_contact(&c.id, "Ana Souza", T0 + 1).await.unwrap();
+    assert!(found(&store, search_for("maria")).await.is_empty());
+    assert_eq!(found(&store, search_for("souza")).await, vec![c.id.to_string()]);
+    let page = store.search(&search_for("ana")).await.unwrap();
+    match &page.hits[0].item {
+        SearchItem::Contact(found) => assert_eq!(found.display_name, "Ana Souza"),
+        other => panic!("contact expected, got {other:?}"),
+    }
+
+    // A message from the contact is found by its body, not by the sender's name.
+    let m = receive(&store, inbound(&sid(), &p, "hello from ana", T0 + 2)).await;
+    assert_eq!(found_set(&store, search_for("ana")).await, set([&c.id, &m.id]));
+
+    store.delete_contact(&c.id).await.unwrap();
+    assert!(found(&store, search_for("souza")).await.is_empty());
+    assert!(found(&store, search_for(&digits)).await.is_empty());
+    assert_eq!(found(&store, search_for("ana")).await, vec![m.id.to_string()]);
+
+    // The freed number can have a new contact, found at once.
+    let again = new_contact(&store, &p, "Souza Again", T0 + 3).await;
+    assert_eq!(found(&store, search_for("souza")).await, vec![again.id.to_string()]);
+}
+
+/// Whatever the query holds, the engines see only quoted words: no error, and punctuation,
+/// accents, phrases and prefixes behave the same on both backends.
+async fn search_handles_any_query_text(store: Arc<dyn Store>) {
+    let body = "Call +1 (415) 555-0100 re: order #A-42, NEAR the door. <script>alert(1)</script> \
+                e-mail x@y.com 3.14 — hasta mañana, abren temprano 👍 reschedule";
+    let m = receive(&store, inbound(&sid(), &phone(380), body, T0)).await;
+    let only_m = vec![m.id.to_string()];
+    for q in [
+        "NEAR",
+        "near",
+        "script",
+        "e-mail",
+        "y.com",
+        "x@y.com",
+        "3.14",
+        "A-42",
+        "order:",
+        "re:",
+        "#A-42",
+        "manana",
+        "MAÑANA",
+        "mañana",
+        "resched*",
+        "resch*",
+        "\"abren temprano\"",
+        "\"hasta mañana\"",
+        "\"hasta ma\"*",
+        "+1 (415) 555-0100",
+        "415-555-0100",
+        "<script>",
+        "alert(1)",
+        "NEAR(the door)",
+        "-door",
+        "\"the door",
+        "door\"",
+        "^door",
+        "door*",
+        "(door)",
+        "door;",
+        "'door'",
+    ] {
+        let got = found(&store, search_for(q)).await;
+        assert_eq!(got, only_m, "query {q:?}");
+    }
+    for q in [
+        "\"temprano abren\"",
+        "absent",
+        "door absent",
+        "\"mañana hasta\"",
+        "NOT",
+        "OR",
+        "AND",
+        "'; DROP TABLE messages; --",
+        "*",
+        "**",
+        "\"\"",
+        "\"*\"",
+        "👍",
+        "()",
+        ":",
+        "-",
+        "\0",
+        "\u{0}door\u{0}x",
+        "Robert'); DROP TABLE contacts;--",
+        "\\",
+        "%",
+        "_",
+        "NEAR/2",
+        "{a b}",
+        "[zz]",
+        // Operators and column filters are words like any other.
+        "door AND call",
+        "call OR nothing",
+        "body:call",
+        "display_name:door",
+    ] {
+        let got = store
+            .search(&search_for(q))
+            .await
+            .unwrap_or_else(|e| panic!("query {q:?}: {e}"));
+        assert!(
+            got.hits.is_empty(),
+            "query {q:?} found {:?}",
+            got.hits.iter().map(hit_id).collect::<Vec<_>>()
+        );
+    }
+    // 10 kB of anything: one over-long word, many words, random punctuation.
+    let long_word = "x".repeat(10_000);
+    let many_words = "door ".repeat(2_000);
+    let noise: String = (0..10_000)
+        .map(|i| ['"', '*', '(', ')', ':', '-', ' ', 'a', '^', '\''][i % 10])
+        .collect();
+    let lone_mark = "\u{301}door".to_string();
+    for q in [&long_word, &many_words, &noise, &lone_mark] {
+        let got = store.search(&search_for(q)).await.unwrap();
+        if q == &many_words {
+            assert_eq!(got.hits.iter().map(hit_id).collect::<Vec<_>>(), only_m);
+        }
+    }
+    // The messages and contacts are still there afterwards.
+    assert!(store.get_message(&m.id).await.unwrap().is_some());
+    assert_eq!(found(&store, search_for("door")).await, only_m);
+}
+
+/// An inbound message's detected language is stored on it and becomes its conversation's
+/// running language; messages without a detection (and outbound ones) leave it as it was.
+async fn inbound_language_is_stored_with_the_conversation(store: Arc<dyn Store>) {
+    let p = phone(390);
+    let es = Language {
+        code: "es".into(),
+        confidence: 0.937,
+    };
+    let m = receive(
+        &store,
+        NewInbound {
+            language: Some(es.clone()),
+            ..inbound(&sid(), &p, "Hola, ¿a qué hora abren mañana?", T0)
+        },
+    )
+    .await;
+    assert_eq!(m.language, Some(es.clone()));
+    assert_eq!(message(&store, &m.id).await.language, Some(es.clone()));
+    assert_eq!(
+        conversation(&store, &m.conversation_id).await.language,
+        Some(es.clone())
+    );
+
+    let ok = receive(&store, inbound(&sid(), &p, "ok", T0 + 1)).await;
+    assert_eq!(ok.language, None);
+    let out = store
+        .insert_outbound(outbound(&p, "Abrimos a las 9", T0 + 2), None)
+        .await
+        .unwrap();
+    assert_eq!(out.language, None);
+    assert_eq!(conversation(&store, &m.conversation_id).await.language, Some(es));
+
+    let pt = Language {
+        code: "pt".into(),
+        confidence: 1.0,
+    };
+    receive(
+        &store,
+        NewInbound {
+            language: Some(pt.clone()),
+            ..inbound(&sid(), &p, "Olá, vocês abrem amanhã de manhã?", T0 + 3)
+        },
+    )
+    .await;
+    let conv = conversation(&store, &m.conversation_id).await;
+    assert_eq!(conv.language, Some(pt.clone()));
+    // The conversation list and the change feed carry it too.
+    let listed = store
+        .list_conversations(
+            &ConversationFilter::default(),
+            &PageRequest {
+                cursor: None,
+                limit: 50,
+            },
+        )
+        .await
+        .unwrap();
+    let listed = listed.items.iter().find(|c| c.id == m.conversation_id).unwrap();
+    assert_eq!(listed.language, Some(pt.clone()));
+    let changed = all_changes(&store).await;
+    assert_eq!(
+        changed
+            .iter()
+            .find(|c| c.id == m.id)
+            .unwrap()
+            .language
+            .as_ref()
+            .unwrap()
+            .code,
+        "es"
+    );
+    // And the event written with the message renders it.
+    let events = all_events(&store, 0).await;
+    let created = events
+        .iter()
+        .find(|e| e.kind == "message.created" && data(e)["message"]["id"] == m.id.as_str())
+        .expect("message.created event");
+    assert_eq!(data(created)["message"]["language"], "es");
+    assert_eq!(data(created)["message"]["language_confidence"], 0.937);
 }

@@ -10,6 +10,7 @@ pub mod messages;
 pub mod misc;
 pub mod openapi;
 pub mod reference;
+pub mod search;
 pub mod types;
 pub mod webhook_endpoints;
 
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(misc::router())
         .merge(events::router())
         .merge(webhook_endpoints::router())
+        .merge(search::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_api_key))
 }
 

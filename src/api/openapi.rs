@@ -28,13 +28,15 @@ use super::types::*;
         super::webhook_endpoints::list, super::webhook_endpoints::create, super::webhook_endpoints::get_one,
         super::webhook_endpoints::update, super::webhook_endpoints::delete, super::webhook_endpoints::rotate_secret,
         super::webhook_endpoints::deliveries, super::webhook_endpoints::retry,
+        super::search::search,
         compat::send, compat::messages, compat::messages_since, compat::threads, compat::list_contacts,
         compat::create_contact, compat::update_contact, compat::webhook,
     ),
     components(schemas(MessageOut, ConversationOut, ContactOut, OptOutOut, StatusEventOut, crate::error::ErrorEnvelope,
         crate::events::EventKind, crate::events::stream::Resync, super::events::TypingIn, EnrichmentOut,
         super::webhook_endpoints::WebhookEndpointOut, super::webhook_endpoints::WebhookDeliveryOut,
-        super::webhook_endpoints::WebhookEndpointIn, super::webhook_endpoints::WebhookEndpointPatchIn)),
+        super::webhook_endpoints::WebhookEndpointIn, super::webhook_endpoints::WebhookEndpointPatchIn,
+        super::search::SearchResultOut)),
     modifiers(&BearerAuth, &SharedResponses),
     tags(
         (name = "messages", description = "Send, fetch, cancel, poll"),
@@ -42,6 +44,7 @@ use super::types::*;
         (name = "contacts"), (name = "opt-outs"), (name = "segments"),
         (name = "events", description = "Real-time events (SSE and WebSocket) with resumable cursors; typing"),
         (name = "webhooks", description = "Outbound event webhooks: the stream's events POSTed to your URLs, signed (Standard Webhooks), retried, with a delivery log"),
+        (name = "search", description = "Full-text search over message bodies and contacts"),
         (name = "messenger", description = "Drop-in backends for the SMS Messenger (seed 000) and WhatsApp Messenger (seed 001) frontends"),
     )
 )]
@@ -173,6 +176,7 @@ mod tests {
             "/api/v1/segments",
             "/api/v1/webhook-endpoints",
             "/api/v1/webhook-endpoints/{id}/deliveries/{delivery_id}/retry",
+            "/api/v1/search",
             "/api/{messenger}/send",
             "/api/{messenger}/messages-since",
             "/api/{messenger}/webhook",

@@ -68,6 +68,11 @@ pub struct MessageOut {
     pub attempts: u32,
     /// Next attempt, RFC 3339, while waiting to be handed to Twilio.
     pub next_attempt_at: Option<String>,
+    /// Detected language of an inbound message, ISO 639-1 (`en`, `es`, `pt`…); null for
+    /// outbound messages and when the text is too short or the detection unreliable.
+    pub language: Option<String>,
+    /// Confidence of `language`, 0..1 (null with it).
+    pub language_confidence: Option<f64>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
@@ -100,6 +105,8 @@ impl From<&MessageRecord> for MessageOut {
             content_sid: m.content_sid.clone(),
             attempts: m.attempts,
             next_attempt_at: m.next_attempt_at.map(rfc3339),
+            language: m.language.as_ref().map(|l| l.code.clone()),
+            language_confidence: m.language.as_ref().map(|l| l.confidence),
             created_at: rfc3339(m.created_at),
             updated_at: rfc3339(m.updated_at),
             status_history: None,
@@ -232,6 +239,11 @@ pub struct ConversationOut {
     pub unread_count: i64,
     /// The counterpart opted out on this channel.
     pub opted_out: bool,
+    /// The conversation's running language, ISO 639-1: that of its latest inbound message
+    /// whose language was reliably detected (null until there is one).
+    pub language: Option<String>,
+    /// Confidence of `language`, 0..1 (null with it).
+    pub language_confidence: Option<f64>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
@@ -258,6 +270,8 @@ impl From<ConversationRecord> for ConversationOut {
             message_count: c.message_count,
             unread_count: c.unread_count,
             opted_out: c.opted_out,
+            language: c.language.as_ref().map(|l| l.code.clone()),
+            language_confidence: c.language.map(|l| l.confidence),
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }

@@ -2,8 +2,10 @@
 //! and SMS segment counting.
 
 pub mod ids;
+pub mod language;
 pub mod message;
 pub mod phone;
+pub mod search;
 pub mod segments;
 
 pub use ids::{ApiKeyId, ContactId, ConversationId, MessageId, WebhookDeliveryId, WebhookEndpointId};

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use crate::delivery::Delivery;
+use crate::domain::language::LanguageDetector;
 use crate::domain::phone::{split_channel_prefix, wire_address};
 use crate::domain::segments;
 use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, MessageStatus, PhoneNumber, Priority};
@@ -126,6 +127,7 @@ pub struct Messaging {
     region: String,
     /// Set when contact enrichment is on: woken when an inbound message queued a lookup.
     enrichment: Option<Arc<tokio::sync::Notify>>,
+    language: LanguageDetector,
 }
 
 impl Messaging {
@@ -137,6 +139,7 @@ impl Messaging {
             senders,
             region,
             enrichment: None,
+            language: LanguageDetector::default(),
         }
     }
 
@@ -144,6 +147,13 @@ impl Messaging {
     /// creates the contact and queues its lookup (see [`crate::enrichment`]), waking `wake`.
     pub fn with_enrichment(mut self, wake: Arc<tokio::sync::Notify>) -> Self {
         self.enrichment = Some(wake);
+        self
+    }
+
+    /// Detects inbound messages' languages with `detector` (default: every language
+    /// whatlang knows).
+    pub fn with_language(mut self, detector: LanguageDetector) -> Self {
+        self.language = detector;
         self
     }
 
@@ -546,6 +556,9 @@ impl Messaging {
         for (k, v) in params {
             raw.insert(k.clone(), Value::String(v.clone()));
         }
+        // Inline: whatlang takes microseconds, and the language is then stored with the
+        // message and its conversation in one transaction.
+        let language = self.language.detect(&body);
         let outcome = self
             .store
             .insert_inbound(NewInbound {
@@ -561,6 +574,7 @@ impl Messaging {
                 raw_payload: Value::Object(raw),
                 opt_change,
                 enrichment,
+                language,
                 now: now_ms(),
             })
             .await?;

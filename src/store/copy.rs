@@ -42,7 +42,7 @@ use tracing::info;
 
 use crate::config::DatabaseKind;
 
-/// Rows per `INSERT`. 500 messages × 36 columns stays far below PostgreSQL's 65,535 bind
+/// Rows per `INSERT`. 500 messages × 38 columns stays far below PostgreSQL's 65,535 bind
 /// parameters while making each round trip carry enough work.
 const BATCH_ROWS: usize = 500;
 /// Rows of each table compared field by field after the copy.
@@ -62,6 +62,8 @@ enum Kind {
     Bool,
     /// JSON text in SQLite, `JSONB` in PostgreSQL.
     Json,
+    /// `REAL` in SQLite, `DOUBLE PRECISION` in PostgreSQL (both IEEE 754 doubles: exact).
+    Real,
 }
 
 impl Kind {
@@ -69,6 +71,7 @@ impl Kind {
         match self {
             Kind::Text | Kind::Json => "TEXT",
             Kind::Int | Kind::Bool => "INTEGER",
+            Kind::Real => "REAL",
         }
     }
 
@@ -78,6 +81,7 @@ impl Kind {
             Kind::Int => "bigint",
             Kind::Bool => "boolean",
             Kind::Json => "jsonb",
+            Kind::Real => "double precision",
         }
     }
 }
@@ -115,7 +119,7 @@ impl Table {
     }
 }
 
-use Kind::{Bool, Int, Json, Text};
+use Kind::{Bool, Int, Json, Real, Text};
 
 /// The tables in dependency order (conversations before the messages that reference them).
 /// `counters` is not copied: PostgreSQL keeps `change_seq` in a sequence, advanced below.
@@ -218,6 +222,8 @@ const TABLES: &[Table] = &[
             ("unread_count", Int),
             ("created_at", Int),
             ("updated_at", Int),
+            ("language", Text),
+            ("language_confidence", Real),
         ],
     },
     Table {
@@ -260,6 +266,8 @@ const TABLES: &[Table] = &[
             ("group_id", Text),
             ("part_index", Int),
             ("part_count", Int),
+            ("language", Text),
+            ("language_confidence", Real),
         ],
     },
     Table {
@@ -313,7 +321,28 @@ const TABLES: &[Table] = &[
 /// `event_log`) is short-lived history for reconnecting clients, not data: its cursor is
 /// carried over instead (see [`advance_sequences`]), so clients resuming from a SQLite-era
 /// cursor are told to resync.
-const SQLITE_NOT_COPIED: &[&str] = &["counters", "_sqlx_migrations", "sqlite_sequence", "events", "event_log"];
+/// The full-text indexes (`*_fts` and FTS5's shadow tables) are derived from the copied
+/// rows; PostgreSQL computes its own (generated `search_tsv` columns).
+const SQLITE_NOT_COPIED: &[&str] = &[
+    "counters",
+    "_sqlx_migrations",
+    "sqlite_sequence",
+    "events",
+    "event_log",
+    "messages_fts",
+    "messages_fts_data",
+    "messages_fts_idx",
+    "messages_fts_docsize",
+    "messages_fts_config",
+    "contacts_fts",
+    "contacts_fts_data",
+    "contacts_fts_idx",
+    "contacts_fts_docsize",
+    "contacts_fts_config",
+];
+/// SQLite columns that only serve SQLite's own machinery and are not copied: the stable
+/// keys of the FTS5 indexes (migrations/sqlite/0004_search.sql).
+const SQLITE_ONLY_COLUMNS: &[(&str, &str)] = &[("messages", "search_rowid"), ("contacts", "search_rowid")];
 /// PostgreSQL tables that are deliberately not written (`event_log` only has its start moved).
 const POSTGRES_NOT_COPIED: &[&str] = &["_sqlx_migrations", "events", "event_log"];
 
@@ -566,7 +595,11 @@ async fn check_sqlite_schema(src: &mut SqliteConnection) -> anyhow::Result<()> {
             .bind(table.name)
             .fetch_all(&mut *src)
             .await?;
-        let found: Vec<(String, String)> = cols.into_iter().map(|(n, t)| (n, t.to_ascii_uppercase())).collect();
+        let found: Vec<(String, String)> = cols
+            .into_iter()
+            .filter(|(n, _)| !SQLITE_ONLY_COLUMNS.contains(&(table.name, n.as_str())))
+            .map(|(n, t)| (n, t.to_ascii_uppercase()))
+            .collect();
         compare_columns("SQLite", table, &found, Kind::sqlite_type)?;
     }
     Ok(())
@@ -588,8 +621,9 @@ async fn check_postgres_schema(dst: &mut PgConnection) -> anyhow::Result<()> {
     }
     for table in TABLES {
         let found: Vec<(String, String)> = sqlx::query_as(
+            // Generated columns (the search vectors) are computed by PostgreSQL, never written.
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = $1",
+             WHERE table_schema = current_schema() AND table_name = $1 AND is_generated = 'NEVER'",
         )
         .bind(table.name)
         .fetch_all(&mut *dst)
@@ -683,6 +717,7 @@ enum Cell {
     Int(Option<i64>),
     Bool(Option<bool>),
     Json(Option<JsonText>),
+    Real(Option<f64>),
 }
 
 /// A JSON value and the text to send for it. Two are equal when their values are: JSONB
@@ -702,11 +737,14 @@ impl PartialEq for JsonText {
 impl fmt::Display for Cell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match self {
-            Cell::Text(None) | Cell::Int(None) | Cell::Bool(None) | Cell::Json(None) => "NULL".to_string(),
+            Cell::Text(None) | Cell::Int(None) | Cell::Bool(None) | Cell::Json(None) | Cell::Real(None) => {
+                "NULL".to_string()
+            }
             Cell::Text(Some(s)) => format!("{s:?}"),
             Cell::Int(Some(i)) => i.to_string(),
             Cell::Bool(Some(b)) => b.to_string(),
             Cell::Json(Some(j)) => j.value.to_string(),
+            Cell::Real(Some(r)) => r.to_string(),
         };
         // Bodies and payloads can be long; the start is enough to see the difference.
         if text.chars().count() > 80 {
@@ -763,6 +801,7 @@ fn decode_sqlite(table: &Table, row: &SqliteRow, stats: &mut Stats) -> anyhow::R
             Kind::Text => Cell::Text(row.try_get::<Option<String>, _>(i)?.map(|s| clean_text(s, stats))),
             Kind::Int => Cell::Int(row.try_get(i)?),
             Kind::Bool => Cell::Bool(row.try_get::<Option<i64>, _>(i)?.map(|v| v != 0)),
+            Kind::Real => Cell::Real(row.try_get(i)?),
             Kind::Json => match row.try_get::<Option<String>, _>(i)? {
                 None => Cell::Json(None),
                 Some(text) => Cell::Json(Some(json_cell(text, stats).map_err(|e| {
@@ -787,6 +826,7 @@ fn decode_pg(table: &Table, row: &PgRow) -> anyhow::Result<Vec<Cell>> {
             Kind::Text => Cell::Text(row.try_get(i)?),
             Kind::Int => Cell::Int(row.try_get(i)?),
             Kind::Bool => Cell::Bool(row.try_get(i)?),
+            Kind::Real => Cell::Real(row.try_get(i)?),
             Kind::Json => Cell::Json(
                 row.try_get::<Option<String>, _>(i)?
                     .map(|text| serde_json::from_str(&text).map(|value| JsonText { value, text }))
@@ -820,6 +860,7 @@ fn bind_pg<'q>(q: Query<'q, Postgres, PgArguments>, cell: &Cell) -> Query<'q, Po
         Cell::Text(v) => q.bind(v.clone()),
         Cell::Int(v) => q.bind(*v),
         Cell::Bool(v) => q.bind(*v),
+        Cell::Real(v) => q.bind(*v),
         Cell::Json(v) => q.bind(v.as_ref().map(|j| j.text.clone())),
     }
 }
@@ -873,6 +914,9 @@ async fn insert_batch(dst: &mut PgConnection, table: &Table, batch: &mut Vec<Vec
                     b.push_bind(v);
                 }
                 Cell::Bool(v) => {
+                    b.push_bind(v);
+                }
+                Cell::Real(v) => {
                     b.push_bind(v);
                 }
                 Cell::Json(v) => {

@@ -110,6 +110,8 @@ pub struct MessageRecord {
     /// Part of a long body sent as several messages: the group (first part's ID), this
     /// part's index from 0, and the number of parts.
     pub part: Option<Part>,
+    /// Detected language of an inbound message (see [`crate::domain::language`]).
+    pub language: Option<Language>,
 }
 
 impl MessageRecord {
@@ -199,10 +201,31 @@ pub struct ConversationRecord {
     pub unread_count: i64,
     /// The counterpart opted out on this channel.
     pub opted_out: bool,
+    /// The running language: that of the latest inbound message with a reliable detection.
+    pub language: Option<Language>,
     /// Created (ms).
     pub created_at: i64,
     /// Last changed (ms).
     pub updated_at: i64,
+}
+
+/// A detected language as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Language {
+    /// ISO 639-1 code (`en`, `es`, `pt`…).
+    pub code: String,
+    /// Confidence, 0..1.
+    pub confidence: f64,
+}
+
+impl Language {
+    /// From the two nullable columns: a language only when both are set.
+    pub fn from_columns(code: Option<String>, confidence: Option<f64>) -> Option<Self> {
+        Some(Language {
+            code: code?,
+            confidence: confidence?,
+        })
+    }
 }
 
 /// An opted-out number.
@@ -331,6 +354,9 @@ pub struct NewInbound {
     /// With contact enrichment on: create the contact of a number that has none and queue
     /// its lookup, in the same transaction.
     pub enrichment: Option<NewEnrichment>,
+    /// The body's language when it was reliably detected; it also becomes the
+    /// conversation's running language.
+    pub language: Option<Language>,
     /// Now (ms).
     pub now: i64,
 }
@@ -559,6 +585,171 @@ pub struct NewContact {
     pub display_name: String,
     /// Now (ms).
     pub now: i64,
+}
+
+/// What a search covers (`type=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchKind {
+    /// Message bodies.
+    Message,
+    /// Contact names and phone numbers.
+    Contact,
+}
+
+/// A full-text search (`GET /api/v1/search`, docs/search.md).
+#[derive(Debug, Clone)]
+pub struct SearchRequest {
+    /// The parsed query.
+    pub query: crate::domain::search::SearchQuery,
+    /// Only this kind of result; `None`: both, or only messages when a message filter is set.
+    pub kind: Option<SearchKind>,
+    /// Messages on this channel.
+    pub channel: Option<Channel>,
+    /// Messages in this direction.
+    pub direction: Option<Direction>,
+    /// Messages with this status.
+    pub status: Option<MessageStatus>,
+    /// Messages created at or after this time (ms).
+    pub since: Option<i64>,
+    /// Messages created before this time (ms).
+    pub until: Option<i64>,
+    /// Messages of this conversation.
+    pub conversation_id: Option<ConversationId>,
+    /// Where to continue.
+    pub cursor: Option<SearchCursor>,
+    /// At most this many (1–200).
+    pub limit: u32,
+}
+
+impl SearchRequest {
+    /// A first page of 50 for `query`, without filters.
+    pub fn new(query: crate::domain::search::SearchQuery) -> Self {
+        SearchRequest {
+            query,
+            kind: None,
+            channel: None,
+            direction: None,
+            status: None,
+            since: None,
+            until: None,
+            conversation_id: None,
+            cursor: None,
+            limit: 50,
+        }
+    }
+
+    /// Whether a filter that only messages have is set.
+    pub fn has_message_filter(&self) -> bool {
+        self.channel.is_some()
+            || self.direction.is_some()
+            || self.status.is_some()
+            || self.since.is_some()
+            || self.until.is_some()
+            || self.conversation_id.is_some()
+    }
+
+    /// Whether results of `kind` are wanted.
+    pub fn wants(&self, kind: SearchKind) -> bool {
+        match self.kind {
+            Some(k) => k == kind,
+            None => kind == SearchKind::Message || !self.has_message_filter(),
+        }
+    }
+}
+
+/// One search result.
+#[derive(Debug, Clone)]
+pub enum SearchItem {
+    /// A message whose body matched.
+    Message(Box<MessageRecord>),
+    /// A contact whose name or number matched.
+    Contact(ContactRecord),
+}
+
+/// A result with its relevance.
+#[derive(Debug, Clone)]
+pub struct SearchHit {
+    /// The message or contact.
+    pub item: SearchItem,
+    /// Relevance, higher is better: `-bm25()` on SQLite, `ts_rank()` on PostgreSQL (the two
+    /// scales differ).
+    pub rank: f64,
+}
+
+impl SearchHit {
+    /// The position of this hit in the result order, to continue after it.
+    pub fn cursor(&self) -> SearchCursor {
+        let (created_at, id) = match &self.item {
+            SearchItem::Message(m) => (m.created_at, m.id.to_string()),
+            SearchItem::Contact(c) => (c.created_at, c.id.to_string()),
+        };
+        SearchCursor {
+            rank: self.rank,
+            created_at,
+            id,
+        }
+    }
+}
+
+/// A page of search results.
+#[derive(Debug, Clone)]
+pub struct SearchPage {
+    /// Best first: rank descending, then newest first, then ID descending.
+    pub hits: Vec<SearchHit>,
+    /// Where the next page starts, `None` at the end.
+    pub next_cursor: Option<SearchCursor>,
+}
+
+impl SearchPage {
+    /// Builds a page from a query that fetched `limit + 1` hits (as [`Page::from_overfetch`]).
+    pub fn from_overfetch(mut hits: Vec<SearchHit>, limit: usize) -> Self {
+        let next_cursor = if hits.len() > limit {
+            hits.truncate(limit);
+            hits.last().map(SearchHit::cursor)
+        } else {
+            None
+        };
+        SearchPage { hits, next_cursor }
+    }
+}
+
+/// A keyset position in search order: (rank, created_at, id), all descending. The rank is
+/// carried exactly (its bits), so the next page's comparison sees the same number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchCursor {
+    /// Rank of the last hit.
+    pub rank: f64,
+    /// Its creation time (ms).
+    pub created_at: i64,
+    /// Its ID (`msg_…` or `ct_…`).
+    pub id: String,
+}
+
+impl SearchCursor {
+    /// Opaque text form (URL-safe base64 of `s1|rank bits|created_at|id`).
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "s1|{:016x}|{}|{}",
+            self.rank.to_bits(),
+            self.created_at,
+            self.id
+        ))
+    }
+
+    /// Parses [`SearchCursor::encode`] output; `None` for anything else (a list cursor
+    /// included).
+    pub fn decode(s: &str) -> Option<Self> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let mut parts = text.splitn(4, '|');
+        if parts.next()? != "s1" {
+            return None;
+        }
+        let rank = f64::from_bits(u64::from_str_radix(parts.next()?, 16).ok()?);
+        let created_at = parts.next()?.parse().ok()?;
+        let id = parts.next()?.to_string();
+        (rank.is_finite() && !id.is_empty()).then_some(SearchCursor { rank, created_at, id })
+    }
 }
 
 /// The storage contract. Every method is one transaction: it either happens entirely or not
@@ -806,4 +997,7 @@ pub trait Store: Send + Sync + 'static {
         outcome: EnrichmentOutcome,
         now: i64,
     ) -> StoreResult<Option<ContactRecord>>;
+    /// Full-text search over message bodies and contact names and numbers, best first (see
+    /// [`SearchRequest`]); one consistent snapshot per page.
+    async fn search(&self, req: &SearchRequest) -> StoreResult<SearchPage>;
 }

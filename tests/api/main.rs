@@ -15,5 +15,6 @@ mod events;
 mod messages;
 mod ops;
 mod restart;
+mod search;
 mod webhook_endpoints;
 mod webhooks;

@@ -36,7 +36,7 @@ mod rows;
 use anyhow::Context;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
@@ -412,18 +412,23 @@ async fn upsert_conversation(
     message_id: &str,
     preview_text: &str,
     direction: Direction,
+    language: Option<&Language>,
     now: i64,
 ) -> StoreResult<String> {
     let unread = i64::from(direction == Direction::Inbound);
     sqlx::query_scalar(
         "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
-             last_message_at, activity_at, message_count, unread_count, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1, $9, $8, $8) \
+             last_message_at, activity_at, message_count, unread_count, created_at, updated_at, language, \
+             language_confidence) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1, $9, $8, $8, $10, $11) \
          ON CONFLICT (channel, counterpart, sender) DO UPDATE SET \
              last_message_id = EXCLUDED.last_message_id, last_preview = EXCLUDED.last_preview, \
              last_direction = EXCLUDED.last_direction, last_message_at = EXCLUDED.last_message_at, \
              activity_at = EXCLUDED.activity_at, message_count = conversations.message_count + 1, \
-             unread_count = conversations.unread_count + EXCLUDED.unread_count, updated_at = EXCLUDED.updated_at \
+             unread_count = conversations.unread_count + EXCLUDED.unread_count, updated_at = EXCLUDED.updated_at, \
+             language = COALESCE(EXCLUDED.language, conversations.language), \
+             language_confidence = CASE WHEN EXCLUDED.language IS NULL THEN conversations.language_confidence \
+                 ELSE EXCLUDED.language_confidence END \
          RETURNING id",
     )
     .bind(ConversationId::new().as_str())
@@ -435,6 +440,8 @@ async fn upsert_conversation(
     .bind(direction.as_str())
     .bind(now)
     .bind(unread)
+    .bind(language.map(|l| l.code.as_str()))
+    .bind(language.map(|l| l.confidence))
     .fetch_one(&mut *tx.inner)
     .await
     .map_err(map_err)
@@ -585,6 +592,7 @@ async fn insert_outbound_tx(tx: &mut Tx, m: &NewOutbound, conversation: Option<S
                 m.id.as_str(),
                 &preview(&m.body, m.media.len()),
                 Direction::Outbound,
+                None,
                 m.now,
             )
             .await?;
@@ -1053,6 +1061,7 @@ impl Store for PostgresStore {
             m.id.as_str(),
             &preview(&m.body, m.media.len()),
             Direction::Inbound,
+            m.language.as_ref(),
             m.now,
         )
         .await?;
@@ -1061,8 +1070,9 @@ impl Store for PostgresStore {
         // without aborting the transaction; rolling back undoes our conversation update.
         let inserted: Option<String> = sqlx::query_scalar(
             "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
-             provider_sid, segments, encoding, raw_payload, created_at, updated_at, change_seq) \
-             VALUES ($1, $2, $3, 'inbound', $4, $5, $6, $7::jsonb, 'received', $8, $9, $10, $11::jsonb, $12, $12, 0) \
+             provider_sid, segments, encoding, raw_payload, created_at, updated_at, change_seq, language, \
+             language_confidence) \
+             VALUES ($1, $2, $3, 'inbound', $4, $5, $6, $7::jsonb, 'received', $8, $9, $10, $11::jsonb, $12, $12, 0, $13, $14) \
              ON CONFLICT (provider_sid) DO NOTHING RETURNING id",
         )
         .bind(m.id.as_str())
@@ -1077,6 +1087,8 @@ impl Store for PostgresStore {
         .bind(&m.encoding)
         .bind(pg_json(&m.raw_payload))
         .bind(m.now)
+        .bind(m.language.as_ref().map(|l| l.code.as_str()))
+        .bind(m.language.as_ref().map(|l| l.confidence))
         .fetch_optional(&mut *tx.inner)
         .await
         .map_err(map_err)?;
@@ -2006,5 +2018,118 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<Option<ContactRecord>> {
         self.enrichment_record(job, owner, outcome, now).await
+    }
+
+    async fn search(&self, req: &SearchRequest) -> StoreResult<SearchPage> {
+        if req.query.matches_nothing() {
+            return Ok(SearchPage {
+                hits: Vec::new(),
+                next_cursor: None,
+            });
+        }
+        let limit = i64::from(req.limit.clamp(1, 200));
+        let tsquery = pg_text(&req.query.to_tsquery()).into_owned();
+        // ts_rank with normalization 1 (divided by 1 + log of the document length), the
+        // closest to bm25's preference for short documents. Cast to float8 so that the
+        // cursor's f64 compares exactly.
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id, created_at, score FROM (");
+        if req.wants(SearchKind::Message) {
+            q.push("SELECT m.id AS id, m.created_at AS created_at, ts_rank(m.search_tsv, to_tsquery('switchboard_search', ")
+                .push_bind(tsquery.clone())
+                .push("), 1)::float8 AS score FROM messages m WHERE m.search_tsv @@ to_tsquery('switchboard_search', ")
+                .push_bind(tsquery.clone())
+                .push(")");
+            if let Some(c) = req.channel {
+                q.push(" AND m.channel = ").push_bind(c.as_str());
+            }
+            if let Some(d) = req.direction {
+                q.push(" AND m.direction = ").push_bind(d.as_str());
+            }
+            if let Some(st) = req.status {
+                q.push(" AND m.status = ").push_bind(st.as_str());
+            }
+            if let Some(t) = req.since {
+                q.push(" AND m.created_at >= ").push_bind(t);
+            }
+            if let Some(t) = req.until {
+                q.push(" AND m.created_at < ").push_bind(t);
+            }
+            if let Some(c) = &req.conversation_id {
+                q.push(" AND m.conversation_id = ").push_bind(c.to_string());
+            }
+        }
+        if req.wants(SearchKind::Contact) {
+            if req.wants(SearchKind::Message) {
+                q.push(" UNION ALL ");
+            }
+            q.push("SELECT ct.id AS id, ct.created_at AS created_at, ts_rank(ct.search_tsv, to_tsquery('switchboard_search', ")
+                .push_bind(tsquery.clone())
+                .push("), 1)::float8 AS score FROM contacts ct WHERE ct.search_tsv @@ to_tsquery('switchboard_search', ")
+                .push_bind(tsquery)
+                .push(")");
+        }
+        q.push(") AS hits");
+        if let Some(c) = &req.cursor {
+            q.push(" WHERE score < ")
+                .push_bind(c.rank)
+                .push(" OR (score = ")
+                .push_bind(c.rank)
+                .push(" AND (created_at < ")
+                .push_bind(c.created_at)
+                .push(" OR (created_at = ")
+                .push_bind(c.created_at)
+                .push(" AND id < ")
+                .push_bind(pg_text(&c.id).into_owned())
+                .push(")))");
+        }
+        q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
+            .push_bind(limit + 1);
+
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(map_err)?;
+        let rows = q.build().fetch_all(&mut *tx).await.map_err(map_err)?;
+        let ranked: Vec<(String, f64)> = rows.iter().map(|r| (r.get("id"), r.get("score"))).collect();
+        let ids = |prefix: &str| -> Vec<String> {
+            ranked
+                .iter()
+                .filter(|(id, _)| id.starts_with(prefix))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        let mut messages: HashMap<String, MessageRecord> = HashMap::new();
+        for r in sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ANY($1)"))
+            .bind(ids(MessageId::PREFIX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+        {
+            let m = message_from_row(&r)?;
+            messages.insert(m.id.to_string(), m);
+        }
+        let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
+        for r in sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = ANY($1)"))
+            .bind(ids(ContactId::PREFIX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+        {
+            let c = contact_from_row(&r);
+            contacts.insert(c.id.to_string(), c);
+        }
+        tx.rollback().await.map_err(map_err)?;
+        let hits = ranked
+            .into_iter()
+            .filter_map(|(id, rank)| {
+                let item = match messages.remove(&id) {
+                    Some(m) => SearchItem::Message(Box::new(m)),
+                    None => SearchItem::Contact(contacts.remove(&id)?),
+                };
+                Some(SearchHit { item, rank })
+            })
+            .collect();
+        Ok(SearchPage::from_overfetch(hits, limit as usize))
     }
 }

@@ -13,7 +13,8 @@ use super::super::*;
 pub(super) const MESSAGE_COLS: &str = "id, conversation_id, channel, direction, from_addr, to_addr, body, \
     media::text AS media, status, provider_sid, error_code, error_message, segments, encoding, smart_encoding, \
     messaging_service_sid, content_sid, content_variables, priority, send_at, validity_period, attempts, \
-    next_attempt_at, created_at, updated_at, change_seq, group_id, part_index, part_count";
+    next_attempt_at, created_at, updated_at, change_seq, group_id, part_index, part_count, language, \
+    language_confidence";
 
 fn stored<T>(value: Option<T>, what: &'static str) -> StoreResult<T> {
     value.context(what).map_err(StoreError::Other)
@@ -56,13 +57,14 @@ pub(super) fn message_from_row(r: &PgRow) -> StoreResult<MessageRecord> {
             index: r.get::<Option<i64>, _>("part_index").unwrap_or(0) as u32,
             count: r.get::<Option<i64>, _>("part_count").unwrap_or(1) as u32,
         }),
+        language: Language::from_columns(r.get("language"), r.get("language_confidence")),
     })
 }
 
 /// Conversations with their contact and opt-out flags; callers append `WHERE …`.
 pub(super) const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, \
     c.last_direction, c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
-    ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
+    c.language, c.language_confidence, ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
     ct.updated_at AS ct_updated, ct.external_id AS ct_external_id, ct.attributes AS ct_attributes, \
     ct.enrichment_status AS ct_enrichment_status, ct.enrichment_attempts AS ct_enrichment_attempts, \
     ct.enrichment_error AS ct_enrichment_error, ct.enriched_at AS ct_enriched_at, \
@@ -100,6 +102,7 @@ pub(super) fn conversation_from_row(r: &PgRow) -> StoreResult<ConversationRecord
         message_count: r.get("message_count"),
         unread_count: r.get("unread_count"),
         opted_out: r.get("opted_out"),
+        language: Language::from_columns(r.get("language"), r.get("language_confidence")),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     })

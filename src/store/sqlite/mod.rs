@@ -7,7 +7,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -191,7 +191,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
 const MESSAGE_COLS: &str = "id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
     provider_sid, error_code, error_message, segments, encoding, smart_encoding, messaging_service_sid, \
     content_sid, content_variables, priority, send_at, validity_period, attempts, next_attempt_at, \
-    created_at, updated_at, change_seq, group_id, part_index, part_count";
+    created_at, updated_at, change_seq, group_id, part_index, part_count, language, language_confidence";
 
 fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
     let media: String = r.get("media");
@@ -236,12 +236,13 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
             index: r.get::<Option<i64>, _>("part_index").unwrap_or(0) as u32,
             count: r.get::<Option<i64>, _>("part_count").unwrap_or(1) as u32,
         }),
+        language: Language::from_columns(r.get("language"), r.get("language_confidence")),
     })
 }
 
 const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, c.last_direction, \
     c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
-    ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
+    c.language, c.language_confidence, ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
     ct.updated_at AS ct_updated, ct.external_id AS ct_external_id, ct.attributes AS ct_attributes, \
     ct.enrichment_status AS ct_enrichment_status, ct.enrichment_attempts AS ct_enrichment_attempts, \
     ct.enrichment_error AS ct_enrichment_error, ct.enriched_at AS ct_enriched_at, \
@@ -281,6 +282,7 @@ fn conversation_from_row(r: &SqliteRow) -> StoreResult<ConversationRecord> {
         message_count: r.get("message_count"),
         unread_count: r.get("unread_count"),
         opted_out: r.get::<i64, _>("opted_out") != 0,
+        language: Language::from_columns(r.get("language"), r.get("language_confidence")),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     })
@@ -346,7 +348,8 @@ async fn fetch_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
     message_from_row(&row)
 }
 
-/// Creates the conversation if needed and folds one new message into its summary.
+/// Creates the conversation if needed and folds one new message into its summary. A
+/// detected `language` becomes the conversation's running language.
 #[allow(clippy::too_many_arguments)]
 async fn upsert_conversation(
     tx: &mut Tx,
@@ -356,18 +359,23 @@ async fn upsert_conversation(
     message_id: &str,
     preview_text: &str,
     direction: Direction,
+    language: Option<&Language>,
     now: i64,
 ) -> StoreResult<String> {
     let unread = i64::from(direction == Direction::Inbound);
     sqlx::query_scalar(
         "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
-             last_message_at, activity_at, message_count, unread_count, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, ?9, ?8, ?8) \
+             last_message_at, activity_at, message_count, unread_count, created_at, updated_at, language, \
+             language_confidence) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, ?9, ?8, ?8, ?10, ?11) \
          ON CONFLICT (channel, counterpart, sender) DO UPDATE SET \
              last_message_id = excluded.last_message_id, last_preview = excluded.last_preview, \
              last_direction = excluded.last_direction, last_message_at = excluded.last_message_at, \
              activity_at = excluded.activity_at, message_count = conversations.message_count + 1, \
-             unread_count = conversations.unread_count + excluded.unread_count, updated_at = excluded.updated_at \
+             unread_count = conversations.unread_count + excluded.unread_count, updated_at = excluded.updated_at, \
+             language = COALESCE(excluded.language, conversations.language), \
+             language_confidence = CASE WHEN excluded.language IS NULL THEN conversations.language_confidence \
+                 ELSE excluded.language_confidence END \
          RETURNING id",
     )
     .bind(ConversationId::new().as_str())
@@ -379,6 +387,8 @@ async fn upsert_conversation(
     .bind(direction.as_str())
     .bind(now)
     .bind(unread)
+    .bind(language.map(|l| l.code.as_str()))
+    .bind(language.map(|l| l.confidence))
     .fetch_one(&mut **tx)
     .await
     .map_err(map_err)
@@ -529,6 +539,7 @@ async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<St
                 m.id.as_str(),
                 &preview(&m.body, m.media.len()),
                 Direction::Outbound,
+                None,
                 m.now,
             )
             .await?;
@@ -941,6 +952,7 @@ impl Store for SqliteStore {
             m.id.as_str(),
             &preview(&m.body, m.media.len()),
             Direction::Inbound,
+            m.language.as_ref(),
             m.now,
         )
         .await?;
@@ -949,8 +961,8 @@ impl Store for SqliteStore {
         let seq = next_seq(&mut tx).await?;
         sqlx::query(
             "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, provider_sid, \
-             segments, encoding, raw_payload, created_at, updated_at, change_seq) \
-             VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?)",
+             segments, encoding, raw_payload, created_at, updated_at, change_seq, language, language_confidence) \
+             VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(m.id.as_str())
         .bind(&conv_id)
@@ -966,6 +978,8 @@ impl Store for SqliteStore {
         .bind(m.now)
         .bind(m.now)
         .bind(seq)
+        .bind(m.language.as_ref().map(|l| l.code.as_str()))
+        .bind(m.language.as_ref().map(|l| l.confidence))
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -1862,5 +1876,120 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreResult<Option<ContactRecord>> {
         self.enrichment_record(job, owner, outcome, now).await
+    }
+
+    async fn search(&self, req: &SearchRequest) -> StoreResult<SearchPage> {
+        if req.query.matches_nothing() {
+            return Ok(SearchPage {
+                hits: Vec::new(),
+                next_cursor: None,
+            });
+        }
+        let limit = i64::from(req.limit.clamp(1, 200));
+        let expr = req.query.to_fts5();
+        // Both kinds ranked together; bm25() is negated so that higher is better, as on
+        // PostgreSQL. The page's rows are read in the same read transaction (snapshot).
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, created_at, score FROM (");
+        if req.wants(SearchKind::Message) {
+            q.push(
+                "SELECT m.id AS id, m.created_at AS created_at, -bm25(messages_fts) AS score \
+                 FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
+                 WHERE messages_fts MATCH ",
+            )
+            .push_bind(expr.clone());
+            if let Some(c) = req.channel {
+                q.push(" AND m.channel = ").push_bind(c.as_str());
+            }
+            if let Some(d) = req.direction {
+                q.push(" AND m.direction = ").push_bind(d.as_str());
+            }
+            if let Some(st) = req.status {
+                q.push(" AND m.status = ").push_bind(st.as_str());
+            }
+            if let Some(t) = req.since {
+                q.push(" AND m.created_at >= ").push_bind(t);
+            }
+            if let Some(t) = req.until {
+                q.push(" AND m.created_at < ").push_bind(t);
+            }
+            if let Some(c) = &req.conversation_id {
+                q.push(" AND m.conversation_id = ").push_bind(c.to_string());
+            }
+        }
+        if req.wants(SearchKind::Contact) {
+            if req.wants(SearchKind::Message) {
+                q.push(" UNION ALL ");
+            }
+            q.push(
+                "SELECT ct.id AS id, ct.created_at AS created_at, -bm25(contacts_fts) AS score \
+                 FROM contacts_fts JOIN contacts ct ON ct.search_rowid = contacts_fts.rowid \
+                 WHERE contacts_fts MATCH ",
+            )
+            .push_bind(expr);
+        }
+        q.push(")");
+        if let Some(c) = &req.cursor {
+            q.push(" WHERE score < ")
+                .push_bind(c.rank)
+                .push(" OR (score = ")
+                .push_bind(c.rank)
+                .push(" AND (created_at < ")
+                .push_bind(c.created_at)
+                .push(" OR (created_at = ")
+                .push_bind(c.created_at)
+                .push(" AND id < ")
+                .push_bind(c.id.clone())
+                .push(")))");
+        }
+        q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
+            .push_bind(limit + 1);
+
+        let mut tx = self.reader.begin().await.map_err(map_err)?;
+        let rows = q.build().fetch_all(&mut *tx).await.map_err(map_err)?;
+        let ranked: Vec<(String, f64)> = rows.iter().map(|r| (r.get("id"), r.get("score"))).collect();
+        let ids = |prefix: &str| {
+            let ids: Vec<&str> = ranked
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .filter(|id| id.starts_with(prefix))
+                .collect();
+            serde_json::to_string(&ids).map_err(|e| StoreError::Other(e.into()))
+        };
+        let mut messages: HashMap<String, MessageRecord> = HashMap::new();
+        for r in sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+        ))
+        .bind(ids(MessageId::PREFIX)?)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?
+        {
+            let m = message_from_row(&r)?;
+            messages.insert(m.id.to_string(), m);
+        }
+        let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
+        for r in sqlx::query(&format!(
+            "{CONTACT_SELECT} WHERE ct.id IN (SELECT value FROM json_each(?))"
+        ))
+        .bind(ids(ContactId::PREFIX)?)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?
+        {
+            let c = contact_from_row(&r);
+            contacts.insert(c.id.to_string(), c);
+        }
+        tx.rollback().await.map_err(map_err)?;
+        let hits = ranked
+            .into_iter()
+            .filter_map(|(id, rank)| {
+                let item = match messages.remove(&id) {
+                    Some(m) => SearchItem::Message(Box::new(m)),
+                    None => SearchItem::Contact(contacts.remove(&id)?),
+                };
+                Some(SearchHit { item, rank })
+            })
+            .collect();
+        Ok(SearchPage::from_overfetch(hits, limit as usize))
     }
 }
