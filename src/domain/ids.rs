@@ -1,4 +1,4 @@
-//! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`).
+//! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`, `agt_…`).
 //!
 //! Each ID is a ULID (48-bit millisecond timestamp + 80 random bits) in lower-case
 //! Crockford base32 behind a short prefix, so IDs sort by creation time, read well in
@@ -90,6 +90,10 @@ typed_id!(
 typed_id!(
     /// An API key (`key_…`); the secret itself is never stored.
     ApiKeyId, "key"
+);
+typed_id!(
+    /// An inbox agent (`agt_…`): someone who signs in to the web inbox.
+    AgentId, "agt"
 );
 
 #[cfg(test)]

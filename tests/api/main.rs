@@ -11,6 +11,7 @@ mod bad_input;
 mod compat;
 mod delivery;
 mod events;
+mod inbox;
 mod messages;
 mod ops;
 mod restart;
