@@ -147,7 +147,9 @@
         el('span', { class: 'visually-hidden', text: `, ${channel}` }),
         c.opted_out ? el('span', { class: 'opted-out', title: 'Opted out: messages to this number are refused', text: '⊘ opted out' }) : null),
       el('span', { class: 'conv-time', text: shortTime(activity(c)) }),
-      el('span', { class: 'conv-preview', text: `${c.channel === 'whatsapp' ? '🟢 ' : '💬 '}${preview}` }),
+      el('span', { class: 'conv-preview' },
+        el('span', { class: 'chan ' + c.channel, 'aria-hidden': 'true', text: c.channel === 'whatsapp' ? 'WA' : 'SMS' }),
+        preview),
       unread ? el('span', { class: 'unread-badge', 'aria-label': `${c.unread_count} unread`, text: String(c.unread_count) }) : null);
     a.addEventListener('click', (e) => {
       if (e.metaKey || e.ctrlKey || e.shiftKey) return;
