@@ -35,6 +35,8 @@ pub mod metrics {
     ];
     /// Segment-count buckets (Twilio's 1,600-character limit is at most 11 GSM-7 or 24 UCS-2 segments).
     const SEGMENT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 11.0, 16.0, 24.0];
+    /// Write operations per SQLite group commit.
+    const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
     /// The process's Prometheus handle (installing the recorder the first time).
     pub fn handle() -> PrometheusHandle {
@@ -44,6 +46,12 @@ pub mod metrics {
                     .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                     .and_then(|b| {
                         b.set_buckets_for_metric(Matcher::Full("switchboard_message_segments".into()), SEGMENT_BUCKETS)
+                    })
+                    .and_then(|b| {
+                        b.set_buckets_for_metric(
+                            Matcher::Full("switchboard_db_group_commit_size".into()),
+                            BATCH_BUCKETS,
+                        )
                     })
                     .expect("static, non-empty buckets");
                 let recorder = builder.build_recorder();

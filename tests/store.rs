@@ -122,6 +122,7 @@ conformance!(
     agents_are_unique_by_email,
     sessions_lifecycle,
     sign_in_failures_count_per_window,
+    failed_and_cancelled_writes_leave_nothing_behind,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -2449,4 +2450,114 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// Writes that fail half-way (a message id reused after the conversation summary was
+/// updated) and writes whose callers give up at random points (a timeout drops the future)
+/// run among good ones. On SQLite they share group-committed transactions: each must be
+/// undone alone, and every acknowledged write must be there, exactly once.
+async fn failed_and_cancelled_writes_leave_nothing_behind(store: Arc<dyn Store>) {
+    const TASKS: usize = 240;
+    let taken = MessageId::new();
+    store
+        .insert_inbound(NewInbound {
+            id: taken.clone(),
+            ..inbound(&sid(), &phone(0), "first", T0)
+        })
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..TASKS {
+        let store = store.clone();
+        let taken = taken.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut m = inbound(&sid(), &phone(i % 6), &format!("m{i}"), T0 + 1 + i as i64);
+            match i % 4 {
+                // Fails after upserting the conversation: the id is already used.
+                0 => {
+                    m.id = taken;
+                    let r = store.insert_inbound(m).await;
+                    assert!(r.is_err(), "a reused message id was accepted");
+                    None
+                }
+                // The caller goes away somewhere in the middle (or not at all).
+                1 => {
+                    let id = m.id.clone();
+                    let wait = std::time::Duration::from_micros(((i * 7919) % 4000) as u64);
+                    match tokio::time::timeout(wait, store.insert_inbound(m)).await {
+                        Ok(r) => {
+                            r.unwrap();
+                            Some((id, true))
+                        }
+                        Err(_) => Some((id, false)),
+                    }
+                }
+                _ => {
+                    let id = m.id.clone();
+                    store.insert_inbound(m).await.unwrap();
+                    Some((id, true))
+                }
+            }
+        }));
+    }
+    let mut acknowledged = HashSet::new();
+    let mut maybe = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Some((id, true)) => {
+                acknowledged.insert(id.to_string());
+            }
+            Some((id, false)) => {
+                maybe.insert(id.to_string());
+            }
+            None => {}
+        }
+    }
+    // A cancelled write may still have finished; give it time to settle either way.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let conversations = collect_pages(200, |page| {
+        let store = store.clone();
+        async move { store.list_conversations(&ConversationFilter::default(), &page).await }
+    })
+    .await;
+    assert_eq!(conversations.len(), 6);
+    let mut stored = HashSet::new();
+    for c in &conversations {
+        let messages = collect_pages(200, |page| {
+            let (store, id) = (store.clone(), c.id.clone());
+            async move { store.list_conversation_messages(&id, &page).await }
+        })
+        .await;
+        assert_eq!(
+            c.message_count,
+            messages.len() as i64,
+            "the summary counts a message that is not there (a failed write leaked)"
+        );
+        assert_eq!(c.unread_count, messages.len() as i64);
+        for m in messages {
+            assert!(stored.insert(m.id.to_string()), "a message is stored twice");
+        }
+    }
+    for id in &acknowledged {
+        assert!(stored.contains(id), "an acknowledged write is missing");
+    }
+    stored.remove(taken.as_str());
+    for id in &stored {
+        assert!(
+            acknowledged.contains(id) || maybe.contains(id),
+            "a stored message nobody wrote"
+        );
+    }
+    // Exactly one message.created per stored message: nothing from undone writes.
+    let created: Vec<String> = all_events(&store, 0)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "message.created")
+        .map(|e| {
+            let v: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+            v["message"]["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(created.len(), stored.len() + 1, "message.created events: {created:?}");
+    assert_unique(created);
 }

@@ -63,6 +63,12 @@ async fn metrics_count_sends_and_inbound_messages() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    if std::env::var("SWITCHBOARD_TEST_BACKEND").as_deref() != Ok("postgres") {
+        assert!(
+            text.contains("switchboard_db_group_commit_size_bucket{le=\"1\"}"),
+            "{text}"
+        );
+    }
 }
 
 /// Queue, pool and event-stream gauges. The recorder is shared by every gateway of the test

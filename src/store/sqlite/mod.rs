@@ -1,12 +1,13 @@
 //! SQLite backend: one file, WAL journal, a single writer connection (SQLite allows one
-//! writer at a time; one pooled connection serialises writes in-process instead of letting
-//! them fail with SQLITE_BUSY) and a pool of readers.
+//! writer at a time; one connection serialises writes in-process instead of letting them fail
+//! with SQLITE_BUSY) whose operations share group-committed transactions (see [`writer`]),
+//! and a pool of readers.
 
 use anyhow::Context;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -17,6 +18,9 @@ use crate::delivery::rate::take_slot;
 use crate::domain::message::preview;
 use crate::events::{EventBounds, EventDraft, EventRecord, Pending, PendingEvents};
 use tokio::sync::watch;
+use writer::{WriteTx, Writer};
+
+mod writer;
 
 /// Embedded migrations for this backend.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -24,23 +28,23 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 /// The SQLite store.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    writer: Writer,
     reader: SqlitePool,
     /// Bumped after each write commit (see [`Store::event_signal`]).
     signal: watch::Sender<u64>,
 }
 
-/// A write transaction that also writes the events of its changes (see [`crate::events`])
-/// just before it commits. Derefs to the connection, so queries run on `&mut **tx`.
+/// A write operation (see [`writer`]: it shares a group-committed transaction) that also
+/// writes the events of its changes (see [`crate::events`]) just before it ends. Derefs to the
+/// connection, so queries run on `&mut **tx`; dropping it unfinished rolls the operation back.
 struct Tx {
-    inner: Transaction<'static, Sqlite>,
-    /// The first `change_seq` this transaction allocated: the messages it changed are those
+    inner: WriteTx,
+    /// The first `change_seq` this operation allocated: the messages it changed are those
     /// whose `change_seq` is at or above it (one writer, so no one else's are).
     first_seq: Option<i64>,
     events: PendingEvents,
     /// Whether events were written (the hub is woken after the commit).
     wrote_events: bool,
-    signal: watch::Sender<u64>,
 }
 
 impl std::ops::Deref for Tx {
@@ -57,14 +61,11 @@ impl std::ops::DerefMut for Tx {
 }
 
 impl Tx {
-    /// Writes the events owed, commits, and wakes the event hub.
+    /// Writes the events owed and ends the operation, returning once it is durable (the
+    /// event hub is woken after the commit).
     async fn commit(mut self) -> StoreResult<()> {
         self.write_events().await?;
-        self.inner.commit().await.map_err(map_err)?;
-        if self.wrote_events {
-            self.signal.send_modify(|v| *v = v.wrapping_add(1));
-        }
-        Ok(())
+        self.inner.commit(self.wrote_events).await
     }
 
     /// `message.created` / `message.status` for every message changed (in change order),
@@ -114,15 +115,17 @@ impl Tx {
             }
         }
         let now = crate::util::now_ms();
-        for d in &drafts {
-            sqlx::query("INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?)")
-                .bind(d.kind.as_str())
-                .bind(&d.conversation_id)
-                .bind(d.data.to_string())
-                .bind(now)
-                .execute(&mut **self)
-                .await
-                .map_err(map_err)?;
+        // One statement for all of them (each statement is a round trip to sqlx's SQLite
+        // thread); 200 rows × 4 values stays far below SQLite's 32,766 variables.
+        for chunk in drafts.chunks(200) {
+            let mut q = sqlx::QueryBuilder::new("INSERT INTO events (kind, conversation_id, data, created_at) ");
+            q.push_values(chunk, |mut row, d| {
+                row.push_bind(d.kind.as_str())
+                    .push_bind(&d.conversation_id)
+                    .push_bind(d.data.to_string())
+                    .push_bind(now);
+            });
+            q.build().execute(&mut **self).await.map_err(map_err)?;
         }
         self.wrote_events |= !drafts.is_empty();
         self.first_seq = None;
@@ -141,44 +144,34 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("temp_store", "memory")
-            .pragma("cache_size", "-16000");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.clone())
+            .pragma("temp_store", "memory");
+        // Page caches are per connection. The writer gets 16 MB (its working set is the
+        // indexes it updates); each reader 2 MB, since readers mostly re-read the same hot
+        // pages and the OS page cache backs them all: 17 connections × 16 MB kept RSS over
+        // 100 MB on a million messages (docs/BENCHMARKS.md).
+        let mut conn = SqliteConnection::connect_with(&opts.clone().pragma("cache_size", "-16000"))
             .await
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
-        MIGRATOR.run(&writer).await.context("applying SQLite migrations")?;
+        MIGRATOR.run(&mut conn).await.context("applying SQLite migrations")?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_readers.max(1))
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.read_only(true).pragma("cache_size", "-2000"))
             .await?;
+        let signal = watch::Sender::new(0);
         Ok(Self {
-            writer,
+            writer: Writer::start(conn, signal.clone()),
             reader,
-            signal: watch::Sender::new(0),
+            signal,
         })
-    }
-
-    async fn get_agent_on(&self, pool: &SqlitePool, id: &str) -> StoreResult<Option<AgentRecord>> {
-        sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .map_err(map_err)?
-            .map(AgentRow::into_record)
-            .transpose()
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(Tx {
-            inner: self.writer.begin().await.map_err(map_err)?,
+            inner: self.writer.begin().await?,
             first_seq: None,
             events: PendingEvents::default(),
             wrote_events: false,
-            signal: self.signal.clone(),
         })
     }
 }
@@ -734,11 +727,11 @@ impl Store for SqliteStore {
     }
 
     fn pool_stats(&self) -> PoolStats {
-        let (w, r) = (&self.writer, &self.reader);
+        let r = &self.reader;
         PoolStats {
-            open: w.size() + r.size(),
-            idle: (w.num_idle() + r.num_idle()) as u32,
-            max: w.options().get_max_connections() + r.options().get_max_connections(),
+            open: 1 + r.size(),
+            idle: u32::from(!self.writer.busy()) + r.num_idle() as u32,
+            max: 1 + r.options().get_max_connections(),
         }
     }
 
@@ -754,15 +747,16 @@ impl Store for SqliteStore {
         key_hash: &str,
         now: i64,
     ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)")
             .bind(id.as_str())
             .bind(name)
             .bind(key_hash)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn find_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>> {
@@ -838,21 +832,24 @@ impl Store for SqliteStore {
     }
 
     async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_progress'")
             .bind(scope)
             .bind(key)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
             .bind(before)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
@@ -1234,17 +1231,19 @@ impl Store for SqliteStore {
     }
 
     async fn expire_all_leases(&self) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
     async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool> {
         let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = ?")
             .bind(sid)
-            .fetch_optional(&self.writer)
+            .fetch_optional(&self.reader)
             .await
             .map_err(map_err)?;
         Ok(found.is_some())
@@ -1715,6 +1714,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_agent(&self, a: NewAgent) -> StoreResult<AgentRecord> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO agents (id, email, display_name, role, password_hash, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1726,19 +1726,29 @@ impl Store for SqliteStore {
         .bind(&a.password_hash)
         .bind(a.now)
         .bind(a.now)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await
         .map_err(|e| match map_err(e) {
             StoreError::Conflict(_) => StoreError::Conflict(format!("an agent with email {} already exists", a.email)),
             other => other,
         })?;
-        self.get_agent_on(&self.writer, a.id.as_str())
-            .await?
-            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("agent {} vanished after insert", a.id)))
+        let row = sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?"))
+            .bind(a.id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        row.into_record()
     }
 
     async fn get_agent(&self, id: &crate::domain::AgentId) -> StoreResult<Option<AgentRecord>> {
-        self.get_agent_on(&self.reader, id.as_str()).await
+        sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?
+            .map(AgentRow::into_record)
+            .transpose()
     }
 
     async fn find_agent_by_email(&self, email: &str) -> StoreResult<Option<AgentRecord>> {
@@ -1769,6 +1779,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, s: NewSession) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query(
             "INSERT INTO agent_sessions (token_hash, agent_id, csrf_token, created_at, last_seen_at, expires_at) \
              SELECT ?, id, ?, ?, ?, ? FROM agents WHERE id = ?",
@@ -1779,13 +1790,13 @@ impl Store for SqliteStore {
         .bind(s.now)
         .bind(s.expires_at)
         .bind(s.agent_id.as_str())
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("agent {} not found", s.agent_id)));
         }
-        Ok(())
+        tx.commit().await
     }
 
     async fn find_session(&self, token_hash: &str) -> StoreResult<Option<SessionRecord>> {
@@ -1799,41 +1810,46 @@ impl Store for SqliteStore {
     }
 
     async fn touch_session(&self, token_hash: &str, now: i64) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("UPDATE agent_sessions SET last_seen_at = MAX(last_seen_at, ?) WHERE token_hash = ?")
             .bind(now)
             .bind(token_hash)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn delete_session(&self, token_hash: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM agent_sessions WHERE token_hash = ?")
             .bind(token_hash)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn purge_sessions(&self, idle_before: i64, now: i64) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
         let r = sqlx::query("DELETE FROM agent_sessions WHERE last_seen_at < ? OR expires_at <= ?")
             .bind(idle_before)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         sqlx::query("DELETE FROM sign_in_failures WHERE window_start < ?")
             .bind(idle_before)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
     async fn record_sign_in_failure(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64> {
-        sqlx::query_scalar(
+        let mut tx = self.begin().await?;
+        let n = sqlx::query_scalar(
             "INSERT INTO sign_in_failures (key, failures, window_start) VALUES (?1, 1, ?2) \
              ON CONFLICT (key) DO UPDATE SET \
                failures = CASE WHEN sign_in_failures.window_start <= ?2 - ?3 THEN 1 ELSE sign_in_failures.failures + 1 END, \
@@ -1843,9 +1859,11 @@ impl Store for SqliteStore {
         .bind(key)
         .bind(now)
         .bind(window_ms)
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(map_err)
+        .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn sign_in_failures(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64> {
@@ -1854,18 +1872,19 @@ impl Store for SqliteStore {
                 .bind(key)
                 .bind(now)
                 .bind(window_ms)
-                .fetch_optional(&self.writer)
+                .fetch_optional(&self.reader)
                 .await
                 .map_err(map_err)?;
         Ok(n.unwrap_or(0))
     }
 
     async fn clear_sign_in_failures(&self, key: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM sign_in_failures WHERE key = ?")
             .bind(key)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        Ok(())
+        tx.commit().await
     }
 }
