@@ -195,7 +195,8 @@ async fn serve_socket(socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver<Str
 pub(crate) struct TypingIn {
     /// True: started typing; false: stopped.
     typing: bool,
-    /// Who is typing, as other agents should see it (default: the API key's name). At most
+    /// Who is typing, as other agents should see it (default: the API key's name; with the inbox
+    /// session cookie always the agent's display name). At most
     /// 100 characters.
     agent: Option<String>,
 }
