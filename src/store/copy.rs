@@ -247,10 +247,29 @@ const TABLES: &[Table] = &[
 /// SQLite tables that are deliberately not copied. The event stream's log (`events`,
 /// `event_log`) is short-lived history for reconnecting clients, not data: its cursor is
 /// carried over instead (see [`advance_sequences`]), so clients resuming from a SQLite-era
-/// cursor are told to resync.
-const SQLITE_NOT_COPIED: &[&str] = &["counters", "_sqlx_migrations", "sqlite_sequence", "events", "event_log"];
+/// cursor are told to resync. The inbox's accounts (`agents`, `agent_sessions`,
+/// `sign_in_failures`) are not copied either: sessions and throttle windows are short-lived, and
+/// a PostgreSQL gateway creates its own first admin at its first start (its email would clash
+/// with the copied one); agents are added again there (docs/scaling.md).
+const SQLITE_NOT_COPIED: &[&str] = &[
+    "counters",
+    "_sqlx_migrations",
+    "sqlite_sequence",
+    "events",
+    "event_log",
+    "agents",
+    "agent_sessions",
+    "sign_in_failures",
+];
 /// PostgreSQL tables that are deliberately not written (`event_log` only has its start moved).
-const POSTGRES_NOT_COPIED: &[&str] = &["_sqlx_migrations", "events", "event_log"];
+const POSTGRES_NOT_COPIED: &[&str] = &[
+    "_sqlx_migrations",
+    "events",
+    "event_log",
+    "agents",
+    "agent_sessions",
+    "sign_in_failures",
+];
 
 /// A table's row count on both sides after the copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
