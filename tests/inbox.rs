@@ -460,6 +460,35 @@ async fn agents_answer_customers_live_in_chromium() {
     }
     assert_eq!(js(&a, "return window.__sameDocument === true").await, true, "no reload");
 
+    // --- A failed message shows Twilio's reason (the simulator's unreachable handset)
+    let (status, failed) = gw
+        .api(
+            "POST",
+            "/api/v1/messages",
+            Some(json!({"to": "+15005550010", "body": "Your code is 1234"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{failed}");
+    let failed_id = failed["id"].as_str().unwrap();
+    a.goto(&gw.url(&format!("/?c={}", failed["conversation_id"].as_str().unwrap())))
+        .await
+        .unwrap();
+    wait_for("the failure and its reason", Duration::from_secs(20), || async {
+        text_of(&a, &format!("#m-{failed_id} .msg-error"))
+            .await
+            .contains("30003")
+    })
+    .await;
+    assert_eq!(
+        find(&a, &format!("#m-{failed_id} .ticks"))
+            .await
+            .attr("data-status")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("undelivered")
+    );
+
     // --- Contacts: add one, rename it, see opt-out states
     a.goto(&gw.url("/contacts")).await.unwrap();
     find(&a, "#c-phone").await.send_keys("(415) 555-0109").await.unwrap();
