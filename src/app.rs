@@ -52,6 +52,10 @@ pub struct AppState {
     pub events: Arc<EventHub>,
     /// Outbound event webhooks (`/api/v1/webhook-endpoints`).
     pub webhooks: crate::hooks::Webhooks,
+    /// Inbox agents and sessions.
+    pub agents: crate::service::agents::Agents,
+    /// Whether the embedded simulator runs (the inbox then shows its panel).
+    pub simulator_enabled: bool,
 }
 
 /// A running gateway.
@@ -62,6 +66,9 @@ pub struct Server {
     pub public_url: String,
     /// An API key created at this start because none existed (print it once).
     pub generated_api_key: Option<String>,
+    /// The password of the first inbox admin, generated at this start because no agent
+    /// existed and `SWITCHBOARD_ADMIN_PASSWORD` was not set (print it once).
+    pub generated_admin_password: Option<String>,
     /// The embedded simulator, when running without Twilio credentials.
     pub simulator: Option<Simulator>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -118,6 +125,14 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
     } else if store.count_api_keys().await? == 0 {
         generated_api_key = Some(api_keys.create("initial").await?);
     }
+
+    let agents = crate::service::agents::Agents::new(store.clone(), config.inbox.clone());
+    let generated_admin_password = agents
+        .ensure_first_admin(
+            &config.admin_email,
+            config.admin_password.as_ref().map(|p| p.expose_secret()),
+        )
+        .await?;
 
     let (provider, webhook_token, simulator, senders) = if config.has_twilio_credentials() {
         let t = &config.twilio;
@@ -254,6 +269,8 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         twilio_check,
         events,
         webhooks,
+        agents: agents.clone(),
+        simulator_enabled: simulator.is_some(),
     };
 
     let worker_shutdown = shutdown.clone();
@@ -262,6 +279,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         worker_alive.store(false, Ordering::SeqCst);
     });
     tokio::spawn(purge_idempotency_keys(store.clone(), shutdown.clone()));
+    tokio::spawn(purge_sessions(agents, shutdown.clone()));
     tokio::spawn(queue_gauges(store.clone(), shutdown.clone()));
     let metrics = crate::telemetry::metrics::handle();
     let upkeep_stop = shutdown.clone();
@@ -290,6 +308,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         local_addr,
         public_url,
         generated_api_key,
+        generated_admin_password,
         simulator,
         task,
     })
@@ -304,7 +323,8 @@ fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
         .route("/ready", get(ready))
         .route("/api/openapi.json", get(crate::api::openapi::openapi_json))
         .route("/api/docs", get(crate::api::reference::page))
-        .route("/metrics", get(crate::telemetry::metrics::render));
+        .route("/metrics", get(crate::telemetry::metrics::render))
+        .merge(crate::web::router(state.clone()));
     if let Some(sim) = simulator {
         let control = sim
             .control_router()
@@ -328,7 +348,8 @@ fn build_router(state: AppState, simulator: Option<Simulator>) -> Router {
         .with_state(state)
 }
 
-/// The simulator's control paths accept only loopback clients or a valid API key.
+/// The simulator's control paths accept only loopback clients, a valid API key, or an inbox
+/// session (with its CSRF header on POST), so that the inbox's simulator panel works.
 async fn loopback_or_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let loopback = req
         .extensions()
@@ -337,14 +358,15 @@ async fn loopback_or_api_key(State(state): State<AppState>, req: Request, next: 
     if loopback {
         return next.run(req).await;
     }
-    let Some(key) = crate::api::bearer(&req) else {
-        return Error::Unauthorized("simulator control paths need a loopback client or an API key".into())
-            .into_response();
-    };
-    match state.api_keys.verify(&key).await {
-        Ok(Some(_)) => next.run(req).await,
-        Ok(None) => Error::Unauthorized("invalid API key".into()).into_response(),
-        Err(e) => Error::from(e).into_response(),
+    if crate::api::bearer(&req).is_none() && crate::web::session_token(req.headers()).is_none() {
+        return Error::Unauthorized(
+            "simulator control paths need a loopback client, an API key or an inbox session".into(),
+        )
+        .into_response();
+    }
+    match crate::api::authenticate(&state, req.method(), req.headers()).await {
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -384,6 +406,21 @@ async fn purge_idempotency_keys(store: Arc<dyn Store>, shutdown: CancellationTok
             Ok(n) if n > 0 => info!(count = n, "purged expired idempotency keys"),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not purge idempotency keys"),
+        }
+    }
+}
+
+/// Deletes ended inbox sessions (idle or past their absolute end) every 10 minutes.
+async fn purge_sessions(agents: crate::service::agents::Agents, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+        match agents.purge().await {
+            Ok(n) if n > 0 => info!(count = n, "deleted ended inbox sessions"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not delete ended inbox sessions"),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The command line (shared/API.md): `serve`, `simulator`, `simulate inbound`,
-//! `api-key create`, `migrate`.
+//! `api-key create`, `agent create`, `migrate`.
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -38,6 +38,12 @@ pub enum Command {
         /// Action.
         #[command(subcommand)]
         action: ApiKeyCommand,
+    },
+    /// Manage inbox agents.
+    Agent {
+        /// Action.
+        #[command(subcommand)]
+        action: AgentCommand,
     },
     /// Apply database migrations and exit.
     Migrate(ConfigArg),
@@ -153,6 +159,27 @@ pub enum ApiKeyCommand {
     },
 }
 
+/// `switchboard agent …`.
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Create an inbox agent. The password is read from `SWITCHBOARD_AGENT_PASSWORD` when set,
+    /// else generated and printed alone on stdout.
+    Create {
+        /// Email address (the sign-in name; unique, case-insensitive).
+        #[arg(long)]
+        email: String,
+        /// Name shown to other agents.
+        #[arg(long)]
+        name: String,
+        /// Make the agent an admin (may add agents).
+        #[arg(long)]
+        admin: bool,
+        /// Configuration file.
+        #[arg(long, env = "SWITCHBOARD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -169,6 +196,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = crate::app::open_store(&config.database_url, config.database_max_connections).await?;
             let key = crate::service::api_keys::ApiKeys::new(store).create(&name).await?;
             println!("{key}");
+            Ok(())
+        }
+        Command::Agent {
+            action:
+                AgentCommand::Create {
+                    email,
+                    name,
+                    admin,
+                    config,
+                },
+        } => {
+            let config = load(config.as_deref())?;
+            crate::telemetry::init(config.log_format);
+            let store = crate::app::open_store(&config.database_url, config.database_max_connections).await?;
+            let given = std::env::var("SWITCHBOARD_AGENT_PASSWORD").ok();
+            let password = given.clone().unwrap_or_else(crate::service::agents::generate_password);
+            let role = if admin {
+                crate::store::AgentRole::Admin
+            } else {
+                crate::store::AgentRole::Agent
+            };
+            let agent = crate::service::agents::Agents::new(store, config.inbox.clone())
+                .create(&email, &name, role, &password)
+                .await?;
+            tracing::info!(id = %agent.id, email = %agent.email, role = role.as_str(), "agent created");
+            if given.is_none() {
+                println!("{password}");
+            }
             Ok(())
         }
         Command::Migrate(a) => {
@@ -209,10 +264,15 @@ async fn serve(a: ConfigArg) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     let deadline = std::time::Duration::from_secs(config.shutdown_timeout_secs);
+    let admin_email = config.admin_email.trim().to_lowercase();
     let server = crate::app::start(config, listener, shutdown.clone()).await?;
     if let Some(key) = &server.generated_api_key {
         tracing::info!("created the first API key; it is printed once on stdout and cannot be shown again");
         println!("API key (shown once; keep it): {key}");
+    }
+    if let Some(password) = &server.generated_admin_password {
+        tracing::info!(email = %admin_email, "created the first inbox admin; its password is printed once on stdout");
+        println!("Inbox admin password for {admin_email} (shown once; keep it): {password}");
     }
     shutdown_signal().await;
     tracing::info!(

@@ -63,6 +63,15 @@ pub struct Config {
     pub enrichment: EnrichmentConfig,
     /// Language detection of inbound messages (`SWITCHBOARD_LANGUAGE__*`).
     pub language: LanguageConfig,
+    /// Email of the first inbox admin, created at the first start when there are no agents
+    /// (`SWITCHBOARD_ADMIN_EMAIL`, default `admin@localhost`).
+    pub admin_email: String,
+    /// Password of that first admin (`SWITCHBOARD_ADMIN_PASSWORD`, 8 to 256 characters). When
+    /// unset, one is generated and printed once on stdout. Only used when no agent exists.
+    #[serde(serialize_with = "ser_secret_opt")]
+    pub admin_password: Option<SecretString>,
+    /// The web inbox's sessions and sign-in throttle (`SWITCHBOARD_INBOX__*`).
+    pub inbox: InboxConfig,
 }
 
 /// Settings shared by every outbound call (see [`crate::outbound`]).
@@ -198,6 +207,37 @@ impl LanguageConfig {
         }
         let codes: Vec<String> = self.candidates.split(',').map(|c| c.trim().to_string()).collect();
         crate::domain::language::LanguageDetector::new(&codes)
+    }
+}
+
+/// Settings of the web inbox (docs/inbox.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// A session unused this long ends, in hours (`SWITCHBOARD_INBOX__SESSION_IDLE_HOURS`,
+    /// default 12).
+    pub session_idle_hours: u64,
+    /// A session ends this long after sign-in whatever its use, in hours
+    /// (`SWITCHBOARD_INBOX__SESSION_MAX_HOURS`, default 168 = 7 days).
+    pub session_max_hours: u64,
+    /// Failed sign-ins allowed per email and client address in one window
+    /// (`SWITCHBOARD_INBOX__SIGN_IN_MAX_FAILURES`, default 5); a client address alone gets ten
+    /// times as many. Further attempts are refused, without checking the password, until the
+    /// window ends.
+    pub sign_in_max_failures: u32,
+    /// Length of that window, in seconds, from the first failure
+    /// (`SWITCHBOARD_INBOX__SIGN_IN_WINDOW_SECS`, default 900).
+    pub sign_in_window_secs: u64,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            session_idle_hours: 12,
+            session_max_hours: 168,
+            sign_in_max_failures: 5,
+            sign_in_window_secs: 900,
+        }
     }
 }
 
@@ -358,6 +398,9 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             enrichment: EnrichmentConfig::default(),
             language: LanguageConfig::default(),
+            admin_email: "admin@localhost".into(),
+            admin_password: None,
+            inbox: InboxConfig::default(),
         }
     }
 }
@@ -381,11 +424,12 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        // SWITCHBOARD_CONFIG names the file; SWITCHBOARD_TEST_* belong to the test suite.
+        // SWITCHBOARD_CONFIG names the file, SWITCHBOARD_AGENT_PASSWORD is read by `agent create`;
+        // SWITCHBOARD_TEST_* belong to the test suite.
         // Any other unknown SWITCHBOARD_* variable is an error (a typo would otherwise be
         // silently ignored).
         let switchboard_env = Env::prefixed("SWITCHBOARD_")
-            .ignore(&["CONFIG"])
+            .ignore(&["CONFIG", "AGENT_PASSWORD"])
             .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
             .split("__");
         let twilio_env = Env::prefixed("TWILIO_").map(|k| format!("twilio.{}", k.as_str()).into());
@@ -436,6 +480,30 @@ impl Config {
         }
         if !(16..=1_000_000).contains(&self.events.backlog) {
             problems.push("SWITCHBOARD_EVENTS__BACKLOG must be between 16 and 1000000".into());
+        }
+        if crate::service::agents::normalize_email(&self.admin_email).is_err() {
+            problems.push(format!(
+                "SWITCHBOARD_ADMIN_EMAIL '{}' is not an email address (write it as admin@example.com)",
+                self.admin_email
+            ));
+        }
+        if let Some(p) = &self.admin_password {
+            if let Err(e) = crate::service::agents::check_password(p.expose_secret()) {
+                problems.push(format!("SWITCHBOARD_ADMIN_PASSWORD: {e}"));
+            }
+        }
+        let i = &self.inbox;
+        if i.session_idle_hours == 0 || i.session_max_hours == 0 {
+            problems.push(
+                "SWITCHBOARD_INBOX__SESSION_IDLE_HOURS and SWITCHBOARD_INBOX__SESSION_MAX_HOURS must be at least 1"
+                    .into(),
+            );
+        }
+        if i.sign_in_max_failures == 0 || i.sign_in_window_secs == 0 {
+            problems.push(
+                "SWITCHBOARD_INBOX__SIGN_IN_MAX_FAILURES and SWITCHBOARD_INBOX__SIGN_IN_WINDOW_SECS must be at least 1"
+                    .into(),
+            );
         }
         let any_cred =
             t.account_sid.is_some() || t.auth_token.is_some() || t.api_key_sid.is_some() || t.api_key_secret.is_some();

@@ -26,6 +26,7 @@ pub mod simulator;
 pub mod store;
 pub mod telemetry;
 pub mod util;
+pub mod web;
 pub mod webhooks;
 
 pub use app::{start, Server};

@@ -120,6 +120,9 @@ conformance!(
     events_are_in_commit_order_under_concurrent_writers,
     event_stream_resumes_and_filters,
     event_stream_slow_client_is_told_to_resync,
+    agents_are_unique_by_email,
+    sessions_lifecycle,
+    sign_in_failures_count_per_window,
     failed_and_cancelled_writes_leave_nothing_behind,
     webhook_fan_out_filters_and_never_repeats,
     webhook_claims_are_exclusive_and_leases_fence_results,
@@ -2314,6 +2317,153 @@ async fn event_stream_slow_client_is_told_to_resync(store: Arc<dyn Store>) {
     assert!(resync.cursor >= *seqs.last().unwrap() - backlog as i64);
     assert!(slow.recv().await.is_none());
     stop.cancel();
+}
+
+// ---------------------------------------------------------------------------------------
+// Inbox agents, sessions and the sign-in throttle
+// ---------------------------------------------------------------------------------------
+
+fn new_agent(email: &str, role: AgentRole, now: i64) -> NewAgent {
+    NewAgent {
+        id: switchboard::domain::AgentId::new(),
+        email: email.into(),
+        display_name: format!("Agent {email}"),
+        role,
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        now,
+    }
+}
+
+async fn agents_are_unique_by_email(store: Arc<dyn Store>) {
+    assert_eq!(store.count_agents().await.unwrap(), 0);
+    let a = store
+        .create_agent(new_agent("ana@example.com", AgentRole::Admin, T0))
+        .await
+        .unwrap();
+    assert_eq!(a.email, "ana@example.com");
+    assert_eq!(a.role, AgentRole::Admin);
+    assert_eq!(a.created_at, T0);
+    let b = store
+        .create_agent(new_agent("bea@example.com", AgentRole::Agent, T0 + 1))
+        .await
+        .unwrap();
+    assert_eq!(store.count_agents().await.unwrap(), 2);
+    // The same (normalised) email again is a conflict, and nothing is stored.
+    match store
+        .create_agent(new_agent("ana@example.com", AgentRole::Agent, T0 + 2))
+        .await
+    {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("ana@example.com"), "{m}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.count_agents().await.unwrap(), 2);
+    let found = store.find_agent_by_email("bea@example.com").await.unwrap().unwrap();
+    assert_eq!(found.id, b.id);
+    assert_eq!(found.password_hash, b.password_hash);
+    assert!(store.find_agent_by_email("nobody@example.com").await.unwrap().is_none());
+    assert_eq!(store.get_agent(&a.id).await.unwrap().unwrap().email, "ana@example.com");
+    let all: Vec<String> = store
+        .list_agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.email)
+        .collect();
+    assert_eq!(all, ["ana@example.com", "bea@example.com"], "oldest first");
+    // The password hash stays out of Debug output.
+    assert!(!format!("{a:?}").contains("argon2"));
+}
+
+async fn sessions_lifecycle(store: Arc<dyn Store>) {
+    let a = store
+        .create_agent(new_agent("ana@example.com", AgentRole::Admin, T0))
+        .await
+        .unwrap();
+    let session = |hash: &str, now: i64| NewSession {
+        token_hash: hash.into(),
+        agent_id: a.id.clone(),
+        csrf_token: format!("csrf-{hash}"),
+        now,
+        expires_at: now + 1_000_000,
+    };
+    store.create_session(session("h1", T0)).await.unwrap();
+    store.create_session(session("h2", T0)).await.unwrap();
+    let s = store.find_session("h1").await.unwrap().unwrap();
+    assert_eq!(s.agent.id, a.id);
+    assert_eq!(s.csrf_token, "csrf-h1");
+    assert_eq!((s.created_at, s.last_seen_at, s.expires_at), (T0, T0, T0 + 1_000_000));
+    assert!(store.find_session("nope").await.unwrap().is_none());
+    // A session for an agent that does not exist is refused.
+    let mut orphan = session("h3", T0);
+    orphan.agent_id = switchboard::domain::AgentId::new();
+    assert!(matches!(
+        store.create_session(orphan).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Touching never moves last_seen backwards.
+    store.touch_session("h1", T0 + 500).await.unwrap();
+    store.touch_session("h1", T0 + 100).await.unwrap();
+    assert_eq!(store.find_session("h1").await.unwrap().unwrap().last_seen_at, T0 + 500);
+    // Sign-out deletes one session only; deleting it twice is fine.
+    store.delete_session("h2").await.unwrap();
+    store.delete_session("h2").await.unwrap();
+    assert!(store.find_session("h2").await.unwrap().is_none());
+    assert!(store.find_session("h1").await.unwrap().is_some());
+    // Purge: idle ones (last seen before the bound) and those past their absolute end.
+    store.create_session(session("h4", T0 + 1000)).await.unwrap();
+    let mut short = session("h5", T0 + 1000);
+    short.expires_at = T0 + 2000;
+    store.create_session(short).await.unwrap();
+    let purged = store.purge_sessions(T0 + 600, T0 + 2000).await.unwrap();
+    assert_eq!(purged, 2, "h1 idle since T0+500, h5 expired at T0+2000");
+    assert!(store.find_session("h1").await.unwrap().is_none());
+    assert!(store.find_session("h5").await.unwrap().is_none());
+    assert!(store.find_session("h4").await.unwrap().is_some());
+}
+
+async fn sign_in_failures_count_per_window(store: Arc<dyn Store>) {
+    let w = 900_000;
+    assert_eq!(store.sign_in_failures("k", T0, w).await.unwrap(), 0);
+    for n in 1..=3 {
+        assert_eq!(store.record_sign_in_failure("k", T0 + n, w).await.unwrap(), n);
+    }
+    assert_eq!(store.record_sign_in_failure("other", T0, w).await.unwrap(), 1);
+    assert_eq!(store.sign_in_failures("k", T0 + 10, w).await.unwrap(), 3);
+    // The window starts at the first failure: once it is over, the count is 0 and the next
+    // failure starts a new window.
+    assert_eq!(
+        store.sign_in_failures("k", T0 + w, w).await.unwrap(),
+        3,
+        "the window began at T0 + 1"
+    );
+    assert_eq!(store.sign_in_failures("k", T0 + 1 + w, w).await.unwrap(), 0);
+    assert_eq!(store.record_sign_in_failure("k", T0 + 1 + w, w).await.unwrap(), 1);
+    assert_eq!(store.sign_in_failures("k", T0 + 2 + w, w).await.unwrap(), 1);
+    store.clear_sign_in_failures("k").await.unwrap();
+    assert_eq!(store.sign_in_failures("k", T0 + 3 + w, w).await.unwrap(), 0);
+    assert_eq!(store.sign_in_failures("other", T0 + 5, w).await.unwrap(), 1);
+    // Concurrent failures are all counted.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            s.record_sign_in_failure("burst", T0, w).await.unwrap()
+        }));
+    }
+    let mut counts: Vec<i64> = futures_join(tasks).await;
+    counts.sort();
+    assert_eq!(counts, (1..=20).collect::<Vec<i64>>());
+    // Old windows go with the session purge.
+    store.purge_sessions(T0 + 1, T0 + 1).await.unwrap();
+    assert_eq!(store.sign_in_failures("other", T0 + 5, w).await.unwrap(), 0);
+}
+
+async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }
 
 /// Writes that fail half-way (a message id reused after the conversation summary was

@@ -196,7 +196,8 @@ async fn serve_socket(socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver<Str
 pub(crate) struct TypingIn {
     /// True: started typing; false: stopped.
     typing: bool,
-    /// Who is typing, as other agents should see it (default: the API key's name). At most
+    /// Who is typing, as other agents should see it (default: the API key's name; with the inbox
+    /// session cookie always the agent's display name). At most
     /// 100 characters.
     #[schema(min_length = 1, max_length = 100)]
     agent: Option<String>,
@@ -220,7 +221,12 @@ pub(crate) async fn typing(
 ) -> Result<(axum::http::StatusCode, axum::Json<serde_json::Value>)> {
     let conversation =
         ConversationId::parse(&id).ok_or_else(|| Error::NotFound(format!("conversation {id} not found")))?;
-    let agent = body.agent.unwrap_or(auth.key.name).trim().to_string();
+    // An agent signed in to the inbox is announced by its own display name.
+    let agent = match (&auth, body.agent) {
+        (AuthContext::Agent(a), _) => a.display_name.clone(),
+        (_, Some(given)) => given.trim().to_string(),
+        (_, None) => auth.name().to_string(),
+    };
     if agent.is_empty() || agent.chars().count() > 100 {
         return Err(Error::invalid("agent", "agent must be 1 to 100 characters"));
     }

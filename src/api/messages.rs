@@ -69,7 +69,7 @@ pub(crate) async fn send(
     // serde_json's map is ordered, so re-serialising gives one canonical text per body:
     // key order and whitespace do not make a different request.
     let idem = key.as_deref().map(|k| IdempotencyRequest {
-        scope: auth.key.id.as_str(),
+        scope: auth.scope(),
         key: k,
         request_hash: sha256_hex(raw.to_string().as_bytes()),
         render: &render,

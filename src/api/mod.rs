@@ -15,7 +15,7 @@ pub mod types;
 pub mod webhook_endpoints;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -23,13 +23,33 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::error::{Error, REQUEST_ID};
-use crate::store::ApiKeyRecord;
+use crate::store::{AgentRecord, ApiKeyRecord};
 
-/// The API key a request was authenticated with.
+/// Who a request was authenticated as: an API key, or an inbox agent by session cookie.
 #[derive(Clone, Debug)]
-pub struct AuthContext {
-    /// The key.
-    pub key: ApiKeyRecord,
+pub enum AuthContext {
+    /// `Authorization: Bearer <key>`.
+    ApiKey(ApiKeyRecord),
+    /// The inbox's session cookie (with the CSRF header on state-changing requests).
+    Agent(AgentRecord),
+}
+
+impl AuthContext {
+    /// The scope of `Idempotency-Key`s: the API key's or the agent's ID.
+    pub fn scope(&self) -> &str {
+        match self {
+            AuthContext::ApiKey(k) => k.id.as_str(),
+            AuthContext::Agent(a) => a.id.as_str(),
+        }
+    }
+
+    /// The name other agents see (the API key's label or the agent's display name).
+    pub fn name(&self) -> &str {
+        match self {
+            AuthContext::ApiKey(k) => &k.name,
+            AuthContext::Agent(a) => &a.display_name,
+        }
+    }
 }
 
 /// All `/api/v1` routes, behind the API key.
@@ -45,22 +65,62 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route_layer(axum::middleware::from_fn_with_state(state, require_api_key))
 }
 
-/// Reads `Authorization: Bearer <key>` and checks it. 401 `unauthorized` otherwise.
+/// Authenticates every `/api/v1` request: `Authorization: Bearer <key>`, or the inbox's
+/// session cookie ([`authenticate`]). 401 `unauthorized` / 403 `forbidden` otherwise.
 pub async fn require_api_key(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, Error> {
-    let key = bearer(&req)
-        .ok_or_else(|| Error::Unauthorized("missing API key: send 'Authorization: Bearer <key>'".into()))?;
-    let record = state
-        .api_keys
-        .verify(&key)
-        .await?
-        .ok_or_else(|| Error::Unauthorized("invalid API key".into()))?;
-    req.extensions_mut().insert(AuthContext { key: record });
+    let auth = authenticate(&state, req.method(), req.headers()).await?;
+    req.extensions_mut().insert(auth);
     Ok(next.run(req).await)
+}
+
+/// Who sent `req`: a valid API key in `Authorization: Bearer`, else a live inbox session
+/// cookie. A cookie-authenticated request must come from our own pages: an `Origin` header,
+/// when present, must be this gateway's, and every method but GET/HEAD/OPTIONS must carry
+/// the session's CSRF token in `X-CSRF-Token` (compared in constant time).
+/// Errors: 401 `unauthorized` (no or a wrong key, no or an ended session), 403 `forbidden`
+/// (cross-origin, or a missing or wrong CSRF token).
+pub async fn authenticate(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<AuthContext, Error> {
+    if let Some(key) = bearer_in(headers) {
+        let record = state
+            .api_keys
+            .verify(&key)
+            .await?
+            .ok_or_else(|| Error::Unauthorized("invalid API key".into()))?;
+        return Ok(AuthContext::ApiKey(record));
+    }
+    let Some(token) = crate::web::session_token(headers) else {
+        return Err(Error::Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>'".into(),
+        ));
+    };
+    let session = state
+        .agents
+        .session(&token)
+        .await?
+        .ok_or_else(|| Error::Unauthorized("the inbox session has ended: sign in again".into()))?;
+    crate::web::check_origin(state, headers)?;
+    if !method.is_safe() {
+        let sent = headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !crate::web::tokens_match(sent, &session.csrf_token) {
+            return Err(Error::Forbidden(
+                "a request made with the inbox session cookie needs the session's X-CSRF-Token header".into(),
+            ));
+        }
+    }
+    Ok(AuthContext::Agent(session.agent))
 }
 
 /// The bearer token of a request, if any.
 pub fn bearer(req: &Request) -> Option<String> {
-    let h = req.headers().get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    bearer_in(req.headers())
+}
+
+/// The bearer token in `headers`, if any.
+pub fn bearer_in(headers: &HeaderMap) -> Option<String> {
+    let h = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = h.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;

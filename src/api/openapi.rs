@@ -60,7 +60,11 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("Authorization: Bearer <API key>"))
+                    .description(Some(
+                        "Authorization: Bearer <API key>. Every /api/v1 endpoint also accepts the web inbox's \
+                         session cookie `sb_session` instead (docs/inbox.md): then a state-changing request needs \
+                         the session's `X-CSRF-Token` header and a foreign `Origin` is refused (403 `forbidden`).",
+                    ))
                     .build(),
             ),
         );

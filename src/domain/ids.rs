@@ -1,5 +1,5 @@
 //! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`, `hook_…`,
-//! `dlv_…`).
+//! `dlv_…`, `agt_…`).
 //!
 //! Each ID is a ULID (48-bit millisecond timestamp + 80 random bits) in lower-case
 //! Crockford base32 behind a short prefix, so IDs sort by creation time, read well in
@@ -100,6 +100,10 @@ typed_id!(
     /// One event's delivery to one webhook endpoint (`dlv_…`); also the `webhook-id` header,
     /// the same on every attempt.
     WebhookDeliveryId, "dlv"
+);
+typed_id!(
+    /// An inbox agent (`agt_…`): someone who signs in to the web inbox.
+    AgentId, "agt"
 );
 
 #[cfg(test)]

@@ -320,7 +320,10 @@ const TABLES: &[Table] = &[
 /// SQLite tables that are deliberately not copied. The event stream's log (`events`,
 /// `event_log`) is short-lived history for reconnecting clients, not data: its cursor is
 /// carried over instead (see [`advance_sequences`]), so clients resuming from a SQLite-era
-/// cursor are told to resync.
+/// cursor are told to resync. The inbox's accounts (`agents`, `agent_sessions`,
+/// `sign_in_failures`) are not copied either: sessions and throttle windows are short-lived, and
+/// a PostgreSQL gateway creates its own first admin at its first start (its email would clash
+/// with the copied one); agents are added again there (docs/scaling.md).
 /// The full-text indexes (`*_fts` and FTS5's shadow tables) are derived from the copied
 /// rows; PostgreSQL computes its own (generated `search_tsv` columns).
 const SQLITE_NOT_COPIED: &[&str] = &[
@@ -339,12 +342,22 @@ const SQLITE_NOT_COPIED: &[&str] = &[
     "contacts_fts_idx",
     "contacts_fts_docsize",
     "contacts_fts_config",
+    "agents",
+    "agent_sessions",
+    "sign_in_failures",
 ];
 /// SQLite columns that only serve SQLite's own machinery and are not copied: the stable
 /// keys of the FTS5 indexes (migrations/sqlite/0004_search.sql).
 const SQLITE_ONLY_COLUMNS: &[(&str, &str)] = &[("messages", "search_rowid"), ("contacts", "search_rowid")];
 /// PostgreSQL tables that are deliberately not written (`event_log` only has its start moved).
-const POSTGRES_NOT_COPIED: &[&str] = &["_sqlx_migrations", "events", "event_log"];
+const POSTGRES_NOT_COPIED: &[&str] = &[
+    "_sqlx_migrations",
+    "events",
+    "event_log",
+    "agents",
+    "agent_sessions",
+    "sign_in_failures",
+];
 
 /// A table's row count on both sides after the copy.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -657,6 +657,35 @@ impl SearchRequest {
     }
 }
 
+/// An inbox agent's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentRole {
+    /// May add agents.
+    Admin,
+    /// Answers conversations.
+    Agent,
+}
+
+impl AgentRole {
+    /// `admin` or `agent`, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentRole::Admin => "admin",
+            AgentRole::Agent => "agent",
+        }
+    }
+
+    /// Parses [`AgentRole::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(AgentRole::Admin),
+            "agent" => Some(AgentRole::Agent),
+            _ => None,
+        }
+    }
+}
+
 /// One search result.
 #[derive(Debug, Clone)]
 pub enum SearchItem {
@@ -751,6 +780,145 @@ impl SearchCursor {
         (rank.is_finite() && !id.is_empty()).then_some(SearchCursor { rank, created_at, id })
     }
 }
+
+/// A stored inbox agent (its `Debug` output leaves the password hash out).
+#[derive(Clone)]
+pub struct AgentRecord {
+    /// `agt_…`.
+    pub id: crate::domain::AgentId,
+    /// Trimmed and lower-cased; unique.
+    pub email: String,
+    /// Name shown to other agents (typing indicator, agents page).
+    pub display_name: String,
+    /// Admin or agent.
+    pub role: AgentRole,
+    /// The argon2id hash in PHC string form (`$argon2id$v=19$…`).
+    pub password_hash: String,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+impl std::fmt::Debug for AgentRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentRecord")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("display_name", &self.display_name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An agent to create.
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    /// ID.
+    pub id: crate::domain::AgentId,
+    /// Already trimmed and lower-cased by the caller.
+    pub email: String,
+    /// Display name.
+    pub display_name: String,
+    /// Role.
+    pub role: AgentRole,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Now (ms).
+    pub now: i64,
+}
+
+/// A signed-in browser session (the token itself is never stored).
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    /// SHA-256 (hex) of the cookie's token.
+    pub token_hash: String,
+    /// Whose session.
+    pub agent: AgentRecord,
+    /// The per-session CSRF token.
+    pub csrf_token: String,
+    /// Signed in (ms).
+    pub created_at: i64,
+    /// Last request seen (ms, updated at most once a minute).
+    pub last_seen_at: i64,
+    /// Absolute end (ms), whatever the activity.
+    pub expires_at: i64,
+}
+
+/// A session to create.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// SHA-256 (hex) of the cookie's token.
+    pub token_hash: String,
+    /// The agent.
+    pub agent_id: crate::domain::AgentId,
+    /// The per-session CSRF token.
+    pub csrf_token: String,
+    /// Now (ms).
+    pub now: i64,
+    /// Absolute end (ms).
+    pub expires_at: i64,
+}
+
+/// An `agents` row as both backends read it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct AgentRow {
+    id: String,
+    email: String,
+    display_name: String,
+    role: String,
+    password_hash: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl AgentRow {
+    pub(crate) fn into_record(self) -> StoreResult<AgentRecord> {
+        Ok(AgentRecord {
+            id: crate::domain::AgentId::from_trusted(self.id),
+            email: self.email,
+            display_name: self.display_name,
+            role: AgentRole::parse(&self.role)
+                .ok_or_else(|| StoreError::Other(anyhow::anyhow!("stored agent role '{}' is unknown", self.role)))?,
+            password_hash: self.password_hash,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// An `agent_sessions` row joined with its agent (`AGENT_SESSION_SELECT`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct SessionRow {
+    token_hash: String,
+    csrf_token: String,
+    s_created_at: i64,
+    last_seen_at: i64,
+    expires_at: i64,
+    #[sqlx(flatten)]
+    agent: AgentRow,
+}
+
+impl SessionRow {
+    pub(crate) fn into_record(self) -> StoreResult<SessionRecord> {
+        Ok(SessionRecord {
+            token_hash: self.token_hash,
+            csrf_token: self.csrf_token,
+            created_at: self.s_created_at,
+            last_seen_at: self.last_seen_at,
+            expires_at: self.expires_at,
+            agent: self.agent.into_record()?,
+        })
+    }
+}
+
+/// Agent columns, for both backends.
+pub(crate) const AGENT_COLS: &str = "id, email, display_name, role, password_hash, created_at, updated_at";
+
+/// A session joined with its agent (append `WHERE s.token_hash = …`).
+pub(crate) const SESSION_SELECT: &str = "SELECT s.token_hash, s.csrf_token, s.created_at AS s_created_at, \
+    s.last_seen_at, s.expires_at, a.id, a.email, a.display_name, a.role, a.password_hash, a.created_at, a.updated_at \
+    FROM agent_sessions s JOIN agents a ON a.id = s.agent_id";
 
 /// The storage contract. Every method is one transaction: it either happens entirely or not
 /// at all.
@@ -1000,4 +1168,35 @@ pub trait Store: Send + Sync + 'static {
     /// Full-text search over message bodies and contact names and numbers, best first (see
     /// [`SearchRequest`]); one consistent snapshot per page.
     async fn search(&self, req: &SearchRequest) -> StoreResult<SearchPage>;
+    /// Creates an agent; `Conflict` if the email is taken.
+    async fn create_agent(&self, a: NewAgent) -> StoreResult<AgentRecord>;
+    /// One agent by ID.
+    async fn get_agent(&self, id: &crate::domain::AgentId) -> StoreResult<Option<AgentRecord>>;
+    /// One agent by (trimmed, lower-cased) email.
+    async fn find_agent_by_email(&self, email: &str) -> StoreResult<Option<AgentRecord>>;
+    /// Every agent, oldest first.
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    /// Number of agents.
+    async fn count_agents(&self) -> StoreResult<i64>;
+
+    /// Stores a session; `NotFound` if the agent does not exist.
+    async fn create_session(&self, s: NewSession) -> StoreResult<()>;
+    /// A session and its agent by token hash (expiry is the caller's to check).
+    async fn find_session(&self, token_hash: &str) -> StoreResult<Option<SessionRecord>>;
+    /// Records activity on a session.
+    async fn touch_session(&self, token_hash: &str, now: i64) -> StoreResult<()>;
+    /// Ends a session (sign-out); ending one that does not exist is not an error.
+    async fn delete_session(&self, token_hash: &str) -> StoreResult<()>;
+    /// Deletes sessions idle since before `idle_before` (ms) or past their absolute end at
+    /// `now`, and sign-in failure windows that started before `idle_before`; returns how many
+    /// sessions were deleted.
+    async fn purge_sessions(&self, idle_before: i64, now: i64) -> StoreResult<u64>;
+
+    /// Counts a failed sign-in for `key` and returns the failures in the current window
+    /// (which starts at the first failure and lasts `window_ms`; an older one starts over).
+    async fn record_sign_in_failure(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64>;
+    /// Failures of `key` in its current window (0 when the window is over).
+    async fn sign_in_failures(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64>;
+    /// Forgets the failures of `key` (after a successful sign-in).
+    async fn clear_sign_in_failures(&self, key: &str) -> StoreResult<()>;
 }

@@ -12,6 +12,7 @@ mod compat;
 mod delivery;
 mod enrichment;
 mod events;
+mod inbox;
 mod messages;
 mod ops;
 mod restart;

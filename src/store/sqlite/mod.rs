@@ -1858,6 +1858,159 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
+    async fn create_agent(&self, a: NewAgent) -> StoreResult<AgentRecord> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO agents (id, email, display_name, role, password_hash, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(a.id.as_str())
+        .bind(&a.email)
+        .bind(&a.display_name)
+        .bind(a.role.as_str())
+        .bind(&a.password_hash)
+        .bind(a.now)
+        .bind(a.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match map_err(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("an agent with email {} already exists", a.email)),
+            other => other,
+        })?;
+        let row = sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?"))
+            .bind(a.id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        row.into_record()
+    }
+
+    async fn get_agent(&self, id: &crate::domain::AgentId) -> StoreResult<Option<AgentRecord>> {
+        sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?
+            .map(AgentRow::into_record)
+            .transpose()
+    }
+
+    async fn find_agent_by_email(&self, email: &str) -> StoreResult<Option<AgentRecord>> {
+        sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE email = ?"))
+            .bind(email)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?
+            .map(AgentRow::into_record)
+            .transpose()
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+        sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents ORDER BY created_at, id"))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?
+            .into_iter()
+            .map(AgentRow::into_record)
+            .collect()
+    }
+
+    async fn count_agents(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM agents")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn create_session(&self, s: NewSession) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let r = sqlx::query(
+            "INSERT INTO agent_sessions (token_hash, agent_id, csrf_token, created_at, last_seen_at, expires_at) \
+             SELECT ?, id, ?, ?, ?, ? FROM agents WHERE id = ?",
+        )
+        .bind(&s.token_hash)
+        .bind(&s.csrf_token)
+        .bind(s.now)
+        .bind(s.now)
+        .bind(s.expires_at)
+        .bind(s.agent_id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("agent {} not found", s.agent_id)));
+        }
+        tx.commit().await
+    }
+
+    async fn find_session(&self, token_hash: &str) -> StoreResult<Option<SessionRecord>> {
+        sqlx::query_as::<_, SessionRow>(&format!("{SESSION_SELECT} WHERE s.token_hash = ?"))
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?
+            .map(SessionRow::into_record)
+            .transpose()
+    }
+
+    async fn touch_session(&self, token_hash: &str, now: i64) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE agent_sessions SET last_seen_at = MAX(last_seen_at, ?) WHERE token_hash = ?")
+            .bind(now)
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM agent_sessions WHERE token_hash = ?")
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await
+    }
+
+    async fn purge_sessions(&self, idle_before: i64, now: i64) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let r = sqlx::query("DELETE FROM agent_sessions WHERE last_seen_at < ? OR expires_at <= ?")
+            .bind(idle_before)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("DELETE FROM sign_in_failures WHERE window_start < ?")
+            .bind(idle_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn record_sign_in_failure(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query_scalar(
+            "INSERT INTO sign_in_failures (key, failures, window_start) VALUES (?1, 1, ?2) \
+             ON CONFLICT (key) DO UPDATE SET \
+               failures = CASE WHEN sign_in_failures.window_start <= ?2 - ?3 THEN 1 ELSE sign_in_failures.failures + 1 END, \
+               window_start = CASE WHEN sign_in_failures.window_start <= ?2 - ?3 THEN ?2 ELSE sign_in_failures.window_start END \
+             RETURNING failures",
+        )
+        .bind(key)
+        .bind(now)
+        .bind(window_ms)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     async fn claim_enrichment_jobs(
         &self,
         now: i64,
@@ -1991,5 +2144,27 @@ impl Store for SqliteStore {
             })
             .collect();
         Ok(SearchPage::from_overfetch(hits, limit as usize))
+    }
+
+    async fn sign_in_failures(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64> {
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT failures FROM sign_in_failures WHERE key = ? AND window_start > ? - ?")
+                .bind(key)
+                .bind(now)
+                .bind(window_ms)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn clear_sign_in_failures(&self, key: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM sign_in_failures WHERE key = ?")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await
     }
 }
