@@ -1,19 +1,16 @@
 //! Phone numbers and channel addresses (`domain::phone`) from arbitrary text and regions.
 //!
 //! Never panics, and:
-//! * an accepted number is `+` and digits, and reads back as itself with no default region
-//!   (it is stored as E.164 and re-parsed);
+//! * input written with `+` gives the same answer in every default region;
+//! * an accepted number is `+` and at most 15 digits (E.164), and reads back as itself in
+//!   *every* region, and with none (it is stored as E.164 and re-parsed; a number written with
+//!   `+` must not depend on the default region: docs/testing.md, "Findings");
 //! * `Address::parse` is `PhoneNumber::parse` after a case-insensitive `whatsapp:` prefix,
 //!   error for error, and its wire form parses back to the same address.
-//!
-//! With `FUZZ_STRICT=1` in the environment it also checks two promises the code does not keep
-//! yet (docs/testing.md, "Findings"): at most 15 digits (E.164), and reading back in *every*
-//! region.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 use switchboard::domain::phone::{split_channel_prefix, Address, Channel, PhoneNumber};
 
 /// Regions the fuzzer can pick cheaply, so that national formats get exercised; `ZZ` and the
@@ -34,11 +31,6 @@ struct Input<'a> {
     region: Region<'a>,
 }
 
-fn strict() -> bool {
-    static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
-
 fuzz_target!(|input: Input<'_>| {
     let region = match input.region {
         Region::Known(i) => REGIONS[usize::from(i) % REGIONS.len()],
@@ -47,6 +39,12 @@ fuzz_target!(|input: Input<'_>| {
     let text = input.text;
 
     let parsed = PhoneNumber::parse(text, region);
+    // Input written with `+` is international: the default region plays no part, accepted or not.
+    if text.trim().starts_with('+') {
+        for &other in REGIONS {
+            assert_eq!(PhoneNumber::parse(text, other), parsed, "{text:?} in {region:?} and in {other:?}");
+        }
+    }
     if let Ok(n) = &parsed {
         let e164 = n.as_str();
         let digits = e164.strip_prefix('+').expect("E.164 starts with +");
@@ -54,15 +52,13 @@ fuzz_target!(|input: Input<'_>| {
             digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0') && !digits.is_empty(),
             "{text:?} in {region:?} gave {e164:?}"
         );
-        // `phonenumber` accepts some German numbers of 15 national digits: 17 in all.
-        if strict() {
-            assert!(digits.len() <= 15, "{text:?} in {region:?} gave {e164:?}");
-        }
-        // `phonenumber` strips the *default region's* national prefix from E.164 input, so
-        // `+390612345678` (Rome) is refused as `+39612345678` with GB, DE, FR or JP as the
-        // default region, even the one the number was first read in: only "no region" is safe.
-        let again: &[&str] = if strict() { REGIONS } else { &["ZZ"] };
-        for &region in again {
+        // `phonenumber` accepts some German numbers of 15 national digits, 17 in all; E.164
+        // allows 15.
+        assert!(digits.len() <= 15, "{text:?} in {region:?} gave {e164:?}");
+        // `phonenumber` strips the *default region's* national prefix from E.164 input (with
+        // GB, DE, FR or JP, `+390612345678` became `+39612345678` and was refused), so
+        // `PhoneNumber::parse` reads `+` input with no region: every region must agree.
+        for &region in REGIONS {
             assert_eq!(
                 PhoneNumber::parse(e164, region).as_ref(),
                 Ok(n),
