@@ -692,7 +692,7 @@ pub enum SearchItem {
     /// A message whose body matched.
     Message(Box<MessageRecord>),
     /// A contact whose name or number matched.
-    Contact(ContactRecord),
+    Contact(Box<ContactRecord>),
 }
 
 /// A result with its relevance.

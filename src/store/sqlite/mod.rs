@@ -2138,7 +2138,7 @@ impl Store for SqliteStore {
             .filter_map(|(id, rank)| {
                 let item = match messages.remove(&id) {
                     Some(m) => SearchItem::Message(Box::new(m)),
-                    None => SearchItem::Contact(contacts.remove(&id)?),
+                    None => SearchItem::Contact(Box::new(contacts.remove(&id)?)),
                 };
                 Some(SearchHit { item, rank })
             })
