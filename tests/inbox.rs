@@ -4,8 +4,8 @@
 //!
 //! Covers sign-in, adding an agent, opening a conversation, sending a message and watching its
 //! ticks reach "delivered" without a reload, a customer's message arriving live (sent from the
-//! simulator panel), the second agent seeing the first one typing, search (once
-//! `GET /api/v1/search` exists), the UCS-2 warning, contacts, the phone layout and sign-out.
+//! simulator panel), the second agent seeing the first one typing, search and opening a
+//! result, the UCS-2 warning, contacts, the phone layout and sign-out.
 //! The browser's console must stay free of errors throughout.
 //!
 //! With `SWITCHBOARD_SCREENSHOTS=1` it writes the screenshots shown in the README to
@@ -442,22 +442,17 @@ async fn agents_answer_customers_live_in_chromium() {
     screenshot(&a, "composer-ucs2").await;
     compose.clear().await.unwrap();
 
-    // --- Search, and open a result at its message (once the search endpoint exists)
-    let (search_status, _) = gw.api("GET", "/api/v1/search?q=parcel", None).await;
-    if search_status == 200 {
-        let search = find(&a, "#search").await;
-        search.send_keys("parcel").await.unwrap();
-        let result = find(&a, &format!("#search-list a[data-result-id='{parcel_msg}']")).await;
-        assert!(
-            result.html(true).await.unwrap().contains("<mark>"),
-            "matches are highlighted"
-        );
-        screenshot(&a, "search").await;
-        result.click().await.unwrap();
-        find(&a, &format!("#m-{parcel_msg}.highlight")).await;
-    } else {
-        eprintln!("GET /api/v1/search answered {search_status}: the search step is left out until it exists");
-    }
+    // --- Search, and open a result at its message
+    let search = find(&a, "#search").await;
+    search.send_keys("parcel").await.unwrap();
+    let result = find(&a, &format!("#search-list a[data-result-id='{parcel_msg}']")).await;
+    assert!(
+        result.html(true).await.unwrap().contains("<mark>"),
+        "matches are highlighted"
+    );
+    screenshot(&a, "search").await;
+    result.click().await.unwrap();
+    find(&a, &format!("#m-{parcel_msg}.highlight")).await;
     assert_eq!(js(&a, "return window.__sameDocument === true").await, true, "no reload");
 
     // --- A failed message shows Twilio's reason (the simulator's unreachable handset)
