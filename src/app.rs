@@ -22,6 +22,7 @@ use crate::delivery::Delivery;
 use crate::domain::phone::split_channel_prefix;
 use crate::error::Error;
 use crate::events::EventHub;
+use crate::media::{FetchCredentials, LocalDirStorage, MediaFetcher, MediaStorage};
 use crate::provider::twilio::{TwilioClient, TwilioCredentials};
 use crate::provider::Provider;
 use crate::service::api_keys::ApiKeys;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub twilio_check: Arc<std::sync::Mutex<Option<Result<(), String>>>>,
     /// The instance's event fan-out (`/api/v1/events`).
     pub events: Arc<EventHub>,
+    /// Where fetched inbound media files are kept (`/api/v1/media/{id}`).
+    pub media_storage: Arc<dyn MediaStorage>,
 }
 
 /// A running gateway.
@@ -113,7 +116,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         generated_api_key = Some(api_keys.create("initial").await?);
     }
 
-    let (provider, webhook_token, simulator, senders) = if config.has_twilio_credentials() {
+    let (provider, webhook_token, simulator, senders, media_credentials) = if config.has_twilio_credentials() {
         let t = &config.twilio;
         let account_sid = t.account_sid.clone().expect("checked");
         let token = t.auth_token.clone().expect("checked");
@@ -126,8 +129,8 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             &base,
             TwilioCredentials {
                 account_sid,
-                username,
-                password,
+                username: username.clone(),
+                password: password.clone(),
             },
             config.twilio_timeout(),
         )?;
@@ -140,7 +143,18 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
                 .map(|n| split_channel_prefix(n).1.to_string()),
             messaging_service_sid: t.messaging_service_sid.clone(),
         };
-        (Arc::new(client) as Arc<dyn Provider>, token, None, senders)
+        let media_credentials = FetchCredentials {
+            api_base: url::Url::parse(&base).context("TWILIO_API_BASE")?,
+            username,
+            password,
+        };
+        (
+            Arc::new(client) as Arc<dyn Provider>,
+            token,
+            None,
+            senders,
+            media_credentials,
+        )
     } else {
         let sim = Simulator::new(config.simulator.clone());
         sim.set_webhook_url(format!("{public_url}/webhooks/twilio/messages"));
@@ -148,6 +162,11 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             account_sid: sim.account_sid().to_string(),
             username: sim.account_sid().to_string(),
             password: sim.auth_token().clone(),
+        };
+        let media_credentials = FetchCredentials {
+            api_base: url::Url::parse(&format!("{public_url}/simulator")).context("public URL")?,
+            username: creds.username.clone(),
+            password: creds.password.clone(),
         };
         let client = TwilioClient::new(&format!("{public_url}/simulator"), creds, config.twilio_timeout())?;
         info!(
@@ -171,6 +190,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             sim.auth_token().clone(),
             Some(sim),
             senders,
+            media_credentials,
         )
     };
 
@@ -213,7 +233,22 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         format!("{public_url}/webhooks/twilio/status"),
         Duration::from_secs(config.shutdown_timeout_secs),
     );
-    let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone());
+    let messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone())
+        .with_whatsapp_window(config.whatsapp.enforce_window);
+    let media_dir = config.media.resolved_dir(&config.database_url);
+    let local_media = LocalDirStorage::new(&media_dir);
+    local_media
+        .check()
+        .with_context(|| format!("media directory {} is not writable (SWITCHBOARD_MEDIA__DIR)", media_dir.display()))?;
+    let media_storage: Arc<dyn MediaStorage> = Arc::new(local_media);
+    info!(storage = %media_storage.describe(), "inbound media is stored in a local directory");
+    let media_fetcher = MediaFetcher::new(
+        store.clone(),
+        media_storage.clone(),
+        config.media.clone(),
+        Some(media_credentials),
+        messaging.media_wake(),
+    )?;
     let worker_alive = Arc::new(AtomicBool::new(true));
     let events = EventHub::start(store.clone(), config.events.backlog, shutdown.clone()).await?;
     tokio::spawn(prune_events(
@@ -230,7 +265,9 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         worker_alive: worker_alive.clone(),
         twilio_check,
         events,
+        media_storage,
     };
+    let media_task = tokio::spawn(media_fetcher.run(shutdown.clone()));
 
     let worker_shutdown = shutdown.clone();
     let worker = tokio::spawn(async move {
@@ -259,6 +296,8 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             .await
             .context("HTTP server failed")?;
         let _ = worker.await;
+        // Fetches cut short give their items back before the process may exit.
+        let _ = media_task.await;
         Ok(())
     });
     info!(listen = %local_addr, %public_url, "switchboard is up");

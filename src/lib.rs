@@ -3,7 +3,8 @@
 //! The layers, each a module: `api` (REST v1) and `webhooks` (Twilio in) are thin HTTP
 //! handlers over `service`; `service` applies the product's rules over `store` (storage
 //! behind one trait) and wakes `delivery` (the workers that hand queued messages to
-//! `provider`, i.e. Twilio); `simulator` is a Twilio stand-in for development and tests.
+//! `provider`, i.e. Twilio) and `media` (the workers that fetch inbound media files);
+//! `simulator` is a Twilio stand-in for development and tests.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod media;
 pub mod provider;
 pub mod service;
 pub mod simulator;

@@ -1,4 +1,4 @@
-//! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`).
+//! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`, `med_…`).
 //!
 //! Each ID is a ULID (48-bit millisecond timestamp + 80 random bits) in lower-case
 //! Crockford base32 behind a short prefix, so IDs sort by creation time, read well in
@@ -90,6 +90,11 @@ typed_id!(
 typed_id!(
     /// An API key (`key_…`); the secret itself is never stored.
     ApiKeyId, "key"
+);
+typed_id!(
+    /// An inbound media item (`med_…`); also the name of its stored file, so file names
+    /// never come from user input.
+    MediaId, "med"
 );
 
 #[cfg(test)]

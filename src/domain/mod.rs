@@ -6,6 +6,6 @@ pub mod message;
 pub mod phone;
 pub mod segments;
 
-pub use ids::{ApiKeyId, ContactId, ConversationId, MessageId};
+pub use ids::{ApiKeyId, ContactId, ConversationId, MediaId, MessageId};
 pub use message::{Direction, MessageBody, MessageStatus, Priority};
 pub use phone::{Address, Channel, PhoneNumber};

@@ -11,7 +11,7 @@ use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, Message
 use crate::error::{Error, Result};
 use crate::provider::twilio::client::describe_error;
 use crate::store::{
-    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MessageRecord, NewContact,
+    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MediaStatus, MessageRecord, NewContact,
     NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
 };
 use crate::util::now_ms;
@@ -121,6 +121,8 @@ pub struct Messaging {
     delivery: Delivery,
     senders: Senders,
     region: String,
+    enforce_whatsapp_window: bool,
+    media_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Messaging {
@@ -131,7 +133,21 @@ impl Messaging {
             delivery,
             senders,
             region,
+            enforce_whatsapp_window: true,
+            media_wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Whether free-form WhatsApp sends outside the 24-hour window are refused before
+    /// queueing (default true; `SWITCHBOARD_WHATSAPP__ENFORCE_WINDOW`).
+    pub fn with_whatsapp_window(mut self, enforce: bool) -> Self {
+        self.enforce_whatsapp_window = enforce;
+        self
+    }
+
+    /// Notified when an inbound message brought media to fetch (the media fetcher waits on it).
+    pub fn media_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.media_wake.clone()
     }
 
     /// The store.
@@ -145,7 +161,8 @@ impl Messaging {
     }
 
     /// Validates a send and queues it. Errors: `invalid_request` (422) naming the field,
-    /// `opted_out`, idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
+    /// `opted_out`, `whatsapp_window_closed` (a free-form WhatsApp send outside the 24-hour
+    /// window), idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
     pub async fn send(&self, input: SendInput, idem: Option<IdempotencyRequest<'_>>) -> Result<SendOutcome> {
         let draft = self.parse_send(input, now_ms())?;
         metrics::histogram!("switchboard_message_segments", "direction" => "outbound")
@@ -289,6 +306,9 @@ impl Messaging {
             Channel::Sms if !media.is_empty() => 1,
             Channel::Sms => seg.segments.max(1),
         };
+        // Templates may open a conversation; free-form text needs the customer-service window.
+        let whatsapp_window_required =
+            channel == Channel::Whatsapp && content_sid.is_none() && self.enforce_whatsapp_window;
         Ok(NewOutbound {
             id: MessageId::new(),
             channel,
@@ -308,6 +328,7 @@ impl Messaging {
             rate_key,
             rate_cost,
             part: None,
+            whatsapp_window_required,
             now,
         })
     }
@@ -491,6 +512,10 @@ impl Messaging {
                 get(&format!("MediaUrl{i}")).map(|url| Media {
                     url: url.to_string(),
                     content_type: get(&format!("MediaContentType{i}")).map(str::to_string),
+                    // Fetched in the background (crate::media); the message is stored first.
+                    id: Some(crate::domain::MediaId::new().to_string()),
+                    status: Some(MediaStatus::Pending),
+                    ..Media::default()
                 })
             })
             .collect::<Vec<_>>();
@@ -548,6 +573,9 @@ impl Messaging {
         metrics::counter!("switchboard_inbound_messages_total", "channel" => channel.as_str(), "outcome" => label)
             .increment(1);
         if let Some(m) = &result {
+            if !m.media.is_empty() {
+                self.media_wake.notify_one();
+            }
             metrics::histogram!("switchboard_message_segments", "direction" => "inbound").record(f64::from(m.segments));
             if let Some(change) = opt_metric {
                 metrics::counter!("switchboard_opt_outs_total", "channel" => channel.as_str(), "change" => change)
@@ -651,7 +679,7 @@ fn parse_media(channel: Channel, urls: Vec<String>) -> Result<Vec<Media>> {
         .map(|u| match url::Url::parse(u.trim()) {
             Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() => Ok(Media {
                 url: parsed.to_string(),
-                content_type: None,
+                ..Media::default()
             }),
             _ => Err(Error::invalid("media_urls", format!("'{u}' is not an http(s) URL"))),
         })
