@@ -237,9 +237,12 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         .with_whatsapp_window(config.whatsapp.enforce_window);
     let media_dir = config.media.resolved_dir(&config.database_url);
     let local_media = LocalDirStorage::new(&media_dir);
-    local_media
-        .check()
-        .with_context(|| format!("media directory {} is not writable (SWITCHBOARD_MEDIA__DIR)", media_dir.display()))?;
+    local_media.check().with_context(|| {
+        format!(
+            "media directory {} is not writable (SWITCHBOARD_MEDIA__DIR)",
+            media_dir.display()
+        )
+    })?;
     let media_storage: Arc<dyn MediaStorage> = Arc::new(local_media);
     info!(storage = %media_storage.describe(), "inbound media is stored in a local directory");
     let media_fetcher = MediaFetcher::new(

@@ -117,7 +117,10 @@ impl Default for MediaConfig {
         Self {
             dir: None,
             max_bytes: 5 * 1024 * 1024,
-            allowed_types: crate::media::DEFAULT_ALLOWED_TYPES.iter().map(|s| s.to_string()).collect(),
+            allowed_types: crate::media::DEFAULT_ALLOWED_TYPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             max_attempts: 6,
             backoff_base_ms: 2000,
             backoff_max_ms: 600_000,

@@ -324,9 +324,10 @@ impl MediaFetcher {
                     req = req.basic_auth(&c.username, Some(c.password.expose_secret()));
                 }
             }
-            let mut resp = req.send().await.map_err(|e| {
-                FetchError::Transient(format!("could not fetch {}: {}", redact(&url), error_chain(&e)))
-            })?;
+            let mut resp = req
+                .send()
+                .await
+                .map_err(|e| FetchError::Transient(format!("could not fetch {}: {}", redact(&url), error_chain(&e))))?;
             let status = resp.status();
             if status.is_redirection() {
                 let location = resp
@@ -375,7 +376,11 @@ impl MediaFetcher {
             }
             let mut bytes = Vec::new();
             while let Some(chunk) = resp.chunk().await.map_err(|e| {
-                FetchError::Transient(format!("the download from {} broke off: {}", redact(&url), error_chain(&e)))
+                FetchError::Transient(format!(
+                    "the download from {} broke off: {}",
+                    redact(&url),
+                    error_chain(&e)
+                ))
             })? {
                 if (bytes.len() + chunk.len()) as u64 > cfg.max_bytes {
                     return Err(too_large());
@@ -442,7 +447,9 @@ mod tests {
         };
         let ok = |u: &str| c.may_send_to(&url::Url::parse(u).unwrap());
         assert!(ok("http://127.0.0.1:4010/simulator/media/x"));
-        assert!(ok("https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"));
+        assert!(ok(
+            "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"
+        ));
         assert!(!ok("http://api.twilio.com/x"));
         assert!(!ok("http://127.0.0.1:4011/x"));
         assert!(!ok("https://eviltwilio.com/x"));

@@ -11,8 +11,8 @@ use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, Message
 use crate::error::{Error, Result};
 use crate::provider::twilio::client::describe_error;
 use crate::store::{
-    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MediaStatus, MessageRecord, NewContact,
-    NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
+    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MediaStatus, MessageRecord,
+    NewContact, NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
 };
 use crate::util::now_ms;
 

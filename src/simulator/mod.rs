@@ -138,6 +138,7 @@
 
 mod control;
 mod lifecycle;
+mod media;
 mod twilio_api;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -206,6 +207,10 @@ pub struct SimulatorSettings {
     pub auth_token: Option<SecretString>,
     /// Where inbound webhooks go; [`DEFAULT_WEBHOOK_URL`] when `None`.
     pub webhook_url: Option<String>,
+    /// Enforce WhatsApp's 24-hour window like Twilio: a free-form WhatsApp message (no
+    /// `ContentSid`) to a user who has not written to that sender through `/inbound` within
+    /// 24 hours is accepted (201) and then fails with 63016. Default false.
+    pub whatsapp_window: bool,
 }
 
 impl Default for SimulatorSettings {
@@ -222,6 +227,7 @@ impl Default for SimulatorSettings {
             account_sid: None,
             auth_token: None,
             webhook_url: None,
+            whatsapp_window: false,
         }
     }
 }
@@ -287,6 +293,14 @@ struct State {
     faults: VecDeque<Fault>,
     /// Opted-out (sender, recipient) pairs, wire form.
     opt_outs: HashSet<(String, String)>,
+    /// Last inbound WhatsApp message per (our sender, user), wire form: the 24-hour window.
+    whatsapp_inbound: HashMap<(String, String), DateTime<Utc>>,
+    /// Uploaded media (`PUT /media/{name}`), by name.
+    media_files: HashMap<String, media::CdnFile>,
+    /// Requests per media URL (path and query), for fail-N-times faults and `GET /media`.
+    media_hits: HashMap<String, u32>,
+    /// Files behind issued CDN tokens.
+    media_cdn: HashMap<String, media::CdnFile>,
 }
 
 /// Which way a stored message went.
@@ -441,6 +455,10 @@ impl Simulator {
                     next_seq: 1,
                     faults: VecDeque::new(),
                     opt_outs: HashSet::new(),
+                    whatsapp_inbound: HashMap::new(),
+                    media_files: HashMap::new(),
+                    media_hits: HashMap::new(),
+                    media_cdn: HashMap::new(),
                 }),
             }),
         }

@@ -1022,6 +1022,9 @@ async fn post_signed_status(app: &TestApp, params: &[(&str, &str)]) -> StatusCod
 #[tokio::test]
 async fn whatsapp_read_receipt_beats_a_late_delivered() {
     let app = TestApp::spawn_with(no_status_callbacks()).await;
+    // They wrote first: the 24-hour window is open for a free-form reply.
+    app.inbound(json!({"from": "+14155550146", "body": "hello?", "channel": "whatsapp"}))
+        .await;
     let m = app
         .send_ok(json!({"to": "+14155550146", "body": "read me", "channel": "whatsapp"}))
         .await;

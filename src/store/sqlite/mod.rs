@@ -1827,7 +1827,9 @@ impl Store for SqliteStore {
             MediaOutcome::Stored { content_type, size } => {
                 (MediaStatus::Stored, Some(content_type.clone()), Some(*size), None, None)
             }
-            MediaOutcome::Retry { next_at, error } => (MediaStatus::Pending, None, None, Some(error.clone()), Some(*next_at)),
+            MediaOutcome::Retry { next_at, error } => {
+                (MediaStatus::Pending, None, None, Some(error.clone()), Some(*next_at))
+            }
             MediaOutcome::Failed { error } => (MediaStatus::Failed, None, None, Some(error.clone()), None),
         };
         let row = sqlx::query(&format!(
