@@ -262,6 +262,7 @@ impl InProcess {
         let (database_url, database) = database(dir.path()).await;
         let mut config = Config::default();
         config.database_url = database_url;
+        config.media.dir = Some(dir.path().join("media"));
         config.api_key = Some(SecretString::from(KEY.to_string()));
         config.twilio.account_sid = Some(sim.account_sid().to_string());
         config.twilio.auth_token = Some(sim.auth_token().clone());

@@ -117,7 +117,7 @@ pub(super) fn spawn(sim: &Simulator, sid: &str) {
                     state.settings.whatsapp_window && message.is_whatsapp() && message.content_sid.is_none() && {
                         let sender = message.from.clone().unwrap_or_else(|| default_sender(true));
                         let opened = state.whatsapp_inbound.get(&(sender, message.to.clone()));
-                        !opened.is_some_and(|t| Utc::now() - *t < chrono::Duration::hours(24))
+                        opened.is_none_or(|t| Utc::now() - *t >= chrono::Duration::hours(24))
                     };
                 Plan::new(message, window_closed)
             }
