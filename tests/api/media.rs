@@ -273,3 +273,68 @@ async fn a_restart_during_a_fetch_resumes_it() {
     assert_eq!(m["media"][0]["status"], "stored", "{m}");
     assert!(media_hits(&app).await[key].as_u64().unwrap() >= 2);
 }
+
+#[tokio::test]
+async fn the_embedded_simulator_serves_media_the_gateway_can_fetch() {
+    // `switchboard serve` without Twilio credentials: the simulator runs inside the gateway
+    // under /simulator, and a media URL pointing at it works end to end.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (database_url, _db) = test_database(&dir).await;
+    let mut config = switchboard::Config::default();
+    config.database_url = database_url;
+    config.media.dir = Some(dir.path().join("files"));
+    config.api_key = Some(secrecy::SecretString::from("sb_test_key_0123456789abcdef".to_string()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = switchboard::start(config, listener, shutdown.clone()).await.unwrap();
+    assert!(server.simulator.is_some());
+    let client = reqwest::Client::new();
+    let media = format!("{base}/simulator/media/hello.png");
+    let r = client
+        .post(format!("{base}/simulator/inbound"))
+        .json(&json!({"from": "+14155550306", "body": "pic", "media_urls": [media]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(path)
+                .bearer_auth("sb_test_key_0123456789abcdef")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    let item = loop {
+        let v: Value = get(format!("{base}/api/v1/messages?since=0"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let item = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|m| m["body"] == "pic")
+            .map(|m| m["media"][0].clone());
+        if let Some(item) = item.filter(|i| i["status"] != "pending") {
+            break item;
+        }
+        assert!(Instant::now() < end, "never fetched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(item["status"], "stored", "{item}");
+    let r = get(format!("{base}{}", item["download_url"].as_str().unwrap())).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(&r.bytes().await.unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(dir.path().join("files").join(item["id"].as_str().unwrap()).is_file());
+    shutdown.cancel();
+    server.wait().await.unwrap();
+}
