@@ -282,10 +282,12 @@ async fn the_embedded_simulator_serves_media_the_gateway_can_fetch() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (database_url, _db) = test_database(&dir).await;
-    let mut config = switchboard::Config::default();
-    config.database_url = database_url;
+    let mut config = switchboard::Config {
+        database_url,
+        api_key: Some(secrecy::SecretString::from("sb_test_key_0123456789abcdef".to_string())),
+        ..Default::default()
+    };
     config.media.dir = Some(dir.path().join("files"));
-    config.api_key = Some(secrecy::SecretString::from("sb_test_key_0123456789abcdef".to_string()));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = switchboard::start(config, listener, shutdown.clone()).await.unwrap();
     assert!(server.simulator.is_some());
