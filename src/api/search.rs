@@ -207,7 +207,7 @@ impl SearchResultOut {
                     snippet_html: s.html,
                     rank: hit.rank,
                     message: None,
-                    contact: Some(ContactOut::from(c)),
+                    contact: Some(ContactOut::from(*c)),
                 }
             }
         }
