@@ -22,6 +22,7 @@ use crate::delivery::Delivery;
 use crate::domain::phone::split_channel_prefix;
 use crate::error::Error;
 use crate::events::EventHub;
+use crate::media::{FetchCredentials, LocalDirStorage, MediaFetcher, MediaStorage};
 use crate::provider::twilio::{TwilioClient, TwilioCredentials};
 use crate::provider::Provider;
 use crate::service::api_keys::ApiKeys;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub agents: crate::service::agents::Agents,
     /// Whether the embedded simulator runs (the inbox then shows its panel).
     pub simulator_enabled: bool,
+    /// Where fetched inbound media files are kept (`/api/v1/media/{id}`).
+    pub media_storage: Arc<dyn MediaStorage>,
 }
 
 /// A running gateway.
@@ -134,7 +137,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         )
         .await?;
 
-    let (provider, webhook_token, simulator, senders) = if config.has_twilio_credentials() {
+    let (provider, webhook_token, simulator, senders, media_credentials) = if config.has_twilio_credentials() {
         let t = &config.twilio;
         let account_sid = t.account_sid.clone().expect("checked");
         let token = t.auth_token.clone().expect("checked");
@@ -147,8 +150,8 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             &base,
             TwilioCredentials {
                 account_sid,
-                username,
-                password,
+                username: username.clone(),
+                password: password.clone(),
             },
             config.twilio_timeout(),
         )?;
@@ -161,7 +164,18 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
                 .map(|n| split_channel_prefix(n).1.to_string()),
             messaging_service_sid: t.messaging_service_sid.clone(),
         };
-        (Arc::new(client) as Arc<dyn Provider>, token, None, senders)
+        let media_credentials = FetchCredentials {
+            api_base: url::Url::parse(&base).context("TWILIO_API_BASE")?,
+            username,
+            password,
+        };
+        (
+            Arc::new(client) as Arc<dyn Provider>,
+            token,
+            None,
+            senders,
+            media_credentials,
+        )
     } else {
         let sim = Simulator::new(config.simulator.clone());
         sim.set_webhook_url(format!("{public_url}/webhooks/twilio/messages"));
@@ -169,6 +183,11 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             account_sid: sim.account_sid().to_string(),
             username: sim.account_sid().to_string(),
             password: sim.auth_token().clone(),
+        };
+        let media_credentials = FetchCredentials {
+            api_base: url::Url::parse(&format!("{public_url}/simulator")).context("public URL")?,
+            username: creds.username.clone(),
+            password: creds.password.clone(),
         };
         let client = TwilioClient::new(&format!("{public_url}/simulator"), creds, config.twilio_timeout())?;
         info!(
@@ -192,6 +211,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             sim.auth_token().clone(),
             Some(sim),
             senders,
+            media_credentials,
         )
     };
 
@@ -236,8 +256,9 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
     );
     let language = config.language.detector().map_err(|e| anyhow::anyhow!(e))?;
     warm_up_language_models(&language);
-    let mut messaging =
-        Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone()).with_language(language);
+    let mut messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone())
+        .with_language(language)
+        .with_whatsapp_window(config.whatsapp.enforce_window);
     let enricher = crate::enrichment::Enricher::new(store.clone(), config.enrichment.clone())?;
     if let Some(e) = &enricher {
         messaging = messaging.with_enrichment(e.waker());
@@ -252,6 +273,23 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         config.outbound.allow_private_networks,
     )?;
     tokio::spawn(dispatcher.run(shutdown.clone()));
+    let media_dir = config.media.resolved_dir(&config.database_url);
+    let local_media = LocalDirStorage::new(&media_dir);
+    local_media.check().with_context(|| {
+        format!(
+            "media directory {} is not writable (SWITCHBOARD_MEDIA__DIR)",
+            media_dir.display()
+        )
+    })?;
+    let media_storage: Arc<dyn MediaStorage> = Arc::new(local_media);
+    info!(storage = %media_storage.describe(), "inbound media is stored in a local directory");
+    let media_fetcher = MediaFetcher::new(
+        store.clone(),
+        media_storage.clone(),
+        config.media.clone(),
+        Some(media_credentials),
+        messaging.media_wake(),
+    )?;
     let worker_alive = Arc::new(AtomicBool::new(true));
     let events = EventHub::start(store.clone(), config.events.backlog, shutdown.clone()).await?;
     tokio::spawn(prune_events(
@@ -271,7 +309,9 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         webhooks,
         agents: agents.clone(),
         simulator_enabled: simulator.is_some(),
+        media_storage,
     };
+    let media_task = tokio::spawn(media_fetcher.run(shutdown.clone()));
 
     let worker_shutdown = shutdown.clone();
     let worker = tokio::spawn(async move {
@@ -301,6 +341,8 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
             .await
             .context("HTTP server failed")?;
         let _ = worker.await;
+        // Fetches cut short give their items back before the process may exit.
+        let _ = media_task.await;
         Ok(())
     });
     info!(listen = %local_addr, %public_url, "switchboard is up");

@@ -98,6 +98,9 @@ pub struct SimulatorArgs {
     /// Send every status callback twice.
     #[arg(long)]
     pub duplicate_callbacks: bool,
+    /// Fail free-form WhatsApp messages outside the 24-hour window with 63016, like Twilio.
+    #[arg(long)]
+    pub whatsapp_window: bool,
     /// Fraction of creates answered 500 after being recorded.
     #[arg(long, default_value_t = 0.0)]
     pub failure_rate: f64,
@@ -305,6 +308,7 @@ async fn simulator(a: SimulatorArgs) -> anyhow::Result<()> {
         account_sid: a.account_sid.clone(),
         auth_token: a.auth_token.clone().map(secrecy::SecretString::from),
         webhook_url: Some(a.webhook_url),
+        whatsapp_window: a.whatsapp_window,
     };
     let sim = Simulator::new(settings);
     let listener = tokio::net::TcpListener::bind(a.listen)

@@ -72,6 +72,10 @@ pub struct Config {
     pub admin_password: Option<SecretString>,
     /// The web inbox's sessions and sign-in throttle (`SWITCHBOARD_INBOX__*`).
     pub inbox: InboxConfig,
+    /// Fetching, storing and serving inbound media (`SWITCHBOARD_MEDIA__*`; docs/media.md).
+    pub media: MediaConfig,
+    /// WhatsApp rules (`SWITCHBOARD_WHATSAPP__*`; docs/whatsapp.md).
+    pub whatsapp: WhatsappConfig,
 }
 
 /// Settings shared by every outbound call (see [`crate::outbound`]).
@@ -241,6 +245,93 @@ impl Default for InboxConfig {
     }
 }
 
+/// WhatsApp settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WhatsappConfig {
+    /// Refuse free-form WhatsApp sends (no `content_sid`) outside the 24-hour
+    /// customer-service window with 422 `whatsapp_window_closed` before queueing
+    /// (`SWITCHBOARD_WHATSAPP__ENFORCE_WINDOW`, default true). Set false to let Twilio decide
+    /// (it fails such messages asynchronously with 63016), e.g. for conversations opened by
+    /// a click-to-WhatsApp ad, whose longer free-entry window the gateway cannot see.
+    pub enforce_window: bool,
+}
+
+impl Default for WhatsappConfig {
+    fn default() -> Self {
+        Self { enforce_window: true }
+    }
+}
+
+/// Inbound media settings (docs/media.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Directory the files are stored in (`SWITCHBOARD_MEDIA__DIR`). Default: `media` next to
+    /// the SQLite file, or `./media` with PostgreSQL (several instances need a shared
+    /// directory: each serves what any of them fetched).
+    pub dir: Option<PathBuf>,
+    /// Largest file fetched, in bytes (`SWITCHBOARD_MEDIA__MAX_BYTES`, default 5 MiB, Twilio's
+    /// MMS limit; WhatsApp allows up to 16 MB). Larger files are `failed`, not stored.
+    pub max_bytes: u64,
+    /// Content types stored (`SWITCHBOARD_MEDIA__ALLOWED_TYPES`, a comma-separated list;
+    /// `type/*` allows a whole family). Default: JPEG, PNG, GIF and WebP images, any audio and
+    /// video, PDF and vCard. Others are `failed`. SVG is left out on purpose: it can carry
+    /// script.
+    #[serde(deserialize_with = "de_list")]
+    pub allowed_types: Vec<String>,
+    /// Fetch attempts before an item is `failed` (`SWITCHBOARD_MEDIA__MAX_ATTEMPTS`, default 6).
+    pub max_attempts: u32,
+    /// First retry delay in ms; doubles each attempt, with full jitter
+    /// (`SWITCHBOARD_MEDIA__BACKOFF_BASE_MS`, default 2000).
+    pub backoff_base_ms: u64,
+    /// Cap on one retry delay in ms (`SWITCHBOARD_MEDIA__BACKOFF_MAX_MS`, default 600000).
+    pub backoff_max_ms: u64,
+    /// Timeout of one whole fetch, redirects and body included, in seconds
+    /// (`SWITCHBOARD_MEDIA__FETCH_TIMEOUT_SECS`, default 60).
+    pub fetch_timeout_secs: u64,
+    /// Fetches in flight at once per instance (`SWITCHBOARD_MEDIA__CONCURRENCY`, default 4).
+    pub concurrency: usize,
+    /// How often idle fetchers look for due items, in ms (`SWITCHBOARD_MEDIA__POLL_INTERVAL_MS`,
+    /// default 1000); new inbound media wakes them at once.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: 5 * 1024 * 1024,
+            allowed_types: crate::media::DEFAULT_ALLOWED_TYPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            max_attempts: 6,
+            backoff_base_ms: 2000,
+            backoff_max_ms: 600_000,
+            fetch_timeout_secs: 60,
+            concurrency: 4,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+impl MediaConfig {
+    /// The storage directory: `dir`, else `media` next to the SQLite file, else `./media`.
+    pub fn resolved_dir(&self, database_url: &str) -> PathBuf {
+        if let Some(d) = &self.dir {
+            return d.clone();
+        }
+        match DatabaseKind::parse(database_url) {
+            Some(DatabaseKind::Sqlite(path)) => match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.join("media"),
+                _ => PathBuf::from("media"),
+            },
+            _ => PathBuf::from("media"),
+        }
+    }
+}
+
 /// Settings of the event stream (`GET /api/v1/events`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -401,6 +492,8 @@ impl Default for Config {
             admin_email: "admin@localhost".into(),
             admin_password: None,
             inbox: InboxConfig::default(),
+            media: MediaConfig::default(),
+            whatsapp: WhatsappConfig::default(),
         }
     }
 }
@@ -638,6 +731,32 @@ impl Config {
         if en.poll_interval_ms == 0 {
             problems.push("SWITCHBOARD_ENRICHMENT__POLL_INTERVAL_MS must be at least 1".into());
         }
+        let m = &self.media;
+        if !(1..=100 * 1024 * 1024).contains(&m.max_bytes) {
+            problems.push("SWITCHBOARD_MEDIA__MAX_BYTES must be between 1 and 104857600 (100 MiB)".into());
+        }
+        for t in &m.allowed_types {
+            if !crate::media::is_type_pattern(t) {
+                problems.push(format!(
+                    "SWITCHBOARD_MEDIA__ALLOWED_TYPES entry '{t}' is not a content type such as image/png or image/*"
+                ));
+            }
+        }
+        if m.max_attempts == 0 {
+            problems.push("SWITCHBOARD_MEDIA__MAX_ATTEMPTS must be at least 1".into());
+        }
+        if m.fetch_timeout_secs == 0 {
+            problems.push("SWITCHBOARD_MEDIA__FETCH_TIMEOUT_SECS must be at least 1".into());
+        }
+        if m.concurrency == 0 {
+            problems.push("SWITCHBOARD_MEDIA__CONCURRENCY must be at least 1".into());
+        }
+        if m.backoff_base_ms == 0 || m.backoff_max_ms < m.backoff_base_ms {
+            problems.push(
+                "SWITCHBOARD_MEDIA__BACKOFF_BASE_MS must be at least 1 and at most SWITCHBOARD_MEDIA__BACKOFF_MAX_MS"
+                    .into(),
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -773,6 +892,25 @@ fn de_rates<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D:
                 .collect()
         }
     }
+}
+
+/// A list given as a TOML array or as one comma-separated string (environment variables).
+fn de_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Items(Vec<String>),
+        Text(String),
+    }
+    let items = match List::deserialize(d)? {
+        List::Items(v) => v,
+        List::Text(s) => s.split(',').map(str::to_string).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 trait FromStrOpt: Sized {

@@ -204,6 +204,7 @@ impl From<crate::store::StoreError> for Error {
             StoreError::Conflict(m) => Error::Conflict(m),
             StoreError::NotFound(m) => Error::NotFound(m),
             StoreError::OptedOut(m) => Error::OptedOut(m),
+            StoreError::WhatsappWindowClosed(m) => Error::WhatsappWindowClosed(m),
             StoreError::Other(e) => Error::Internal(e),
         }
     }

@@ -3,7 +3,8 @@
 //! The layers, each a module: `api` (REST v1) and `webhooks` (Twilio in) are thin HTTP
 //! handlers over `service`; `service` applies the product's rules over `store` (storage
 //! behind one trait) and wakes `delivery` (the workers that hand queued messages to
-//! `provider`, i.e. Twilio); `simulator` is a Twilio stand-in for development and tests.
+//! `provider`, i.e. Twilio) and `media` (the workers that fetch inbound media files);
+//! `simulator` is a Twilio stand-in for development and tests.
 //! `events` is the stream of every visible change; `hooks` pushes it to subscribers' URLs
 //! (outbound event webhooks) and `enrichment` asks a lookup service about new numbers, both
 //! through `outbound`, the guarded HTTP client for calls made on someone else's behalf.
@@ -19,6 +20,7 @@ pub mod enrichment;
 pub mod error;
 pub mod events;
 pub mod hooks;
+pub mod media;
 pub mod outbound;
 pub mod provider;
 pub mod service;

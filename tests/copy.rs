@@ -76,6 +76,7 @@ fn outbound(to: &str, body: &str, now: i64) -> NewOutbound {
         rate_key: SENDER.into(),
         rate_cost: 1,
         part: None,
+        whatsapp_window_required: false,
         now,
     }
 }
@@ -250,10 +251,12 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
                     Media {
                         url: "https://example.com/a.png".into(),
                         content_type: Some("image/png".into()),
+                        ..Default::default()
                     },
                     Media {
                         url: "https://example.com/b".into(),
                         content_type: None,
+                        ..Default::default()
                     },
                 ],
                 segments: 2,
@@ -351,6 +354,9 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
             media: vec![Media {
                 url: "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1".into(),
                 content_type: Some("image/jpeg".into()),
+                id: Some(switchboard::domain::MediaId::new().to_string()),
+                status: Some(switchboard::store::MediaStatus::Pending),
+                ..Default::default()
             }],
             // A detected language (REAL confidence column) is copied exactly.
             language: Some(Language {

@@ -454,6 +454,7 @@ fn outbound(n: usize) -> NewOutbound {
         rate_key: SENDER.into(),
         rate_cost: 1,
         part: None,
+        whatsapp_window_required: false,
         now: T0,
     }
 }

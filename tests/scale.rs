@@ -125,6 +125,8 @@ fn spawn_process(port: u16, launch: &Launch, log: &Path) -> Child {
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
         .env("SWITCHBOARD_DATABASE_URL", &launch.database_url)
+        // Every instance shares one media directory (next to the logs), as several instances must.
+        .env("SWITCHBOARD_MEDIA__DIR", log.parent().unwrap().join("media"))
         .env("SWITCHBOARD_DATABASE_MAX_CONNECTIONS", "16")
         .env("SWITCHBOARD_API_KEY", KEY)
         .env("TWILIO_ACCOUNT_SID", &launch.account_sid)

@@ -135,6 +135,8 @@ conformance!(
     search_follows_contact_changes,
     search_handles_any_query_text,
     inbound_language_is_stored_with_the_conversation,
+    whatsapp_window_follows_the_last_inbound,
+    media_jobs_claim_retry_store_and_fail,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ fn outbound(to: &str, body: &str, now: i64) -> NewOutbound {
         rate_key: SENDER.into(),
         rate_cost: 1,
         part: None,
+        whatsapp_window_required: false,
         now,
     }
 }
@@ -325,6 +328,7 @@ async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
     first.media = vec![Media {
         url: "https://example.com/a.png".into(),
         content_type: Some("image/png".into()),
+        ..Default::default()
     }];
     first.smart_encoding = true;
     first.segments = 2;
@@ -378,6 +382,7 @@ async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
     later.media = vec![Media {
         url: "https://example.com/b.jpg".into(),
         content_type: None,
+        ..Default::default()
     }];
     let scheduled = store.insert_outbound(later, None).await.unwrap();
     assert_eq!(scheduled.status, MessageStatus::Scheduled);
@@ -3837,4 +3842,270 @@ async fn inbound_language_is_stored_with_the_conversation(store: Arc<dyn Store>)
         .expect("message.created event");
     assert_eq!(data(created)["message"]["language"], "es");
     assert_eq!(data(created)["message"]["language_confidence"], 0.937);
+}
+
+// ---------------------------------------------------------------------------------------
+// WhatsApp window and inbound media
+// ---------------------------------------------------------------------------------------
+
+const WA_SENDER: &str = "+14155238886";
+const HOUR: i64 = 3600 * 1000;
+
+fn wa_inbound(sid: &str, from: &str, now: i64) -> NewInbound {
+    NewInbound {
+        channel: Channel::Whatsapp,
+        to: WA_SENDER.into(),
+        ..inbound(sid, from, "hola", now)
+    }
+}
+
+fn wa_free_form(to: &str, now: i64) -> NewOutbound {
+    NewOutbound {
+        channel: Channel::Whatsapp,
+        whatsapp_window_required: true,
+        ..from_sender(outbound(to, "free-form reply", now), WA_SENDER)
+    }
+}
+
+async fn whatsapp_window_follows_the_last_inbound(store: Arc<dyn Store>) {
+    let who = phone(70);
+    // Never wrote: closed, and nothing is written.
+    let r = store.insert_outbound(wa_free_form(&who, T0), None).await;
+    assert!(
+        matches!(&r, Err(StoreError::WhatsappWindowClosed(m)) if m.contains("content_sid")),
+        "{r:?}"
+    );
+    assert!(all_changes(&store).await.is_empty());
+    // A template (no window needed) goes any time and opens no window.
+    let tpl = NewOutbound {
+        content_sid: Some("HX00000000000000000000000000000001".into()),
+        whatsapp_window_required: false,
+        ..wa_free_form(&who, T0)
+    };
+    let t = store.insert_outbound(tpl, None).await.unwrap();
+    assert_eq!(conversation(&store, &t.conversation_id).await.last_inbound_at, None);
+
+    // They write at T0 + 1 h: open for exactly 24 hours from then.
+    let m = store.insert_inbound(wa_inbound(&sid(), &who, T0 + HOUR)).await.unwrap();
+    let InboundOutcome::Created(m) = m else {
+        panic!("stored")
+    };
+    assert_eq!(
+        m.conversation_id, t.conversation_id,
+        "one conversation per sender and counterpart"
+    );
+    let c = conversation(&store, &m.conversation_id).await;
+    assert_eq!(c.last_inbound_at, Some(T0 + HOUR));
+    assert_eq!(c.whatsapp_window_expires_at(), Some(T0 + 25 * HOUR));
+    store
+        .insert_outbound(wa_free_form(&who, T0 + 25 * HOUR - 1), None)
+        .await
+        .unwrap();
+    let r = store.insert_outbound(wa_free_form(&who, T0 + 25 * HOUR), None).await;
+    assert!(
+        matches!(&r, Err(StoreError::WhatsappWindowClosed(m)) if m.contains("closed at")),
+        "{r:?}"
+    );
+    // Our own messages do not move it; their next message does.
+    assert_eq!(
+        conversation(&store, &m.conversation_id).await.last_inbound_at,
+        Some(T0 + HOUR)
+    );
+    store
+        .insert_inbound(wa_inbound(&sid(), &who, T0 + 30 * HOUR))
+        .await
+        .unwrap();
+    assert_eq!(
+        conversation(&store, &m.conversation_id).await.last_inbound_at,
+        Some(T0 + 30 * HOUR)
+    );
+    store
+        .insert_outbound(wa_free_form(&who, T0 + 53 * HOUR), None)
+        .await
+        .unwrap();
+
+    // The window belongs to the sender they wrote to; a Messaging Service (which picks the
+    // sender itself) counts their latest message to any of our WhatsApp senders.
+    let other = from_sender(wa_free_form(&who, T0 + 31 * HOUR), "+14155238887");
+    let r = store.insert_outbound(other, None).await;
+    assert!(matches!(r, Err(StoreError::WhatsappWindowClosed(_))), "{r:?}");
+    let mg = "MG00000000000000000000000000000001";
+    let service = NewOutbound {
+        messaging_service_sid: Some(mg.into()),
+        ..from_sender(wa_free_form(&who, T0 + 31 * HOUR), mg)
+    };
+    store.insert_outbound(service, None).await.unwrap();
+    let late = NewOutbound {
+        messaging_service_sid: Some(mg.into()),
+        ..from_sender(wa_free_form(&who, T0 + 54 * HOUR), mg)
+    };
+    assert!(matches!(
+        store.insert_outbound(late, None).await,
+        Err(StoreError::WhatsappWindowClosed(_))
+    ));
+
+    // SMS inbound has a last_inbound_at too (the rule itself is WhatsApp's).
+    let sms = store
+        .insert_inbound(inbound(&sid(), &who, "hi", T0 + 2 * HOUR))
+        .await
+        .unwrap();
+    let InboundOutcome::Created(sms) = sms else {
+        panic!("stored")
+    };
+    assert_eq!(
+        conversation(&store, &sms.conversation_id).await.last_inbound_at,
+        Some(T0 + 2 * HOUR)
+    );
+}
+
+fn media_item(url: &str, declared: &str) -> Media {
+    Media {
+        url: url.into(),
+        content_type: Some(declared.into()),
+        id: Some(switchboard::domain::MediaId::new().to_string()),
+        status: Some(MediaStatus::Pending),
+        ..Default::default()
+    }
+}
+
+async fn media_jobs_claim_retry_store_and_fail(store: Arc<dyn Store>) {
+    let who = phone(71);
+    let a = media_item("https://api.twilio.com/a", "image/jpeg");
+    let b = media_item("https://api.twilio.com/b", "application/pdf");
+    let (a_id, b_id) = (a.id.clone().unwrap(), b.id.clone().unwrap());
+    let msg = NewInbound {
+        media: vec![a, b],
+        ..inbound(&sid(), &who, "two files", T0)
+    };
+    let InboundOutcome::Created(m) = store.insert_inbound(msg).await.unwrap() else {
+        panic!("stored")
+    };
+    assert_eq!(m.media[0].status, Some(MediaStatus::Pending));
+    let rec = store.get_media(&a_id).await.unwrap().unwrap();
+    assert_eq!((rec.position, rec.attempts, rec.status), (0, 0, MediaStatus::Pending));
+    assert_eq!(rec.declared_type.as_deref(), Some("image/jpeg"));
+    assert_eq!(rec.message_id, m.id);
+    assert!(store
+        .get_media("med_01hzzzzzzzzzzzzzzzzzzzzzzz")
+        .await
+        .unwrap()
+        .is_none());
+
+    // Both due; a claim takes them (oldest first) and a second claimer gets nothing meanwhile.
+    let claimed = store.claim_media(T0, 10, 60_000, "one").await.unwrap();
+    let mut ids: Vec<_> = claimed.iter().map(|c| c.id.clone()).collect();
+    ids.sort();
+    let mut want = vec![a_id.clone(), b_id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(claimed.iter().all(|c| c.attempts == 1));
+    assert!(store.claim_media(T0 + 1, 10, 60_000, "two").await.unwrap().is_empty());
+
+    // A fetcher that dies keeps its lease until it ends; then another takes the item over.
+    let again = store.claim_media(T0 + 60_000, 10, 60_000, "two").await.unwrap();
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|c| c.attempts == 2));
+
+    // A transient failure: pending, the error visible on the message, due again later.
+    let mark = store.event_bounds().await.unwrap().latest;
+    let before = message(&store, &m.id).await.change_seq;
+    let r = store
+        .record_media(
+            &a_id,
+            MediaOutcome::Retry {
+                next_at: T0 + 70_000,
+                error: "HTTP 500".into(),
+            },
+            T0 + 60_001,
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.error.as_deref()), (MediaStatus::Pending, Some("HTTP 500")));
+    let after = message(&store, &m.id).await;
+    assert!(after.change_seq > before, "pollers see the change");
+    assert_eq!(after.media[0].error.as_deref(), Some("HTTP 500"));
+    assert_eq!(after.media[0].status, Some(MediaStatus::Pending));
+    assert_eq!(after.status, MessageStatus::Received);
+    let ev = store.events_after(mark, &[], 100).await.unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].kind, "message.status");
+    let data: serde_json::Value = serde_json::from_str(&ev[0].data).unwrap();
+    assert_eq!(data["message"]["media"][0]["error"], "HTTP 500");
+    assert!(store
+        .claim_media(T0 + 69_999, 10, 60_000, "one")
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A fetch cut short by shutdown is given back without counting; only its owner can.
+    let c = store.claim_media(T0 + 70_000, 10, 60_000, "one").await.unwrap();
+    assert_eq!((c.len(), c[0].attempts), (1, 3));
+    store.release_media(&a_id, "someone-else", T0 + 70_001).await.unwrap();
+    assert!(store
+        .claim_media(T0 + 70_002, 10, 60_000, "two")
+        .await
+        .unwrap()
+        .is_empty());
+    store.release_media(&a_id, "one", T0 + 70_003).await.unwrap();
+    let c = store.claim_media(T0 + 70_004, 10, 60_000, "two").await.unwrap();
+    assert_eq!((c.len(), c[0].attempts), (1, 3));
+
+    // Stored: the served type replaces the declared one and the error is cleared.
+    let r = store
+        .record_media(
+            &a_id,
+            MediaOutcome::Stored {
+                content_type: "image/png".into(),
+                size: 1234,
+            },
+            T0 + 70_005,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.size, r.error.clone()),
+        (MediaStatus::Stored, Some(1234), None)
+    );
+    let b_failed = store
+        .record_media(
+            &b_id,
+            MediaOutcome::Failed {
+                error: "content type text/html is not allowed".into(),
+            },
+            T0 + 70_006,
+        )
+        .await
+        .unwrap();
+    assert_eq!(b_failed.status, MediaStatus::Failed);
+    let after = message(&store, &m.id).await;
+    assert_eq!(after.media[0].status, Some(MediaStatus::Stored));
+    assert_eq!(after.media[0].content_type.as_deref(), Some("image/png"));
+    assert_eq!((after.media[0].size, after.media[0].error.clone()), (Some(1234), None));
+    assert_eq!(after.media[1].status, Some(MediaStatus::Failed));
+    assert_eq!(after.media[1].content_type.as_deref(), Some("application/pdf"));
+    assert!(after.media[1].error.as_deref().unwrap().contains("not allowed"));
+
+    // Finished items are never claimed again, and a late outcome does not undo them.
+    assert!(store
+        .claim_media(T0 + 10_000_000, 10, 60_000, "one")
+        .await
+        .unwrap()
+        .is_empty());
+    let late = store
+        .record_media(&a_id, MediaOutcome::Failed { error: "late".into() }, T0 + 70_007)
+        .await
+        .unwrap();
+    assert_eq!(late.status, MediaStatus::Stored);
+    assert!(matches!(
+        store
+            .record_media(
+                "med_01hzzzzzzzzzzzzzzzzzzzzzzz",
+                MediaOutcome::Failed { error: "x".into() },
+                T0
+            )
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // A replay of the webhook adds no second set of jobs.
+    assert_eq!(message(&store, &m.id).await.media.len(), 2);
 }

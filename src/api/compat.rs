@@ -128,6 +128,13 @@ impl IntoResponse for CompatError {
                     json!({"success": false, "error": format!("Twilio error 21610: {m}"), "code": "TWILIO_ERROR"});
                 return (StatusCode::BAD_GATEWAY, Json(body)).into_response();
             }
+            // Twilio fails a free-form WhatsApp message outside the 24-hour window with 63016;
+            // we refuse it before sending (nothing is stored), reported the same way.
+            Error::WhatsappWindowClosed(m) => {
+                let body =
+                    json!({"success": false, "error": format!("Twilio error 63016: {m}"), "code": "TWILIO_ERROR"});
+                return (StatusCode::BAD_GATEWAY, Json(body)).into_response();
+            }
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "INTERNAL_ERROR"),
             Error::Internal(err) => {
                 tracing::error!(error = ?err, "internal error");

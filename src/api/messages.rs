@@ -36,7 +36,9 @@ fn render(m: &crate::store::MessageRecord) -> String {
 ///
 /// Validates and queues the message (`queued`, or `scheduled` with `send_at`) in one
 /// transaction with its idempotency record; a worker hands it to Twilio. The opt-out list is
-/// checked first: an opted-out recipient gets `opted_out` and nothing is queued.
+/// checked first: an opted-out recipient gets `opted_out` and nothing is queued. So is the
+/// WhatsApp 24-hour window: a free-form WhatsApp message (no `content_sid`) to someone who has
+/// not written within 24 hours gets `whatsapp_window_closed`; templates may be sent any time.
 #[utoipa::path(post, path = "/api/v1/messages", tag = "messages", request_body = SendInput,
     params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, description = "same key + same body replays the first response (24 h); 1–255 characters")),
     responses(
@@ -45,7 +47,7 @@ fn render(m: &crate::store::MessageRecord) -> String {
         (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope),
         (status = 409, description = "same Idempotency-Key still in progress", body = crate::error::ErrorEnvelope),
         (status = 413, description = "body too large", body = crate::error::ErrorEnvelope),
-        (status = 422, description = "invalid field, opted_out, idempotency_key_reused", body = crate::error::ErrorEnvelope),
+        (status = 422, description = "invalid field, opted_out, whatsapp_window_closed (a free-form WhatsApp message outside the 24-hour window: send a template with content_sid), idempotency_key_reused", body = crate::error::ErrorEnvelope),
     ), security(("api_key" = [])))]
 pub(crate) async fn send(
     State(state): State<AppState>,

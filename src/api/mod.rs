@@ -6,6 +6,7 @@ pub mod contacts;
 pub mod conversations;
 pub mod events;
 pub mod extract;
+pub mod media;
 pub mod messages;
 pub mod misc;
 pub mod openapi;
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(events::router())
         .merge(webhook_endpoints::router())
         .merge(search::router())
+        .merge(media::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_api_key))
 }
 

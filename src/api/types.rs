@@ -3,8 +3,11 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::store::{ContactRecord, ConversationRecord, Media, MessageRecord, OptOutRecord, Page, StatusEventRecord};
-use crate::util::rfc3339;
+use crate::domain::Channel;
+use crate::store::{
+    ContactRecord, ConversationRecord, Media, MediaStatus, MessageRecord, OptOutRecord, Page, StatusEventRecord,
+};
+use crate::util::{now_ms, rfc3339};
 
 /// A list page: `{"data": [...], "next_cursor": "..." | null}`.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -43,7 +46,7 @@ pub struct MessageOut {
     /// Text.
     pub body: String,
     /// Attachments.
-    pub media: Vec<Media>,
+    pub media: Vec<MediaOut>,
     /// Current status.
     pub status: &'static str,
     /// Twilio MessageSid.
@@ -92,7 +95,7 @@ impl From<&MessageRecord> for MessageOut {
             from: m.from.clone(),
             to: m.to.clone(),
             body: m.body.clone(),
-            media: m.media.clone(),
+            media: m.media.iter().map(MediaOut::from).collect(),
             status: m.status.as_str(),
             provider_sid: m.provider_sid.clone(),
             error_code: m.error_code,
@@ -110,6 +113,46 @@ impl From<&MessageRecord> for MessageOut {
             created_at: rfc3339(m.created_at),
             updated_at: rfc3339(m.updated_at),
             status_history: None,
+        }
+    }
+}
+
+/// One media item of a message. Outbound items have only `url` (Twilio fetches them; the other
+/// fields are null). Inbound items are fetched by the gateway in the background
+/// (docs/media.md): `status` moves from `pending` to `stored` or `failed`, each change
+/// announced by a `message.status` event for the message.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MediaOut {
+    /// Twilio's media URL (inbound) or the URL given to send (outbound).
+    pub url: String,
+    /// MIME type: as Twilio declared it until stored, then the type the file is served with.
+    pub content_type: Option<String>,
+    /// `med_…` for inbound media; null for outbound.
+    pub id: Option<String>,
+    /// Inbound only: `pending` (being fetched, or retrying), `stored` or `failed`.
+    pub status: Option<MediaStatus>,
+    /// Bytes, once stored.
+    pub size: Option<i64>,
+    /// Why the last fetch failed (while retrying, or final when `failed`).
+    pub error: Option<String>,
+    /// Where API clients download the stored file: `/api/v1/media/{id}` (relative to the
+    /// gateway; the same API key). Null until stored.
+    pub download_url: Option<String>,
+}
+
+impl From<&Media> for MediaOut {
+    fn from(m: &Media) -> Self {
+        MediaOut {
+            url: m.url.clone(),
+            content_type: m.content_type.clone(),
+            id: m.id.clone(),
+            status: m.status,
+            size: m.size,
+            error: m.error.clone(),
+            download_url: match (&m.id, m.status) {
+                (Some(id), Some(MediaStatus::Stored)) => Some(format!("/api/v1/media/{id}")),
+                _ => None,
+            },
         }
     }
 }
@@ -244,14 +287,35 @@ pub struct ConversationOut {
     pub language: Option<String>,
     /// Confidence of `language`, 0..1 (null with it).
     pub language_confidence: Option<f64>,
+    /// WhatsApp's 24-hour customer-service window (null for SMS conversations).
+    pub whatsapp_window: Option<WhatsappWindowOut>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
 }
 
+/// WhatsApp's customer-service window of a conversation (twilio.md §6): free-form messages are
+/// allowed until 24 hours after the counterpart's most recent message; outside it only
+/// templates (`content_sid`) can be sent.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WhatsappWindowOut {
+    /// Whether free-form messages can be sent now (when the JSON was rendered: in events,
+    /// judge by `expires_at`).
+    pub open: bool,
+    /// When the window closes (RFC 3339), or null when the counterpart never wrote.
+    pub expires_at: Option<String>,
+}
+
 impl From<ConversationRecord> for ConversationOut {
     fn from(c: ConversationRecord) -> Self {
+        let whatsapp_window = (c.channel == Channel::Whatsapp).then(|| {
+            let expires = c.whatsapp_window_expires_at();
+            WhatsappWindowOut {
+                open: expires.is_some_and(|e| e > now_ms()),
+                expires_at: expires.map(rfc3339),
+            }
+        });
         let last_message = match (c.last_preview, c.last_direction, c.last_message_at) {
             (Some(preview), Some(d), Some(at)) => Some(LastMessageOut {
                 preview,
@@ -272,6 +336,7 @@ impl From<ConversationRecord> for ConversationOut {
             opted_out: c.opted_out,
             language: c.language.as_ref().map(|l| l.code.clone()),
             language_confidence: c.language.map(|l| l.confidence),
+            whatsapp_window,
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }

@@ -1,5 +1,6 @@
 //! Typed, prefixed, time-sortable identifiers (`msg_…`, `conv_…`, `ct_…`, `key_…`, `hook_…`,
-//! `dlv_…`, `agt_…`).
+//! `dlv_…`, `agt_…`,
+//! `med_…`).
 //!
 //! Each ID is a ULID (48-bit millisecond timestamp + 80 random bits) in lower-case
 //! Crockford base32 behind a short prefix, so IDs sort by creation time, read well in
@@ -104,6 +105,11 @@ typed_id!(
 typed_id!(
     /// An inbox agent (`agt_…`): someone who signs in to the web inbox.
     AgentId, "agt"
+);
+typed_id!(
+    /// An inbound media item (`med_…`); also the name of its stored file, so file names
+    /// never come from user input.
+    MediaId, "med"
 );
 
 #[cfg(test)]

@@ -8,6 +8,6 @@ pub mod phone;
 pub mod search;
 pub mod segments;
 
-pub use ids::{AgentId, ApiKeyId, ContactId, ConversationId, MessageId, WebhookDeliveryId, WebhookEndpointId};
+pub use ids::{AgentId, ApiKeyId, ContactId, ConversationId, MediaId, MessageId, WebhookDeliveryId, WebhookEndpointId};
 pub use message::{Direction, MessageBody, MessageStatus, Priority};
 pub use phone::{Address, Channel, PhoneNumber};

@@ -12,8 +12,8 @@ use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, Message
 use crate::error::{Error, Result};
 use crate::provider::twilio::client::describe_error;
 use crate::store::{
-    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MessageRecord, NewContact,
-    NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
+    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MediaStatus, MessageRecord,
+    NewContact, NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
 };
 use crate::util::now_ms;
 
@@ -128,6 +128,8 @@ pub struct Messaging {
     /// Set when contact enrichment is on: woken when an inbound message queued a lookup.
     enrichment: Option<Arc<tokio::sync::Notify>>,
     language: LanguageDetector,
+    enforce_whatsapp_window: bool,
+    media_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Messaging {
@@ -140,6 +142,8 @@ impl Messaging {
             region,
             enrichment: None,
             language: LanguageDetector::default(),
+            enforce_whatsapp_window: true,
+            media_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -157,6 +161,18 @@ impl Messaging {
         self
     }
 
+    /// Whether free-form WhatsApp sends outside the 24-hour window are refused before
+    /// queueing (default true; `SWITCHBOARD_WHATSAPP__ENFORCE_WINDOW`).
+    pub fn with_whatsapp_window(mut self, enforce: bool) -> Self {
+        self.enforce_whatsapp_window = enforce;
+        self
+    }
+
+    /// Notified when an inbound message brought media to fetch (the media fetcher waits on it).
+    pub fn media_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.media_wake.clone()
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -168,7 +184,8 @@ impl Messaging {
     }
 
     /// Validates a send and queues it. Errors: `invalid_request` (422) naming the field,
-    /// `opted_out`, idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
+    /// `opted_out`, `whatsapp_window_closed` (a free-form WhatsApp send outside the 24-hour
+    /// window), idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
     pub async fn send(&self, input: SendInput, idem: Option<IdempotencyRequest<'_>>) -> Result<SendOutcome> {
         let draft = self.parse_send(input, now_ms())?;
         metrics::histogram!("switchboard_message_segments", "direction" => "outbound")
@@ -312,6 +329,9 @@ impl Messaging {
             Channel::Sms if !media.is_empty() => 1,
             Channel::Sms => seg.segments.max(1),
         };
+        // Templates may open a conversation; free-form text needs the customer-service window.
+        let whatsapp_window_required =
+            channel == Channel::Whatsapp && content_sid.is_none() && self.enforce_whatsapp_window;
         Ok(NewOutbound {
             id: MessageId::new(),
             channel,
@@ -331,6 +351,7 @@ impl Messaging {
             rate_key,
             rate_cost,
             part: None,
+            whatsapp_window_required,
             now,
         })
     }
@@ -523,6 +544,10 @@ impl Messaging {
                 get(&format!("MediaUrl{i}")).map(|url| Media {
                     url: url.to_string(),
                     content_type: get(&format!("MediaContentType{i}")).map(str::to_string),
+                    // Fetched in the background (crate::media); the message is stored first.
+                    id: Some(crate::domain::MediaId::new().to_string()),
+                    status: Some(MediaStatus::Pending),
+                    ..Media::default()
                 })
             })
             .collect::<Vec<_>>();
@@ -587,6 +612,9 @@ impl Messaging {
         if let Some(m) = &result {
             if let Some(wake) = &self.enrichment {
                 wake.notify_one();
+            }
+            if !m.media.is_empty() {
+                self.media_wake.notify_one();
             }
             metrics::histogram!("switchboard_message_segments", "direction" => "inbound").record(f64::from(m.segments));
             if let Some(change) = opt_metric {
@@ -691,7 +719,7 @@ fn parse_media(channel: Channel, urls: Vec<String>) -> Result<Vec<Media>> {
         .map(|u| match url::Url::parse(u.trim()) {
             Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() => Ok(Media {
                 url: parsed.to_string(),
-                content_type: None,
+                ..Media::default()
             }),
             _ => Err(Error::invalid("media_urls", format!("'{u}' is not an http(s) URL"))),
         })

@@ -31,6 +31,17 @@ pub(super) fn router(sim: Simulator) -> Router {
             get(list_messages).delete(reset_messages).fallback(method_not_allowed),
         )
         .route("/config", get(get_config).put(put_config).fallback(method_not_allowed))
+        .route("/media", get(super::media::media_hits).fallback(method_not_allowed))
+        .route(
+            "/media/{name}",
+            get(super::media::get_media)
+                .put(super::media::put_media)
+                .fallback(method_not_allowed),
+        )
+        .route(
+            "/media-cdn/{token}",
+            get(super::media::get_cdn).fallback(method_not_allowed),
+        )
         .route(
             "/faults",
             get(list_faults)
@@ -90,7 +101,7 @@ fn opt_out_type(body: &str) -> Option<&'static str> {
 }
 
 /// Content type guessed from a media URL's extension.
-fn guess_content_type(url: &str) -> &'static str {
+pub(super) fn guess_content_type(url: &str) -> &'static str {
     let path = url.split(['?', '#']).next().unwrap_or(url);
     let file = path.rsplit('/').next().unwrap_or(path);
     let ext = file
@@ -296,6 +307,11 @@ async fn inbound(State(sim): State<Simulator>, body: Result<Bytes, BytesRejectio
                 state.opt_outs.remove(&(message.to.clone(), message.from.clone()));
             }
             _ => {}
+        }
+        if message.whatsapp {
+            state
+                .whatsapp_inbound
+                .insert((message.to.clone(), message.from.clone()), now);
         }
         if state.get(&message.sid).is_none() {
             state.insert(StoredMessage {

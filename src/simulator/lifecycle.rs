@@ -50,7 +50,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(message: &StoredMessage) -> Self {
+    /// `window_closed`: a free-form WhatsApp message outside the 24-hour window (fails 63016).
+    fn new(message: &StoredMessage, window_closed: bool) -> Self {
         let whatsapp = message.is_whatsapp();
         let mut steps = Vec::new();
         if matches!(message.status, "accepted" | "scheduled") {
@@ -58,6 +59,13 @@ impl Plan {
         }
         steps.push(Step::ok("sending"));
         match bare_number(&message.to) {
+            _ if window_closed => steps.push(Step {
+                status: "failed",
+                error: Some((
+                    63016,
+                    "Failed to send freeform message because you are outside the allowed window. Please use a Template.",
+                )),
+            }),
             FILTERED_NUMBER => steps.push(Step {
                 status: "failed",
                 error: Some((30007, "Message filtered")),
@@ -104,7 +112,15 @@ pub(super) fn spawn(sim: &Simulator, sid: &str) {
     let plan = {
         let state = sim.state();
         match state.get(sid) {
-            Some(message) => Plan::new(message),
+            Some(message) => {
+                let window_closed =
+                    state.settings.whatsapp_window && message.is_whatsapp() && message.content_sid.is_none() && {
+                        let sender = message.from.clone().unwrap_or_else(|| default_sender(true));
+                        let opened = state.whatsapp_inbound.get(&(sender, message.to.clone()));
+                        opened.is_none_or(|t| Utc::now() - *t >= chrono::Duration::hours(24))
+                    };
+                Plan::new(message, window_closed)
+            }
             None => return,
         }
     };
@@ -118,7 +134,7 @@ pub(super) fn send_single(sim: &Simulator, message: &StoredMessage, status: &'st
     if !settings.status_callbacks {
         return;
     }
-    let plan = Plan::new(message);
+    let plan = Plan::new(message, false);
     let Some(url) = plan.status_callback.as_deref() else {
         return;
     };

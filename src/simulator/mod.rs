@@ -27,7 +27,8 @@
 //! | `POST /2010-04-01/Accounts/{AC}/Messages/{Sid}.json` | update: `Status=canceled` (only for `scheduled`, else 30409), `Body=` (empty: redact) |
 //! | `DELETE /2010-04-01/Accounts/{AC}/Messages/{Sid}.json` | 204; the message disappears from fetch/list (not from [`Simulator::sent_messages`]) |
 //!
-//! Media and Feedback sub-resources are not simulated. Inbound messages injected through
+//! The Media and Feedback sub-resources of the REST API are not simulated (media *files* are:
+//! see "Media files" below). Inbound messages injected through
 //! `/inbound` are also stored as `direction: "inbound"` resources (fetch/list), but they are not
 //! [`SentMessage`]s.
 //!
@@ -84,6 +85,12 @@
 //! | `+15005550010` | `queued → sending → sent → undelivered`, error 30003 (unreachable handset) |
 //! | `+15005550011` | `queued → sending → failed`, error 30007 (message filtered) |
 //!
+//! With the `whatsapp_window` knob on (default off; `--whatsapp-window` for the standalone
+//! simulator), a WhatsApp message without `ContentSid` to a user who has not written to that
+//! sender through `/inbound` within the last 24 hours is accepted (201) like any other and then
+//! goes `queued → sending → failed` with error 63016 ("outside the allowed window"), as on
+//! Twilio; template (`ContentSid`) messages are unaffected.
+//!
 //! When `status_callbacks` is on and the message has a `StatusCallback`, each transition after
 //! the initial status produces a form POST to that URL with `MessageSid, SmsSid, MessageStatus,
 //! SmsStatus, AccountSid, From, To, ApiVersion` (+ `MessagingServiceSid` when set, `ErrorCode` on
@@ -111,6 +118,10 @@
 //! | `GET /faults` | → 200 `{"next": [Fault…]}` still queued |
 //! | `POST /faults` | `{"next": [{"status": 500}, {"status": 429}, {"status": "timeout"}, {"status": "slow", "delay_ms": 1500}, {"status": 400, "code": 21211, "message"?: "…", "delay_ms"?: 200}]}` appends to the queue → 200 `{"queued": n}` |
 //! | `DELETE /faults` | empties the fault queue → 204 |
+//! | `GET /media/{name}` | a media file, like a Twilio media URL (see "Media files") |
+//! | `PUT /media/{name}` | the bytes (any body, up to 16 MiB) and `Content-Type` later served as `name` → 200 `{"name", "size", "content_type"}` |
+//! | `GET /media-cdn/{token}` | where a media URL redirects (unauthenticated) |
+//! | `GET /media` | → 200 `{"hits": {"/simulator/media/cat.png?fail=2": 3, …}}`: requests per media URL (path and query) |
 //!
 //! Each queued fault is consumed, in order, by one create request that passed authentication and
 //! validation. A 4xx fault rejects the create (not recorded); a 5xx fault records it and answers
@@ -131,13 +142,39 @@
 //! case-insensitive) `STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT` / `START, YES, UNSTOP` /
 //! `HELP, INFO` adds `OptOutType=STOP|START|HELP`; STOP opts `from` out of messages from `to`
 //! (later creates get 21610) and START opts back in. The form is signed with the auth token over
-//! the exact webhook URL and POSTed there with a 15 s timeout, no retry.
+//! the exact webhook URL and POSTed there with a 15 s timeout, no retry. A WhatsApp inbound
+//! opens that (sender, user) pair's 24-hour window for the `whatsapp_window` rule.
+//!
+//! # Media files
+//!
+//! `GET /media/{name}` (e.g. `http://127.0.0.1:4010/simulator/media/cat.png`, usable as a
+//! `media_urls` entry of `/inbound` or `switchboard simulate inbound --media URL`) behaves like
+//! Twilio's media URLs with "HTTP basic authentication for media" on: it needs HTTP Basic with
+//! the account's credentials (as the REST paths; 401 code 20003 otherwise) and answers
+//! `307 Temporary Redirect` to a single-use `../media-cdn/{token}` URL, which needs no
+//! credentials and **refuses** a request that carries an `Authorization` header (400
+//! `{"error"}`): credentials must never follow the redirect off Twilio's API host.
+//!
+//! The file: what `PUT /media/{name}` uploaded, else generated from the name — a real 8×8 PNG
+//! for `*.png`, otherwise 1,024 deterministic bytes — with the type guessed from the
+//! extension (as `/inbound` guesses `MediaContentTypeN`). Query parameters of the media URL
+//! shape it and inject faults:
+//!
+//! | parameter | effect |
+//! |---|---|
+//! | `fail=N` | the first N requests of this exact URL answer 500 (Twilio-shaped body) |
+//! | `status=CODE` | every request answers CODE (400–599) |
+//! | `delay_ms=N` | the answer waits N ms (at most 600,000): a slow server |
+//! | `size=N` | a generated body of exactly N bytes (at most 64 MiB): oversize files |
+//! | `type=TYPE` | the `Content-Type` served, e.g. `text/html`: a wrong type |
+//! | `redirect=false` | serve the file directly, without the CDN redirect |
 //!
 //! [`serve_standalone`] only admits loopback clients to the control paths (403 `{"error"}`
 //! otherwise).
 
 mod control;
 mod lifecycle;
+mod media;
 mod twilio_api;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -206,6 +243,10 @@ pub struct SimulatorSettings {
     pub auth_token: Option<SecretString>,
     /// Where inbound webhooks go; [`DEFAULT_WEBHOOK_URL`] when `None`.
     pub webhook_url: Option<String>,
+    /// Enforce WhatsApp's 24-hour window like Twilio: a free-form WhatsApp message (no
+    /// `ContentSid`) to a user who has not written to that sender through `/inbound` within
+    /// 24 hours is accepted (201) and then fails with 63016. Default false.
+    pub whatsapp_window: bool,
 }
 
 impl Default for SimulatorSettings {
@@ -222,6 +263,7 @@ impl Default for SimulatorSettings {
             account_sid: None,
             auth_token: None,
             webhook_url: None,
+            whatsapp_window: false,
         }
     }
 }
@@ -287,6 +329,14 @@ struct State {
     faults: VecDeque<Fault>,
     /// Opted-out (sender, recipient) pairs, wire form.
     opt_outs: HashSet<(String, String)>,
+    /// Last inbound WhatsApp message per (our sender, user), wire form: the 24-hour window.
+    whatsapp_inbound: HashMap<(String, String), DateTime<Utc>>,
+    /// Uploaded media (`PUT /media/{name}`), by name.
+    media_files: HashMap<String, media::CdnFile>,
+    /// Requests per media URL (path and query), for fail-N-times faults and `GET /media`.
+    media_hits: HashMap<String, u32>,
+    /// Files behind issued CDN tokens.
+    media_cdn: HashMap<String, media::CdnFile>,
 }
 
 /// Which way a stored message went.
@@ -441,6 +491,10 @@ impl Simulator {
                     next_seq: 1,
                     faults: VecDeque::new(),
                     opt_outs: HashSet::new(),
+                    whatsapp_inbound: HashMap::new(),
+                    media_files: HashMap::new(),
+                    media_hits: HashMap::new(),
+                    media_cdn: HashMap::new(),
                 }),
             }),
         }

@@ -112,6 +112,11 @@ fn authorize(sim: &Simulator, headers: &HeaderMap, path_account: &str) -> Result
     }
 }
 
+/// [`authorize`] for paths without an account SID in them (media URLs).
+pub(super) fn authorize_account(sim: &Simulator, headers: &HeaderMap) -> Result<(), TwilioError> {
+    authorize(sim, headers, sim.account_sid())
+}
+
 /// Decodes a form body (or query string) into pairs, keeping repeated keys.
 fn parse_form(bytes: &[u8]) -> Result<Vec<(String, String)>, TwilioError> {
     serde_urlencoded::from_bytes::<Vec<(String, String)>>(bytes)

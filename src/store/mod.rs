@@ -35,6 +35,10 @@ pub enum StoreError {
     /// The recipient opted out (checked inside the insert's transaction).
     #[error("{0}")]
     OptedOut(String),
+    /// A free-form WhatsApp message outside the 24-hour customer-service window (checked
+    /// inside the insert's transaction when [`NewOutbound::whatsapp_window_required`]).
+    #[error("{0}")]
+    WhatsappWindowClosed(String),
     /// Anything else.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
@@ -43,13 +47,121 @@ pub enum StoreError {
 /// `Result` for storage calls.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// One media item of a message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// How long WhatsApp's customer-service window stays open after the counterpart's most
+/// recent inbound message (twilio.md §6): 24 hours, in ms.
+pub const WHATSAPP_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+/// One media item of a message, as stored in the message's `media` JSON list.
+///
+/// Outbound items only have `url` (and no `id`): Twilio fetches them. Inbound items get an
+/// `id` and a fetch job (see [`crate::media`]); `status`, `size`, `content_type` and `error`
+/// follow the fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Media {
     /// Where the file is (Twilio's media URL for inbound; the caller's URL for outbound).
     pub url: String,
-    /// MIME type, when known.
+    /// MIME type: the declared one (`MediaContentTypeN`) until stored, then the one served.
     pub content_type: Option<String>,
+    /// `med_…` for inbound media the gateway fetches; absent for outbound media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Fetch state of inbound media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MediaStatus>,
+    /// Bytes stored, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i64>,
+    /// Why the last fetch failed (kept while retrying; final when `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Fetch state of an inbound media item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaStatus {
+    /// Waiting to be fetched (or retrying after a transient failure).
+    Pending,
+    /// Fetched and stored; served at `/api/v1/media/{id}`.
+    Stored,
+    /// Given up: too large, a type not allowed, refused by Twilio, or out of attempts.
+    Failed,
+}
+
+impl MediaStatus {
+    /// `pending` | `stored` | `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaStatus::Pending => "pending",
+            MediaStatus::Stored => "stored",
+            MediaStatus::Failed => "failed",
+        }
+    }
+
+    /// Parses [`MediaStatus::as_str`] output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(MediaStatus::Pending),
+            "stored" => Some(MediaStatus::Stored),
+            "failed" => Some(MediaStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One inbound media item's row (the fetch job and its result).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRecord {
+    /// `med_…`; also the stored file's name.
+    pub id: String,
+    /// The message it belongs to.
+    pub message_id: MessageId,
+    /// Index in the message's media list.
+    pub position: u32,
+    /// Twilio's media URL.
+    pub url: String,
+    /// `MediaContentTypeN` as Twilio declared it.
+    pub declared_type: Option<String>,
+    /// Fetch state.
+    pub status: MediaStatus,
+    /// The type served (the fetched response's `Content-Type`), once stored.
+    pub content_type: Option<String>,
+    /// Bytes, once stored.
+    pub size: Option<i64>,
+    /// Last failure.
+    pub error: Option<String>,
+    /// Fetch attempts started (counted at claim).
+    pub attempts: u32,
+    /// When the next attempt is due (ms) while pending.
+    pub next_attempt_at: Option<i64>,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+/// How a fetch attempt ended, to record with [`Store::record_media`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaOutcome {
+    /// The file is stored.
+    Stored {
+        /// The type it is served with.
+        content_type: String,
+        /// Bytes.
+        size: i64,
+    },
+    /// A transient failure: try again at `next_at` (ms).
+    Retry {
+        /// When.
+        next_at: i64,
+        /// What went wrong.
+        error: String,
+    },
+    /// A permanent failure.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
 }
 
 /// A stored message.
@@ -203,6 +315,9 @@ pub struct ConversationRecord {
     pub opted_out: bool,
     /// The running language: that of the latest inbound message with a reliable detection.
     pub language: Option<Language>,
+    /// Time of the counterpart's most recent inbound message (ms); WhatsApp's 24-hour window
+    /// runs from it.
+    pub last_inbound_at: Option<i64>,
     /// Created (ms).
     pub created_at: i64,
     /// Last changed (ms).
@@ -225,6 +340,14 @@ impl Language {
             code: code?,
             confidence: confidence?,
         })
+    }
+}
+
+impl ConversationRecord {
+    /// When WhatsApp's customer-service window closes (ms): 24 hours after the last inbound
+    /// message; `None` when the counterpart never wrote.
+    pub fn whatsapp_window_expires_at(&self) -> Option<i64> {
+        self.last_inbound_at.map(|t| t + WHATSAPP_WINDOW_MS)
     }
 }
 
@@ -292,6 +415,12 @@ pub struct NewOutbound {
     /// Set when this is one part of a split body; parts after the first wait until the one
     /// before is accepted by Twilio, so they arrive in order.
     pub part: Option<Part>,
+    /// Refuse with [`StoreError::WhatsappWindowClosed`] unless the counterpart wrote within
+    /// the last 24 hours (before `now`): set for free-form WhatsApp sends (no `content_sid`).
+    /// With a number sender the window is that conversation's; with a Messaging Service
+    /// (which picks the sender itself) the most recent inbound from the counterpart on any
+    /// of our WhatsApp senders counts.
+    pub whatsapp_window_required: bool,
     /// Now (ms).
     pub now: i64,
 }
@@ -1008,8 +1137,9 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>>;
     /// Records the outcome of an attempt and releases the lease.
     async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord>;
-    /// Marks every current lease as expired (single-instance start-up: the previous process
-    /// is gone, so its claims need reconciling now rather than after the lease runs out).
+    /// Marks every current lease as expired, of messages and of media fetches (single-instance
+    /// start-up: the previous process is gone, so its claims need reconciling now rather than
+    /// after the lease runs out). Returns how many messages were leased.
     async fn expire_all_leases(&self) -> StoreResult<u64>;
     /// Whether a MessageSid is already recorded on some message.
     async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool>;
@@ -1199,4 +1329,47 @@ pub trait Store: Send + Sync + 'static {
     async fn sign_in_failures(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64>;
     /// Forgets the failures of `key` (after a successful sign-in).
     async fn clear_sign_in_failures(&self, key: &str) -> StoreResult<()>;
+    /// Claims up to `limit` media items due at `now` (pending, `next_attempt_at <= now`, no
+    /// live lease) for `owner` until `now + lease_ms`, counting an attempt on each. Oldest due
+    /// first. Another instance never gets the same item while the lease lasts.
+    async fn claim_media(&self, now: i64, limit: usize, lease_ms: i64, owner: &str) -> StoreResult<Vec<MediaRecord>>;
+    /// Records how a fetch of a `pending` item ended, updates the item in its message's
+    /// `media` list and gives the message a new change (a `message.status` event and a new
+    /// `change_seq`, so pollers and stream clients see it). An item no longer pending is left
+    /// as it is. `NotFound` if there is no such item.
+    async fn record_media(&self, id: &str, outcome: MediaOutcome, now: i64) -> StoreResult<MediaRecord>;
+    /// Gives an item claimed by `owner` back without counting the attempt (a fetch cut short
+    /// by shutdown): due again at `now`.
+    async fn release_media(&self, id: &str, owner: &str, now: i64) -> StoreResult<()>;
+    /// One media item.
+    async fn get_media(&self, id: &str) -> StoreResult<Option<MediaRecord>>;
+}
+
+/// Copies a media row's fetch state into its entry of the message's `media` list.
+pub(crate) fn apply_media_record(item: &mut Media, rec: &MediaRecord) {
+    item.status = Some(rec.status);
+    if rec.content_type.is_some() {
+        item.content_type = rec.content_type.clone();
+    }
+    item.size = rec.size;
+    item.error = rec.error.clone();
+}
+
+/// The WhatsApp window rule both backends apply inside the insert's transaction: the
+/// counterpart `to` must have written within [`WHATSAPP_WINDOW_MS`] before `now`
+/// (`last_inbound`, ms). Errors: [`StoreError::WhatsappWindowClosed`], saying to use a template.
+pub(crate) fn check_whatsapp_window(to: &str, last_inbound: Option<i64>, now: i64) -> StoreResult<()> {
+    let reason = match last_inbound {
+        Some(t) if now < t + WHATSAPP_WINDOW_MS => return Ok(()),
+        Some(t) => format!(
+            "the WhatsApp 24-hour customer-service window with {to} closed at {} (their last message was at {})",
+            crate::util::rfc3339(t + WHATSAPP_WINDOW_MS),
+            crate::util::rfc3339(t)
+        ),
+        None => format!("{to} has not written to this WhatsApp sender, so no 24-hour customer-service window is open"),
+    };
+    Err(StoreError::WhatsappWindowClosed(format!(
+        "{reason}; free-form WhatsApp messages are only allowed within 24 hours of the customer's last message: \
+         send an approved template instead (content_sid + content_variables)"
+    )))
 }

@@ -275,6 +275,8 @@ async fn channel_and_media_rules_are_enforced() {
         .send_ok(json!({"to": TO, "body": "ten", "media_urls": urls(10)}))
         .await;
     assert_eq!(m["media"].as_array().unwrap().len(), 10, "{m}");
+    app.inbound(json!({"from": "+14155550101", "body": "send me the picture", "channel": "whatsapp"}))
+        .await;
     let m = app
         .send_ok(json!({"to": "+14155550101", "channel": "whatsapp", "media_urls": urls(1)}))
         .await;

@@ -93,6 +93,22 @@ macro_rules! for_both_apis {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// A gateway for the messenger contracts. Seeds 000/001 send to numbers that never wrote, so
+/// the WhatsApp 24-hour window check is off here (`SWITCHBOARD_WHATSAPP__ENFORCE_WINDOW=false`);
+/// the window itself is tested in `whatsapp.rs`, and with the check on
+/// `a_whatsapp_send_outside_the_window_is_twilio_error_63016` below.
+async fn spawn_messenger(opts: Options) -> TestApp {
+    let Options { config, simulator } = opts;
+    TestApp::spawn_with(Options {
+        config: Box::new(move |c| {
+            c.whatsapp.enforce_window = false;
+            config(c)
+        }),
+        simulator,
+    })
+    .await
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
@@ -535,7 +551,7 @@ for_both_apis! {
 }
 
 async fn send_success_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let before = now_ms();
     let m = send_ok(&app, api, "+14155550100", "Hello there").await;
     let after = now_ms();
@@ -566,7 +582,7 @@ async fn send_success_case(api: Api) {
 }
 
 async fn send_normalises_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     for written in ["(415) 555-0100", "+1 415-555-0100", "415.555.0100"] {
         let m = send_ok(&app, api, written, "normalise me").await;
         assert_eq!(m["counterpart"], "+14155550100", "{written}: {m}");
@@ -582,7 +598,7 @@ async fn send_normalises_case(api: Api) {
 }
 
 async fn send_bad_input_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let too_long = "x".repeat(api.max_chars() + 1);
     let cases: Vec<(&str, Value)> = vec![
         (
@@ -642,7 +658,7 @@ async fn send_bad_input_case(api: Api) {
 }
 
 async fn send_max_length_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let body = "y".repeat(api.max_chars());
     let m = send_ok(&app, api, "+14155550100", &body).await;
     assert_eq!(m["body"].as_str().unwrap().chars().count(), api.max_chars());
@@ -652,7 +668,7 @@ async fn send_max_length_case(api: Api) {
 }
 
 async fn send_twilio_error_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let number = api.refused_number();
     let (s, v) = send(&app, api, number, "this will be refused").await;
     // SendWhatsAppResponse may carry the stored message alongside the error.
@@ -684,7 +700,7 @@ async fn send_twilio_error_case(api: Api) {
 }
 
 async fn send_bounded_wait_case(api: Api) {
-    let app = TestApp::spawn_with(Options {
+    let app = spawn_messenger(Options {
         config: Box::new(|c| c.messenger.send_timeout_ms = 300),
         simulator: SimulatorSettings {
             latency_ms: 2000,
@@ -713,7 +729,7 @@ async fn send_bounded_wait_case(api: Api) {
 }
 
 async fn send_opted_out_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let who = "+14155550177";
     receive(&app, api, who, "STOP").await;
     // Phone number and message are valid: it is the recipient who refused (Twilio 21610).
@@ -728,8 +744,32 @@ async fn send_opted_out_case(api: Api) {
     );
 }
 
-async fn send_oversized_case(api: Api) {
+#[tokio::test]
+async fn a_whatsapp_send_outside_the_window_is_twilio_error_63016() {
+    // The gateway's default: the WhatsApp window is enforced before anything is queued.
     let app = TestApp::spawn().await;
+    let who = "+14155550178";
+    let (s, v) = send(&app, WHATSAPP, who, "hello, never written to").await;
+    assert_error_with(
+        s,
+        &v,
+        StatusCode::BAD_GATEWAY,
+        "TWILIO_ERROR",
+        &["message"],
+        "free-form WhatsApp send outside the window",
+    );
+    let text = v["error"].as_str().unwrap();
+    assert!(text.contains("63016") && text.contains("template"), "{v}");
+    assert!(all_messages(&app, WHATSAPP, who).await.is_empty(), "nothing is stored");
+    // Once they write, the window is open.
+    receive(&app, WHATSAPP, who, "hi there").await;
+    send_ok(&app, WHATSAPP, who, "thanks for writing").await;
+    // SMS has no such window.
+    send_ok(&app, SMS, who, "an sms").await;
+}
+
+async fn send_oversized_case(api: Api) {
+    let app = spawn_messenger(Options::default()).await;
     let huge = "x".repeat(2 * 1024 * 1024);
     let (s, v) = send(&app, api, "+14155550100", &huge).await;
     // Seed error table: INVALID_INPUT is HTTP 400.
@@ -770,7 +810,7 @@ fn words(n: usize) -> String {
 
 #[tokio::test]
 async fn a_long_whatsapp_body_is_sent_as_ordered_word_boundary_parts_and_listed_as_one_message() {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let api = WHATSAPP;
     let body = words(3500);
     assert!(body.chars().count() > 3400, "{}", body.len());
@@ -835,7 +875,7 @@ async fn a_long_whatsapp_body_is_sent_as_ordered_word_boundary_parts_and_listed_
 
 #[tokio::test]
 async fn a_long_whatsapp_body_whose_second_part_twilio_refuses_is_a_502_and_listed_once_as_failed() {
-    let app = TestApp::spawn_with(Options {
+    let app = spawn_messenger(Options {
         simulator: SimulatorSettings {
             latency_ms: 300,
             callback_delay_ms: 20,
@@ -890,7 +930,7 @@ for_both_apis! {
 }
 
 async fn pagination_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let who = "+14155550142";
     let mut created: Vec<String> = Vec::new();
     for i in 0..25 {
@@ -961,7 +1001,7 @@ async fn pagination_case(api: Api) {
 }
 
 async fn pagination_stable_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let who = "+14155550143";
     for i in 0..12 {
         receive(&app, api, who, &format!("old {i}")).await;
@@ -992,7 +1032,7 @@ async fn pagination_stable_case(api: Api) {
 }
 
 async fn messages_bad_query_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     send_ok(&app, api, "+14155550100", "something to list").await;
     let bad: Vec<(&str, Vec<(&str, &str)>)> = vec![
         ("missing counterpart", vec![]),
@@ -1029,7 +1069,7 @@ async fn messages_bad_query_case(api: Api) {
 
 #[tokio::test]
 async fn messages_of_one_messenger_never_appear_in_the_other() {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let sms_only = "+14155550150";
     let wa_only = "+14155550151";
     let both = "+14155550152";
@@ -1090,7 +1130,7 @@ for_both_apis! {
 }
 
 async fn since_newer_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let (old, new_in, new_out) = ("+14155550160", "+14155550161", "+14155550162");
     receive(&app, api, old, "old news").await;
     let old_done = now_ms();
@@ -1133,7 +1173,7 @@ async fn since_newer_case(api: Api) {
 }
 
 async fn since_polling_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let start = now_ms();
     wait_past(start).await;
     receive(&app, api, "+14155550170", "first").await;
@@ -1185,7 +1225,7 @@ async fn since_polling_case(api: Api) {
 
 async fn since_status_change_case(api: Api) {
     // Twilio reports `sent` ~2 s and `delivered` ~3 s after the create.
-    let app = TestApp::spawn_with(Options {
+    let app = spawn_messenger(Options {
         simulator: SimulatorSettings {
             callback_delay_ms: 1000,
             ..SimulatorSettings::default()
@@ -1214,7 +1254,7 @@ async fn since_status_change_case(api: Api) {
 }
 
 async fn since_many_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let start = now_ms();
     wait_past(start).await;
     const N: usize = 1010;
@@ -1245,7 +1285,7 @@ async fn since_many_case(api: Api) {
 }
 
 async fn since_bad_input_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     for (what, q) in [
         ("missing since", vec![]),
         ("empty since", vec![("since", "")]),
@@ -1270,7 +1310,7 @@ for_both_apis! {
 }
 
 async fn threads_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let (a, b, c) = ("+14155550190", "+14155550191", "+14155550192");
     let alice = create_contact(&app, api, a, "Alice").await;
     send_ok(&app, api, a, "hi Alice").await;
@@ -1347,7 +1387,7 @@ for_both_apis! {
 }
 
 async fn contacts_create_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     assert!(contacts(&app, api).await.is_empty());
     let before = now_ms();
     let c = create_contact(&app, api, "(415) 555-0100", "  Ada Lovelace ").await;
@@ -1373,7 +1413,7 @@ async fn contacts_create_case(api: Api) {
 }
 
 async fn contacts_duplicate_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     create_contact(&app, api, "+14155550100", "First").await;
     for written in ["+14155550100", "(415) 555-0100", "+1 415 555 0100", "415-555-0100"] {
         let (s, v) = api_json(
@@ -1392,7 +1432,7 @@ async fn contacts_duplicate_case(api: Api) {
 }
 
 async fn contacts_invalid_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let cases: Vec<(&str, Value)> = vec![
         ("bad phone", json!({"phoneNumber": "call me", "displayName": "X"})),
         ("short phone", json!({"phoneNumber": "123", "displayName": "X"})),
@@ -1421,7 +1461,7 @@ async fn contacts_invalid_case(api: Api) {
 }
 
 async fn contacts_patch_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let c = create_contact(&app, api, "+14155550100", "Old Name").await;
     let id = c["id"].as_str().unwrap();
     wait_past(c["updatedAt"].as_i64().unwrap()).await;
@@ -1442,7 +1482,7 @@ async fn contacts_patch_case(api: Api) {
 }
 
 async fn contacts_patch_phone_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let c = create_contact(&app, api, "+14155550100", "Fixed Number").await;
     let id = c["id"].as_str().unwrap();
     let (s, v) = patch_contact(
@@ -1475,7 +1515,7 @@ async fn contacts_patch_phone_case(api: Api) {
 }
 
 async fn contacts_patch_unknown_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     create_contact(&app, api, "+14155550100", "Someone").await;
     let unknown = unknown_contact_id();
     for id in [unknown.as_str(), "does-not-exist", "12345"] {
@@ -1486,7 +1526,7 @@ async fn contacts_patch_unknown_case(api: Api) {
 }
 
 async fn contacts_patch_invalid_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let c = create_contact(&app, api, "+14155550100", "Keep Me").await;
     let path = format!("/contacts/{}", c["id"].as_str().unwrap());
     for (what, body) in [
@@ -1504,7 +1544,7 @@ async fn contacts_patch_invalid_case(api: Api) {
 }
 
 async fn contacts_patch_back_to_back_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let c = create_contact(&app, api, "+14155550100", "Name 0").await;
     let id = c["id"].as_str().unwrap();
     let mut last = c["updatedAt"].as_i64().unwrap();
@@ -1530,7 +1570,7 @@ for_both_apis! {
 }
 
 async fn webhook_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let from = "+14155550123";
     let sid = random_sid();
     let params = webhook_params(&app, api, &sid, from, "Hello gateway");
@@ -1571,7 +1611,7 @@ async fn webhook_case(api: Api) {
 }
 
 async fn webhook_bad_signature_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let from = "+14155550124";
     let params = webhook_params(&app, api, &random_sid(), from, "forged");
     let p = borrowed(&params);
@@ -1615,7 +1655,7 @@ async fn webhook_bad_signature_case(api: Api) {
 
 #[tokio::test]
 async fn each_webhook_refuses_messages_of_the_other_channel() {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let from = "+14155550125";
     for (endpoint, params_like) in [(WHATSAPP, SMS), (SMS, WHATSAPP)] {
         let params = webhook_params(&app, params_like, &random_sid(), from, "wrong door");
@@ -1676,7 +1716,7 @@ for_both_apis! {
 }
 
 async fn auth_required_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let contact = create_contact(&app, api, "+14155550199", "Existing").await;
     for (method, path, body) in protected_calls(contact["id"].as_str().unwrap()) {
         for key in [None, Some("sb_wrong_key_0000000000000000"), Some("")] {
@@ -1704,7 +1744,7 @@ async fn auth_required_case(api: Api) {
 }
 
 async fn auth_off_case(api: Api) {
-    let app = TestApp::spawn_with(Options {
+    let app = spawn_messenger(Options {
         config: Box::new(|c| c.messenger.require_api_key = false),
         ..Options::default()
     })
@@ -1734,7 +1774,7 @@ async fn auth_off_case(api: Api) {
 }
 
 async fn unknown_path_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     for path in ["/nope", "/contacts/x/y", "/messages/extra"] {
         let (s, v) = exec(authed(&app, Method::GET, api, path)).await;
         assert_error(s, &v, StatusCode::NOT_FOUND, "NOT_FOUND", path);
@@ -1742,7 +1782,7 @@ async fn unknown_path_case(api: Api) {
 }
 
 async fn wrong_method_case(api: Api) {
-    let app = TestApp::spawn().await;
+    let app = spawn_messenger(Options::default()).await;
     let c = create_contact(&app, api, "+14155550100", "Method").await;
     let contact_path = format!("/contacts/{}", c["id"].as_str().unwrap());
     for (method, path) in [

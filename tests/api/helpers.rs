@@ -63,6 +63,7 @@ impl TestApp {
         let (database_url, database) = test_database(&dir).await;
         let mut config = Config::default();
         config.database_url = database_url;
+        config.media.dir = Some(dir.path().join("media"));
         config.api_key = Some(SecretString::from("sb_test_key_0123456789abcdef".to_string()));
         config.twilio.account_sid = Some(sim.account_sid().to_string());
         config.twilio.auth_token = Some(sim.auth_token().clone());

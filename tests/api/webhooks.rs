@@ -304,17 +304,19 @@ async fn whatsapp_inbound_creates_a_whatsapp_conversation_with_the_bare_number()
 #[tokio::test]
 async fn mms_inbound_stores_media_with_url_and_content_type() {
     let app = TestApp::spawn().await;
+    // Media URLs on the simulator (Twilio's stand-in), so the background fetch stays local.
     let urls = [
-        "https://media.example.com/cat.jpg",
-        "https://media.example.com/clip.mp4",
+        format!("{}/simulator/media/cat.jpg", app.sim_base),
+        format!("{}/simulator/media/clip.mp4", app.sim_base),
     ];
+    let doc = format!("{}/simulator/media/doc.pdf", app.sim_base);
     let r = app
         .inbound(json!({"from": "+14155550126", "body": "look", "media_urls": urls}))
         .await;
     assert_eq!(r["webhook_status"], 200, "{r}");
     // Media only, empty body (Twilio sends Body="" for media-only messages).
     let r2 = app
-        .inbound(json!({"from": "+14155550126", "body": "", "media_urls": ["https://media.example.com/doc.pdf"]}))
+        .inbound(json!({"from": "+14155550126", "body": "", "media_urls": [doc]}))
         .await;
     assert_eq!(r2["webhook_status"], 200, "{r2}");
 
@@ -322,23 +324,36 @@ async fn mms_inbound_stores_media_with_url_and_content_type() {
     assert_eq!(c["message_count"], 2, "{c}");
     let msgs = conversation_messages(&app, c["id"].as_str().unwrap()).await;
     assert_eq!(msgs.len(), 2, "{msgs:?}");
+    let url_and_type = |m: &Value| -> Vec<(Value, Value)> {
+        m["media"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["url"].clone(), i["content_type"].clone()))
+            .collect()
+    };
     let with_body = msgs.iter().find(|m| m["body"] == "look").expect("MMS stored");
     assert!(
         with_body["provider_sid"].as_str().is_some_and(|s| s.starts_with("MM")),
         "{with_body}"
     );
     assert_eq!(
-        with_body["media"],
-        json!([
-            {"url": urls[0], "content_type": "image/jpeg"},
-            {"url": urls[1], "content_type": "video/mp4"},
-        ]),
+        url_and_type(with_body),
+        [
+            (json!(urls[0]), json!("image/jpeg")),
+            (json!(urls[1]), json!("video/mp4")),
+        ],
         "{with_body}"
     );
+    // Each inbound item has an id and a fetch status (docs/media.md).
+    for item in with_body["media"].as_array().unwrap() {
+        assert!(item["id"].as_str().is_some_and(|i| i.starts_with("med_")), "{item}");
+        assert!(item["status"].is_string(), "{item}");
+    }
     let media_only = msgs.iter().find(|m| m["body"] == "").expect("media-only stored");
     assert_eq!(
-        media_only["media"],
-        json!([{"url": "https://media.example.com/doc.pdf", "content_type": "application/pdf"}]),
+        url_and_type(media_only),
+        [(json!(doc), json!("application/pdf"))],
         "{media_only}"
     );
     assert_eq!(media_only["status"], "received", "{media_only}");
@@ -1022,6 +1037,9 @@ async fn post_signed_status(app: &TestApp, params: &[(&str, &str)]) -> StatusCod
 #[tokio::test]
 async fn whatsapp_read_receipt_beats_a_late_delivered() {
     let app = TestApp::spawn_with(no_status_callbacks()).await;
+    // They wrote first: the 24-hour window is open for a free-form reply.
+    app.inbound(json!({"from": "+14155550146", "body": "hello?", "channel": "whatsapp"}))
+        .await;
     let m = app
         .send_ok(json!({"to": "+14155550146", "body": "read me", "channel": "whatsapp"}))
         .await;

@@ -416,11 +416,12 @@ async fn upsert_conversation(
     now: i64,
 ) -> StoreResult<String> {
     let unread = i64::from(direction == Direction::Inbound);
+    // last_inbound_at only moves forward (GREATEST ignores NULLs).
     sqlx::query_scalar(
         "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
              last_message_at, activity_at, message_count, unread_count, created_at, updated_at, language, \
-             language_confidence) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1, $9, $8, $8, $10, $11) \
+             language_confidence, last_inbound_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1, $9, $8, $8, $10, $11, CASE WHEN $9 = 1 THEN $8 END) \
          ON CONFLICT (channel, counterpart, sender) DO UPDATE SET \
              last_message_id = EXCLUDED.last_message_id, last_preview = EXCLUDED.last_preview, \
              last_direction = EXCLUDED.last_direction, last_message_at = EXCLUDED.last_message_at, \
@@ -428,7 +429,8 @@ async fn upsert_conversation(
              unread_count = conversations.unread_count + EXCLUDED.unread_count, updated_at = EXCLUDED.updated_at, \
              language = COALESCE(EXCLUDED.language, conversations.language), \
              language_confidence = CASE WHEN EXCLUDED.language IS NULL THEN conversations.language_confidence \
-                 ELSE EXCLUDED.language_confidence END \
+                 ELSE EXCLUDED.language_confidence END, \
+             last_inbound_at = GREATEST(conversations.last_inbound_at, EXCLUDED.last_inbound_at) \
          RETURNING id",
     )
     .bind(ConversationId::new().as_str())
@@ -580,6 +582,28 @@ async fn insert_outbound_tx(tx: &mut Tx, m: &NewOutbound, conversation: Option<S
             "{} opted out of {} messages; they must text START to opt back in",
             m.to, m.channel
         )));
+    }
+    if m.whatsapp_window_required && conversation.is_none() {
+        let last: Option<i64> = if m.messaging_service_sid.is_some() {
+            sqlx::query_scalar("SELECT MAX(last_inbound_at) FROM conversations WHERE channel = $1 AND counterpart = $2")
+                .bind(m.channel.as_str())
+                .bind(pg_text(&m.to))
+                .fetch_one(&mut *tx.inner)
+                .await
+                .map_err(map_err)?
+        } else {
+            sqlx::query_scalar(
+                "SELECT last_inbound_at FROM conversations WHERE channel = $1 AND counterpart = $2 AND sender = $3",
+            )
+            .bind(m.channel.as_str())
+            .bind(pg_text(&m.to))
+            .bind(pg_text(&m.from))
+            .fetch_optional(&mut *tx.inner)
+            .await
+            .map_err(map_err)?
+            .flatten()
+        };
+        check_whatsapp_window(&m.to, last, m.now)?;
     }
     let conv_id = match conversation {
         Some(c) => c,
@@ -1112,6 +1136,22 @@ impl Store for PostgresStore {
             m.now,
         )
         .await?;
+        for (position, item) in m.media.iter().enumerate() {
+            let Some(media_id) = &item.id else { continue };
+            sqlx::query(
+                "INSERT INTO media (id, message_id, position, url, declared_type, status, attempts, next_attempt_at, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6, $6)",
+            )
+            .bind(media_id)
+            .bind(m.id.as_str())
+            .bind(position as i64)
+            .bind(pg_text(&item.url))
+            .bind(pg_opt_text(item.content_type.as_deref()))
+            .bind(m.now)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        }
         if let Some(change) = &m.opt_change {
             set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
         }
@@ -1462,6 +1502,10 @@ impl Store for PostgresStore {
     async fn expire_all_leases(&self) -> StoreResult<u64> {
         // Only right for a single instance (see the trait); kept for parity with SQLite.
         let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("UPDATE media SET lease_until = 0 WHERE lease_until IS NOT NULL")
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
@@ -2293,5 +2337,111 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+
+    async fn claim_media(&self, now: i64, limit: usize, lease_ms: i64, owner: &str) -> StoreResult<Vec<MediaRecord>> {
+        // SKIP LOCKED: instances claiming at once take different rows; the subquery's row
+        // lock re-checks the lease on the newest row version.
+        let rows = sqlx::query(&format!(
+            "UPDATE media SET attempts = attempts + 1, lease_until = $1, lease_owner = $2, updated_at = $3 \
+             WHERE id IN (SELECT id FROM media WHERE status = 'pending' AND next_attempt_at <= $3 \
+                 AND (lease_until IS NULL OR lease_until <= $3) ORDER BY next_attempt_at, id LIMIT $4 \
+                 FOR UPDATE SKIP LOCKED) \
+             RETURNING {MEDIA_COLS}"
+        ))
+        .bind(now + lease_ms)
+        .bind(owner)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut out = rows.iter().map(media_from_row).collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by(|a, b| (a.next_attempt_at, &a.id).cmp(&(b.next_attempt_at, &b.id)));
+        Ok(out)
+    }
+
+    async fn record_media(&self, id: &str, outcome: MediaOutcome, now: i64) -> StoreResult<MediaRecord> {
+        let mut tx = self.begin().await?;
+        let message_id: Option<String> = sqlx::query_scalar("SELECT message_id FROM media WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        let message_id = message_id.ok_or_else(|| StoreError::NotFound(format!("media {id} not found")))?;
+        // The message row first (lock order), so two items of one message recorded at once
+        // do not overwrite each other's entry of the media list.
+        let message = lock_message(&mut tx, &message_id).await?;
+        let row = sqlx::query(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = $1 FOR UPDATE"))
+            .bind(id)
+            .fetch_one(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        let current = media_from_row(&row)?;
+        if current.status != MediaStatus::Pending {
+            return Ok(current);
+        }
+        let (status, content_type, size, error, next_at) = match &outcome {
+            MediaOutcome::Stored { content_type, size } => {
+                (MediaStatus::Stored, Some(content_type.clone()), Some(*size), None, None)
+            }
+            MediaOutcome::Retry { next_at, error } => {
+                (MediaStatus::Pending, None, None, Some(error.clone()), Some(*next_at))
+            }
+            MediaOutcome::Failed { error } => (MediaStatus::Failed, None, None, Some(error.clone()), None),
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE media SET status = $1, content_type = COALESCE($2, content_type), size = $3, error = $4, \
+             next_attempt_at = $5, lease_until = NULL, lease_owner = NULL, updated_at = $6 WHERE id = $7 RETURNING {MEDIA_COLS}"
+        ))
+        .bind(status.as_str())
+        .bind(pg_opt_text(content_type.as_deref()))
+        .bind(size)
+        .bind(pg_opt_text(error.as_deref()))
+        .bind(next_at)
+        .bind(now)
+        .bind(id)
+        .fetch_one(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        let updated = media_from_row(&row)?;
+        let mut items = message.media;
+        if let Some(item) = items.iter_mut().find(|i| i.id.as_deref() == Some(id)) {
+            apply_media_record(item, &updated);
+            let json = serde_json::to_value(&items).map_err(|e| StoreError::Other(e.into()))?;
+            sqlx::query("UPDATE messages SET media = $1::jsonb, updated_at = $2 WHERE id = $3")
+                .bind(pg_json(&json))
+                .bind(now)
+                .bind(&message_id)
+                .execute(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+            tx.changed(&message_id);
+        }
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn release_media(&self, id: &str, owner: &str, now: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE media SET attempts = GREATEST(attempts - 1, 0), next_attempt_at = $1, lease_until = NULL, \
+             lease_owner = NULL, updated_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn get_media(&self, id: &str) -> StoreResult<Option<MediaRecord>> {
+        let row = sqlx::query(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(media_from_row).transpose()
     }
 }

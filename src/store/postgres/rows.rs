@@ -64,7 +64,7 @@ pub(super) fn message_from_row(r: &PgRow) -> StoreResult<MessageRecord> {
 /// Conversations with their contact and opt-out flags; callers append `WHERE …`.
 pub(super) const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, \
     c.last_direction, c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
-    c.language, c.language_confidence, ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
+    c.last_inbound_at, c.language, c.language_confidence, ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
     ct.updated_at AS ct_updated, ct.external_id AS ct_external_id, ct.attributes AS ct_attributes, \
     ct.enrichment_status AS ct_enrichment_status, ct.enrichment_attempts AS ct_enrichment_attempts, \
     ct.enrichment_error AS ct_enrichment_error, ct.enriched_at AS ct_enriched_at, \
@@ -103,6 +103,30 @@ pub(super) fn conversation_from_row(r: &PgRow) -> StoreResult<ConversationRecord
         unread_count: r.get("unread_count"),
         opted_out: r.get("opted_out"),
         language: Language::from_columns(r.get("language"), r.get("language_confidence")),
+        last_inbound_at: r.get("last_inbound_at"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    })
+}
+
+/// Media columns in the shape [`media_from_row`] reads.
+pub(super) const MEDIA_COLS: &str = "id, message_id, position, url, declared_type, status, content_type, size, error, \
+    attempts, next_attempt_at, created_at, updated_at";
+
+pub(super) fn media_from_row(r: &PgRow) -> StoreResult<MediaRecord> {
+    let status: String = r.get("status");
+    Ok(MediaRecord {
+        id: r.get("id"),
+        message_id: MessageId::from_trusted(r.get("message_id")),
+        position: r.get::<i64, _>("position") as u32,
+        url: r.get("url"),
+        declared_type: r.get("declared_type"),
+        status: stored(MediaStatus::parse(&status), "stored media status")?,
+        content_type: r.get("content_type"),
+        size: r.get("size"),
+        error: r.get("error"),
+        attempts: r.get::<i64, _>("attempts") as u32,
+        next_attempt_at: r.get("next_attempt_at"),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     })

@@ -241,7 +241,7 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
 }
 
 const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.sender, c.last_preview, c.last_direction, \
-    c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, \
+    c.last_message_at, c.activity_at, c.message_count, c.unread_count, c.created_at, c.updated_at, c.last_inbound_at, \
     c.language, c.language_confidence, ct.id AS ct_id, ct.phone_number AS ct_phone, ct.display_name AS ct_name, ct.created_at AS ct_created, \
     ct.updated_at AS ct_updated, ct.external_id AS ct_external_id, ct.attributes AS ct_attributes, \
     ct.enrichment_status AS ct_enrichment_status, ct.enrichment_attempts AS ct_enrichment_attempts, \
@@ -283,6 +283,7 @@ fn conversation_from_row(r: &SqliteRow) -> StoreResult<ConversationRecord> {
         unread_count: r.get("unread_count"),
         opted_out: r.get::<i64, _>("opted_out") != 0,
         language: Language::from_columns(r.get("language"), r.get("language_confidence")),
+        last_inbound_at: r.get("last_inbound_at"),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     })
@@ -363,11 +364,12 @@ async fn upsert_conversation(
     now: i64,
 ) -> StoreResult<String> {
     let unread = i64::from(direction == Direction::Inbound);
+    // last_inbound_at only moves forward (SQLite's two-argument MAX is NULL if either is).
     sqlx::query_scalar(
         "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
              last_message_at, activity_at, message_count, unread_count, created_at, updated_at, language, \
-             language_confidence) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, ?9, ?8, ?8, ?10, ?11) \
+             language_confidence, last_inbound_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1, ?9, ?8, ?8, ?10, ?11, CASE WHEN ?9 = 1 THEN ?8 END) \
          ON CONFLICT (channel, counterpart, sender) DO UPDATE SET \
              last_message_id = excluded.last_message_id, last_preview = excluded.last_preview, \
              last_direction = excluded.last_direction, last_message_at = excluded.last_message_at, \
@@ -375,7 +377,9 @@ async fn upsert_conversation(
              unread_count = conversations.unread_count + excluded.unread_count, updated_at = excluded.updated_at, \
              language = COALESCE(excluded.language, conversations.language), \
              language_confidence = CASE WHEN excluded.language IS NULL THEN conversations.language_confidence \
-                 ELSE excluded.language_confidence END \
+                 ELSE excluded.language_confidence END, \
+             last_inbound_at = COALESCE(MAX(conversations.last_inbound_at, excluded.last_inbound_at), \
+                 conversations.last_inbound_at, excluded.last_inbound_at) \
          RETURNING id",
     )
     .bind(ConversationId::new().as_str())
@@ -527,6 +531,28 @@ async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<St
             "{} opted out of {} messages; they must text START to opt back in",
             m.to, m.channel
         )));
+    }
+    if m.whatsapp_window_required && conversation.is_none() {
+        let last: Option<i64> = if m.messaging_service_sid.is_some() {
+            sqlx::query_scalar("SELECT MAX(last_inbound_at) FROM conversations WHERE channel = ? AND counterpart = ?")
+                .bind(m.channel.as_str())
+                .bind(&m.to)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(map_err)?
+        } else {
+            sqlx::query_scalar(
+                "SELECT last_inbound_at FROM conversations WHERE channel = ? AND counterpart = ? AND sender = ?",
+            )
+            .bind(m.channel.as_str())
+            .bind(&m.to)
+            .bind(&m.from)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?
+            .flatten()
+        };
+        check_whatsapp_window(&m.to, last, m.now)?;
     }
     let conv_id = match conversation {
         Some(c) => c,
@@ -684,6 +710,30 @@ async fn end_later_parts(
         .await?;
     }
     Ok(())
+}
+
+const MEDIA_COLS: &str = "id, message_id, position, url, declared_type, status, content_type, size, error, \
+    attempts, next_attempt_at, created_at, updated_at";
+
+fn media_from_row(r: &SqliteRow) -> StoreResult<MediaRecord> {
+    let status: String = r.get("status");
+    Ok(MediaRecord {
+        id: r.get("id"),
+        message_id: MessageId::from_trusted(r.get("message_id")),
+        position: r.get::<i64, _>("position") as u32,
+        url: r.get("url"),
+        declared_type: r.get("declared_type"),
+        status: MediaStatus::parse(&status)
+            .context("stored media status")
+            .map_err(StoreError::Other)?,
+        content_type: r.get("content_type"),
+        size: r.get("size"),
+        error: r.get("error"),
+        attempts: r.get::<i64, _>("attempts") as u32,
+        next_attempt_at: r.get("next_attempt_at"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    })
 }
 
 fn keyset_limit(page: &PageRequest) -> i64 {
@@ -996,6 +1046,24 @@ impl Store for SqliteStore {
             m.now,
         )
         .await?;
+        for (position, item) in m.media.iter().enumerate() {
+            let Some(media_id) = &item.id else { continue };
+            sqlx::query(
+                "INSERT INTO media (id, message_id, position, url, declared_type, status, attempts, next_attempt_at, \
+                 created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+            )
+            .bind(media_id)
+            .bind(m.id.as_str())
+            .bind(position as i64)
+            .bind(&item.url)
+            .bind(&item.content_type)
+            .bind(m.now)
+            .bind(m.now)
+            .bind(m.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
         if let Some(change) = &m.opt_change {
             set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
         }
@@ -1286,6 +1354,10 @@ impl Store for SqliteStore {
     async fn expire_all_leases(&self) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
         let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("UPDATE media SET lease_until = 0 WHERE lease_until IS NOT NULL")
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -2166,5 +2238,119 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         tx.commit().await
+    }
+
+    async fn claim_media(&self, now: i64, limit: usize, lease_ms: i64, owner: &str) -> StoreResult<Vec<MediaRecord>> {
+        let mut tx = self.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM media WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND next_attempt_at <= ? \
+             AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at, id LIMIT ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!(
+                "UPDATE media SET attempts = attempts + 1, lease_until = ?, lease_owner = ?, updated_at = ? \
+                 WHERE id = ? RETURNING {MEDIA_COLS}"
+            ))
+            .bind(now + lease_ms)
+            .bind(owner)
+            .bind(now)
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            out.push(media_from_row(&row)?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn record_media(&self, id: &str, outcome: MediaOutcome, now: i64) -> StoreResult<MediaRecord> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("media {id} not found")))?;
+        let current = media_from_row(&row)?;
+        if current.status != MediaStatus::Pending {
+            return Ok(current);
+        }
+        let (status, content_type, size, error, next_at) = match &outcome {
+            MediaOutcome::Stored { content_type, size } => {
+                (MediaStatus::Stored, Some(content_type.clone()), Some(*size), None, None)
+            }
+            MediaOutcome::Retry { next_at, error } => {
+                (MediaStatus::Pending, None, None, Some(error.clone()), Some(*next_at))
+            }
+            MediaOutcome::Failed { error } => (MediaStatus::Failed, None, None, Some(error.clone()), None),
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE media SET status = ?, content_type = COALESCE(?, content_type), size = ?, error = ?, \
+             next_attempt_at = ?, lease_until = NULL, lease_owner = NULL, updated_at = ? WHERE id = ? RETURNING {MEDIA_COLS}"
+        ))
+        .bind(status.as_str())
+        .bind(&content_type)
+        .bind(size)
+        .bind(&error)
+        .bind(next_at)
+        .bind(now)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let updated = media_from_row(&row)?;
+        let media_json: String = sqlx::query_scalar("SELECT media FROM messages WHERE id = ?")
+            .bind(updated.message_id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let mut items: Vec<Media> = serde_json::from_str(&media_json).unwrap_or_default();
+        if let Some(item) = items.iter_mut().find(|i| i.id.as_deref() == Some(id)) {
+            apply_media_record(item, &updated);
+            let seq = next_seq(&mut tx).await?;
+            sqlx::query("UPDATE messages SET media = ?, updated_at = ?, change_seq = ? WHERE id = ?")
+                .bind(serde_json::to_string(&items).map_err(|e| StoreError::Other(e.into()))?)
+                .bind(now)
+                .bind(seq)
+                .bind(updated.message_id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn release_media(&self, id: &str, owner: &str, now: i64) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE media SET attempts = MAX(attempts - 1, 0), next_attempt_at = ?, lease_until = NULL, \
+             lease_owner = NULL, updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'pending'",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await
+    }
+
+    async fn get_media(&self, id: &str) -> StoreResult<Option<MediaRecord>> {
+        let row = sqlx::query(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(media_from_row).transpose()
     }
 }
