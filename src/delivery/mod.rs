@@ -66,6 +66,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     attempted: tokio::sync::broadcast::Sender<crate::domain::MessageId>,
     drain_timeout: Duration,
+    /// Per sender (rate key), the earliest time this process may hand it the next message.
+    pacing: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Delivery {
@@ -89,6 +91,7 @@ impl Delivery {
                 permits,
                 attempted: tokio::sync::broadcast::channel(1024).0,
                 drain_timeout,
+                pacing: Default::default(),
             }),
         }
     }
@@ -155,7 +158,8 @@ impl Delivery {
             match self.claim(free.min(256)).await {
                 Ok(claimed) if !claimed.is_empty() => {
                     backoff = Duration::from_millis(100);
-                    for c in claimed {
+                    for mut c in claimed {
+                        c.slot_at = self.pace(&c);
                         let permit = self
                             .inner
                             .permits
@@ -195,6 +199,24 @@ impl Delivery {
         let total = self.inner.config.concurrency as u32;
         let _ = tokio::time::timeout(self.inner.drain_timeout, self.inner.permits.acquire_many(total)).await;
         info!("delivery worker stopped");
+    }
+
+    /// When to hand `c` to Twilio: its rate slot, but never before now, nor before the
+    /// sender's previous message from this process has held it for its share of the rate.
+    /// Slots are computed when the claim runs, and the claim is answered only once it is
+    /// durable (SQLite group commit); a message whose answer came late is sent late, and
+    /// this keeps the next one from following it too closely.
+    fn pace(&self, c: &ClaimedMessage) -> i64 {
+        let mut pacing = self.inner.pacing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        let free = pacing.get(&c.rate_key).copied().unwrap_or(0);
+        let at = c.slot_at.max(free).max(now);
+        pacing.insert(c.rate_key.clone(), at + c.hold_ms);
+        // Forget senders that have been idle for a while.
+        if pacing.len() > 1024 {
+            pacing.retain(|_, t| *t > now);
+        }
+        at
     }
 
     /// Processes one claimed message: waits for its rate slot, reconciles if needed, sends,

@@ -1150,7 +1150,14 @@ impl Store for SqliteStore {
                 .entry(key.clone())
                 .or_insert_with(|| r.get::<Option<i64>, _>("tat"));
             let message = message_from_row(r)?;
-            let slot = if message.validity_expired(now) {
+            let rate_key = key.clone();
+            let expired = message.validity_expired(now);
+            let hold_ms = if expired {
+                0
+            } else {
+                (f64::from(cost.max(1) as u32) / (req.rate_for)(&key) * 1000.0).ceil() as i64
+            };
+            let slot = if expired {
                 // It will fail without being sent: it must not use up the sender's rate.
                 now
             } else {
@@ -1169,6 +1176,8 @@ impl Store for SqliteStore {
                 slot_at: slot,
                 reconcile,
                 previous_claim_at: r.get("claimed_at"),
+                rate_key,
+                hold_ms,
             });
         }
         for c in &claimed {
