@@ -229,7 +229,7 @@ impl Enricher {
         Ok(label)
     }
 
-    /// Runs until `shutdown`.
+    /// Runs until `shutdown`, then lets lookups in flight finish (up to 5 s).
     pub async fn run(self, shutdown: CancellationToken) {
         let mut inflight: JoinSet<()> = JoinSet::new();
         let poll = Duration::from_millis(self.config.poll_interval_ms);
@@ -258,7 +258,15 @@ impl Enricher {
                 _ = tokio::time::sleep(poll) => {}
             }
         }
-        inflight.abort_all();
+        // Lookups in flight get a few seconds to finish and release their lease; one cut
+        // off keeps it until it runs out (timeout + 30 s), or until a single SQLite
+        // instance starts again.
+        let drain = tokio::time::timeout(Duration::from_secs(5), async {
+            while inflight.join_next().await.is_some() {}
+        });
+        if drain.await.is_err() {
+            inflight.abort_all();
+        }
     }
 }
 

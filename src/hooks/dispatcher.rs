@@ -25,6 +25,10 @@ const FAN_OUT_BATCH: u32 = 500;
 /// The lease outlives the request timeout by this much, so a live attempt is never
 /// claimed again by another instance.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Rounds woken by new events follow each other at most this often: a busy gateway's
+/// commits are fanned out in batches (at most 200 such rounds a second) instead of one round
+/// per commit, while a lone event still goes out at once.
+const MIN_ROUND: Duration = Duration::from_millis(5);
 
 /// The HTTP client deliveries use: the configured timeout, guarded addresses, bounded
 /// answers.
@@ -204,6 +208,7 @@ impl Dispatcher {
         let mut signal = self.store.event_signal();
         let mut inflight: JoinSet<()> = JoinSet::new();
         let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let mut last_signal_round: Option<std::time::Instant> = None;
         loop {
             // Every attempt that finished frees its slot now, not one per round.
             while inflight.try_join_next().is_some() {}
@@ -234,6 +239,12 @@ impl Dispatcher {
                     if changed.is_err() {
                         tokio::time::sleep(poll).await;
                     }
+                    if let Some(since) = last_signal_round.map(|t| t.elapsed()) {
+                        if since < MIN_ROUND {
+                            tokio::time::sleep(MIN_ROUND - since).await;
+                        }
+                    }
+                    last_signal_round = Some(std::time::Instant::now());
                 }
                 _ = tokio::time::sleep(poll) => {}
             }

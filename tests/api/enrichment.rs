@@ -90,7 +90,7 @@ async fn contact_of(app: &TestApp, number: &str) -> Value {
 }
 
 async fn wait_enrichment(app: &TestApp, number: &str, status: &str) -> Value {
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + Duration::from_secs(30);
     loop {
         let c = contact_of(app, number).await;
         if c["enrichment"]["status"] == status {
