@@ -134,6 +134,7 @@ conformance!(
     search_pages_cover_every_result_once,
     search_follows_contact_changes,
     search_handles_any_query_text,
+    search_ranks_only_the_newest_window,
     inbound_language_is_stored_with_the_conversation,
     whatsapp_window_follows_the_last_inbound,
     media_jobs_claim_retry_store_and_fail,
@@ -3587,11 +3588,24 @@ async fn search_pages_cover_every_result_once(store: Arc<dyn Store>) {
     let whole_ids: Vec<String> = whole.hits.iter().map(hit_id).collect();
     assert_eq!(whole_ids.iter().cloned().collect::<HashSet<_>>(), expected);
     for w in whole.hits.windows(2) {
-        let (a, b) = (w[0].cursor(), w[1].cursor());
-        assert!(
-            a.rank > b.rank || (a.rank == b.rank && (a.created_at, &a.id) > (b.created_at, &b.id)),
-            "order: {a:?} before {b:?}"
-        );
+        match (w[0].position(), w[1].position()) {
+            (
+                SearchPosition::Ranked {
+                    rank: ra,
+                    created_at: ca,
+                    id: ia,
+                },
+                SearchPosition::Ranked {
+                    rank: rb,
+                    created_at: cb,
+                    id: ib,
+                },
+            ) => assert!(
+                ra > rb || (ra == rb && (ca, &ia) > (cb, &ib)),
+                "order: {ra} {ca} {ia} before {rb} {cb} {ib}"
+            ),
+            other => panic!("every hit is ranked (fewer than the window): {other:?}"),
+        }
     }
 
     for limit in [1, 4, 7] {
@@ -3612,6 +3626,104 @@ async fn search_pages_cover_every_result_once(store: Arc<dyn Store>) {
         }
         assert_eq!(paged, whole_ids, "limit {limit}");
     }
+}
+
+/// With more matching messages than the ranking window, the newest ones (and every contact)
+/// are ranked, the older ones follow newest first; pages keep that order whatever their size,
+/// filters choose the window's messages, and message hits name their counterpart's contact.
+async fn search_ranks_only_the_newest_window(store: Arc<dyn Store>) {
+    // m[0] (the oldest) is the most relevant; m[6] and m[7] are outbound.
+    let mut m = Vec::new();
+    for i in 0..8usize {
+        let body = match i {
+            0 => "alpha alpha alpha",
+            i if i % 2 == 0 => "alpha alpha beta",
+            _ => "alpha beta gamma delta",
+        };
+        let t = T0 + i as i64;
+        m.push(if i >= 6 {
+            store
+                .insert_outbound(outbound(&phone(380 + i), body, t), None)
+                .await
+                .unwrap()
+        } else {
+            receive(&store, inbound(&sid(), &phone(380 + i), body, t)).await
+        });
+    }
+    let contact = new_contact(&store, &phone(386), "Alpha Person", T0 + 20).await;
+    let window = |mut r: SearchRequest| {
+        r.rank_window = 3;
+        r.limit = 200;
+        r
+    };
+    let ids_of = |hits: &[SearchHit]| hits.iter().map(hit_id).collect::<Vec<_>>();
+
+    let whole = store.search(&window(search_for("alpha"))).await.unwrap();
+    assert!(whole.next_cursor.is_none());
+    assert_eq!(whole.hits.len(), 9);
+    let (ranked, rest) = whole.hits.split_at(4);
+    assert_eq!(
+        ids_of(ranked).into_iter().collect::<HashSet<_>>(),
+        set([&m[5].id, &m[6].id, &m[7].id, &contact.id]),
+        "the three newest messages and the contact are ranked"
+    );
+    for w in ranked.windows(2) {
+        assert!(w[0].rank >= w[1].rank, "ranked part by rank: {ranked:?}");
+    }
+    assert!(ranked.iter().all(|h| h.recency.is_none()));
+    assert_eq!(
+        ids_of(rest),
+        [4, 3, 2, 1, 0].map(|i| m[i].id.to_string()).to_vec(),
+        "the older messages follow, newest first"
+    );
+    assert!(rest.iter().all(|h| h.recency.is_some()));
+    assert!(
+        rest[4].rank > ranked.iter().map(|h| h.rank).fold(f64::MIN, f64::max),
+        "the oldest message is the most relevant, and still comes last"
+    );
+    // Message hits name their counterpart's contact.
+    for h in &whole.hits {
+        let expected = match &h.item {
+            SearchItem::Message(msg) if msg.id == m[6].id => Some("Alpha Person"),
+            _ => None,
+        };
+        assert_eq!(h.counterpart_name.as_deref(), expected, "{h:?}");
+    }
+
+    // Any page size gives the same order, each hit once.
+    let whole_ids = ids_of(&whole.hits);
+    for limit in [1, 2, 3, 4, 5] {
+        let mut req = window(search_for("alpha"));
+        req.limit = limit;
+        let mut paged = Vec::new();
+        for _ in 0..20 {
+            let page = store.search(&req).await.unwrap();
+            paged.extend(page.hits.iter().map(hit_id));
+            match page.next_cursor {
+                Some(c) => req.cursor = Some(SearchCursor::decode(&c.encode()).expect("cursor decodes")),
+                None => break,
+            }
+        }
+        assert_eq!(paged, whole_ids, "limit {limit}");
+    }
+
+    // The window holds the newest messages that pass the filters.
+    let mut req = window(search_for("alpha"));
+    req.direction = Some(Direction::Inbound);
+    let page = store.search(&req).await.unwrap();
+    let got = ids_of(&page.hits);
+    assert_eq!(
+        got[..3].iter().cloned().collect::<HashSet<_>>(),
+        set([&m[3].id, &m[4].id, &m[5].id])
+    );
+    assert_eq!(got[3..], [2, 1, 0].map(|i| m[i].id.to_string()));
+
+    // A window as large as the matches ranks them all.
+    let mut req = window(search_for("alpha"));
+    req.rank_window = 8;
+    let page = store.search(&req).await.unwrap();
+    assert!(page.hits.iter().all(|h| h.recency.is_none()));
+    assert_eq!(hit_id(&page.hits[0]), m[0].id.to_string(), "the most relevant first");
 }
 
 /// The index follows every write in its own transaction: new messages, contacts created,

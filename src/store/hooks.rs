@@ -321,21 +321,21 @@ pub(crate) const DELIVERY_COLS: &str = "id, endpoint_id, event_seq, event_type, 
 /// A `webhook_endpoints` row (one mapping for both backends: SQLite's 0/1 decodes as bool).
 #[derive(sqlx::FromRow)]
 pub(crate) struct EndpointRow {
-    id: String,
-    url: String,
-    description: String,
-    event_types: String,
-    secret: String,
-    previous_secret: Option<String>,
-    previous_secret_until: Option<i64>,
-    enabled: bool,
-    disabled_reason: Option<String>,
-    disabled_at: Option<i64>,
-    failure_count: i64,
-    failing_since: Option<i64>,
-    event_cursor: i64,
-    created_at: i64,
-    updated_at: i64,
+    pub(crate) id: String,
+    pub(crate) url: String,
+    pub(crate) description: String,
+    pub(crate) event_types: String,
+    pub(crate) secret: String,
+    pub(crate) previous_secret: Option<String>,
+    pub(crate) previous_secret_until: Option<i64>,
+    pub(crate) enabled: bool,
+    pub(crate) disabled_reason: Option<String>,
+    pub(crate) disabled_at: Option<i64>,
+    pub(crate) failure_count: i64,
+    pub(crate) failing_since: Option<i64>,
+    pub(crate) event_cursor: i64,
+    pub(crate) created_at: i64,
+    pub(crate) updated_at: i64,
 }
 
 impl From<EndpointRow> for WebhookEndpointRecord {
@@ -363,21 +363,21 @@ impl From<EndpointRow> for WebhookEndpointRecord {
 /// A `webhook_deliveries` row.
 #[derive(sqlx::FromRow)]
 pub(crate) struct DeliveryRow {
-    id: String,
-    endpoint_id: String,
-    event_seq: i64,
-    event_type: String,
-    payload: String,
-    status: String,
-    attempts: i64,
-    next_attempt_at: Option<i64>,
-    response_status: Option<i64>,
-    response_body: Option<String>,
-    last_error: Option<String>,
-    last_duration_ms: Option<i64>,
-    last_attempt_at: Option<i64>,
-    created_at: i64,
-    updated_at: i64,
+    pub(crate) id: String,
+    pub(crate) endpoint_id: String,
+    pub(crate) event_seq: i64,
+    pub(crate) event_type: String,
+    pub(crate) payload: String,
+    pub(crate) status: String,
+    pub(crate) attempts: i64,
+    pub(crate) next_attempt_at: Option<i64>,
+    pub(crate) response_status: Option<i64>,
+    pub(crate) response_body: Option<String>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_duration_ms: Option<i64>,
+    pub(crate) last_attempt_at: Option<i64>,
+    pub(crate) created_at: i64,
+    pub(crate) updated_at: i64,
 }
 
 impl From<DeliveryRow> for WebhookDeliveryRecord {
@@ -406,11 +406,11 @@ impl From<DeliveryRow> for WebhookDeliveryRecord {
 /// An `enrichment_jobs` row.
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
-    contact_id: String,
-    phone_number: String,
-    received_as: String,
-    channel: String,
-    attempts: i64,
+    pub(crate) contact_id: String,
+    pub(crate) phone_number: String,
+    pub(crate) received_as: String,
+    pub(crate) channel: String,
+    pub(crate) attempts: i64,
 }
 
 impl From<JobRow> for EnrichmentJob {

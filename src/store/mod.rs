@@ -753,7 +753,17 @@ pub struct SearchRequest {
     pub cursor: Option<SearchCursor>,
     /// At most this many (1–200).
     pub limit: u32,
+    /// How many of the newest matching messages are ranked by relevance (at least 1; see
+    /// [`RANK_WINDOW`]). Only the first page uses it: its cursor carries where the window ends.
+    pub rank_window: u32,
 }
+
+/// How many of the newest matching messages a search ranks by relevance (docs/search.md,
+/// "The ranking window"). Ranking costs in proportion to the messages it scores, so a word
+/// found in 5 % of a million messages would otherwise mean scoring 50,000 of them for every
+/// page; with the window a page costs about as much as ranking this many, whatever the word.
+/// Older matching messages follow the ranked ones, newest first. Contacts are always ranked.
+pub const RANK_WINDOW: u32 = 500;
 
 impl SearchRequest {
     /// A first page of 50 for `query`, without filters.
@@ -769,6 +779,7 @@ impl SearchRequest {
             conversation_id: None,
             cursor: None,
             limit: 50,
+            rank_window: RANK_WINDOW,
         }
     }
 
@@ -837,16 +848,25 @@ pub struct SearchHit {
     /// Relevance, higher is better: `-bm25()` on SQLite, `ts_rank()` on PostgreSQL (the two
     /// scales differ).
     pub rank: f64,
+    /// For a message: the display name of its counterpart's contact (the conversation's other
+    /// party), if that number is a contact with a non-empty name.
+    pub counterpart_name: Option<String>,
+    /// For a message past the ranking window (ordered by recency, not rank): its recency key.
+    /// `None` for hits of the ranked part.
+    pub recency: Option<RecencyKey>,
 }
 
 impl SearchHit {
     /// The position of this hit in the result order, to continue after it.
-    pub fn cursor(&self) -> SearchCursor {
+    pub fn position(&self) -> SearchPosition {
+        if let Some(k) = &self.recency {
+            return SearchPosition::Recent(k.clone());
+        }
         let (created_at, id) = match &self.item {
             SearchItem::Message(m) => (m.created_at, m.id.to_string()),
             SearchItem::Contact(c) => (c.created_at, c.id.to_string()),
         };
-        SearchCursor {
+        SearchPosition::Ranked {
             rank: self.rank,
             created_at,
             id,
@@ -857,18 +877,23 @@ impl SearchHit {
 /// A page of search results.
 #[derive(Debug, Clone)]
 pub struct SearchPage {
-    /// Best first: rank descending, then newest first, then ID descending.
+    /// The ranked part first (rank descending, then newest first, then ID descending), then
+    /// the messages past the ranking window (newest first by [`RecencyKey`]).
     pub hits: Vec<SearchHit>,
     /// Where the next page starts, `None` at the end.
     pub next_cursor: Option<SearchCursor>,
 }
 
 impl SearchPage {
-    /// Builds a page from a query that fetched `limit + 1` hits (as [`Page::from_overfetch`]).
-    pub fn from_overfetch(mut hits: Vec<SearchHit>, limit: usize) -> Self {
+    /// Builds a page from a query that fetched `limit + 1` hits (as [`Page::from_overfetch`]);
+    /// `window_end` is the ranking window's end that the next page must keep.
+    pub fn from_overfetch(mut hits: Vec<SearchHit>, limit: usize, window_end: Option<RecencyKey>) -> Self {
         let next_cursor = if hits.len() > limit {
             hits.truncate(limit);
-            hits.last().map(SearchHit::cursor)
+            hits.last().map(|h| SearchCursor {
+                window_end,
+                after: h.position(),
+            })
         } else {
             None
         };
@@ -876,27 +901,60 @@ impl SearchPage {
     }
 }
 
-/// A keyset position in search order: (rank, created_at, id), all descending. The rank is
-/// carried exactly (its bits), so the next page's comparison sees the same number.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SearchCursor {
-    /// Rank of the last hit.
-    pub rank: f64,
-    /// Its creation time (ms).
-    pub created_at: i64,
-    /// Its ID (`msg_…` or `ct_…`).
+/// A message's place in recency order, newest first by (`key`, `id`) descending. SQLite:
+/// `key` is the message's `search_rowid`, the order in which messages were stored (the order
+/// of creation, except for rows loaded in bulk); PostgreSQL: `key` is `created_at` (ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecencyKey {
+    /// `search_rowid` (SQLite) or `created_at` in ms (PostgreSQL).
+    pub key: i64,
+    /// The message ID (`msg_…`).
     pub id: String,
 }
 
+/// Where a hit sits in the search order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SearchPosition {
+    /// In the ranked part: (rank, created_at, id), all descending. The rank is carried
+    /// exactly (its bits), so the next page's comparison sees the same number.
+    Ranked {
+        /// Rank of the hit.
+        rank: f64,
+        /// Its creation time (ms).
+        created_at: i64,
+        /// Its ID (`msg_…` or `ct_…`).
+        id: String,
+    },
+    /// A message past the ranking window.
+    Recent(RecencyKey),
+}
+
+/// A keyset position in search order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchCursor {
+    /// The newest matching message outside the ranking window, fixed by the first page: it
+    /// and every older match come after the ranked part. `None`: the window held every
+    /// matching message (all are ranked).
+    pub window_end: Option<RecencyKey>,
+    /// The last hit returned.
+    pub after: SearchPosition,
+}
+
 impl SearchCursor {
-    /// Opaque text form (URL-safe base64 of `s1|rank bits|created_at|id`).
+    /// Opaque text form: URL-safe base64 of `s2|window key|window id|r|rank bits|created_at|id`
+    /// or `s2|window key|window id|t|key|id` (window fields empty when there is no window end).
     pub fn encode(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-            "s1|{:016x}|{}|{}",
-            self.rank.to_bits(),
-            self.created_at,
-            self.id
-        ))
+        let (wk, wid) = match &self.window_end {
+            Some(w) => (w.key.to_string(), w.id.as_str()),
+            None => (String::new(), ""),
+        };
+        let after = match &self.after {
+            SearchPosition::Ranked { rank, created_at, id } => {
+                format!("r|{:016x}|{created_at}|{id}", rank.to_bits())
+            }
+            SearchPosition::Recent(k) => format!("t|{}|{}", k.key, k.id),
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("s2|{wk}|{wid}|{after}"))
     }
 
     /// Parses [`SearchCursor::encode`] output; `None` for anything else (a list cursor
@@ -904,14 +962,45 @@ impl SearchCursor {
     pub fn decode(s: &str) -> Option<Self> {
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
         let text = String::from_utf8(raw).ok()?;
-        let mut parts = text.splitn(4, '|');
-        if parts.next()? != "s1" {
+        let mut parts = text.splitn(5, '|');
+        if parts.next()? != "s2" {
             return None;
         }
-        let rank = f64::from_bits(u64::from_str_radix(parts.next()?, 16).ok()?);
-        let created_at = parts.next()?.parse().ok()?;
-        let id = parts.next()?.to_string();
-        (rank.is_finite() && !id.is_empty()).then_some(SearchCursor { rank, created_at, id })
+        let (wk, wid) = (parts.next()?, parts.next()?);
+        let window_end = match (wk, wid) {
+            ("", "") => None,
+            (k, id) if !id.is_empty() && !id.contains('|') => Some(RecencyKey {
+                key: k.parse().ok()?,
+                id: id.to_string(),
+            }),
+            _ => return None,
+        };
+        let kind = parts.next()?;
+        let rest = parts.next()?;
+        let after = match kind {
+            "r" => {
+                let mut p = rest.splitn(3, '|');
+                let rank = f64::from_bits(u64::from_str_radix(p.next()?, 16).ok()?);
+                let created_at = p.next()?.parse().ok()?;
+                let id = p.next()?.to_string();
+                if !rank.is_finite() || id.is_empty() {
+                    return None;
+                }
+                SearchPosition::Ranked { rank, created_at, id }
+            }
+            "t" => {
+                let (key, id) = rest.split_once('|')?;
+                if id.is_empty() {
+                    return None;
+                }
+                SearchPosition::Recent(RecencyKey {
+                    key: key.parse().ok()?,
+                    id: id.to_string(),
+                })
+            }
+            _ => return None,
+        };
+        Some(SearchCursor { window_end, after })
     }
 }
 
@@ -1377,4 +1466,57 @@ pub(crate) fn check_whatsapp_window(to: &str, last_inbound: Option<i64>, now: i6
         "{reason}; free-form WhatsApp messages are only allowed within 24 hours of the customer's last message: \
          send an approved template instead (content_sid + content_variables)"
     )))
+}
+
+#[cfg(test)]
+mod search_cursor_tests {
+    use super::*;
+
+    #[test]
+    fn cursors_survive_their_text_form_and_garbage_is_refused() {
+        let end = Some(RecencyKey {
+            key: 1234,
+            id: "msg_01abc".into(),
+        });
+        for c in [
+            SearchCursor {
+                window_end: end.clone(),
+                after: SearchPosition::Ranked {
+                    rank: 1.25e-6,
+                    created_at: 42,
+                    id: "ct_01xyz".into(),
+                },
+            },
+            SearchCursor {
+                window_end: end,
+                after: SearchPosition::Recent(RecencyKey {
+                    key: 99,
+                    id: "msg_01def".into(),
+                }),
+            },
+            SearchCursor {
+                window_end: None,
+                after: SearchPosition::Ranked {
+                    rank: -0.5,
+                    created_at: -1,
+                    id: "msg_01".into(),
+                },
+            },
+        ] {
+            assert_eq!(SearchCursor::decode(&c.encode()), Some(c));
+        }
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for bad in [
+            "",
+            "not base64!",
+            &b64("s1|3ff0000000000000|1|msg_1"),
+            &b64("s2|||x|1|msg_1"),
+            &b64("s2|5||t|1|msg_1"),
+            &b64("s2|||t|1|"),
+            &b64("s2|||r|7ff0000000000000|1|msg_1"),
+            &b64("s2|||r|zz|1|msg_1"),
+        ] {
+            assert_eq!(SearchCursor::decode(bad), None, "{bad}");
+        }
+    }
 }

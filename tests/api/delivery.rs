@@ -311,7 +311,8 @@ async fn idempotency_keys_are_scoped_to_the_api_key() {
     assert_eq!(b2.body, b.body);
 }
 
-#[tokio::test]
+// On a multi-threaded runtime, as in `serve`, so the duplicates really overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_with_one_idempotency_key_create_exactly_one_message() {
     let app = TestApp::spawn().await;
     let body = r#"{"to":"+14155550106","body":"concurrent duplicate"}"#;
@@ -321,12 +322,15 @@ async fn concurrent_duplicates_with_one_idempotency_key_create_exactly_one_messa
 
     let mut ids = HashSet::new();
     let mut created = 0;
+    let mut replays = 0;
     let mut conflicts = 0;
     let mut bodies_202 = HashSet::new();
     for a in &answers {
         match a.status {
             StatusCode::ACCEPTED => {
-                if !a.replayed() {
+                if a.replayed() {
+                    replays += 1;
+                } else {
                     created += 1;
                 }
                 ids.insert(a.json()["id"].as_str().unwrap().to_string());
@@ -342,10 +346,14 @@ async fn concurrent_duplicates_with_one_idempotency_key_create_exactly_one_messa
     assert_eq!(created, 1, "exactly one request may create the message");
     assert_eq!(ids.len(), 1, "every 202 must carry the same message id: {ids:?}");
     assert_eq!(bodies_202.len(), 1, "every 202 must be the same body");
-    // The duplicates arrive while the first is still being stored: some must be told so.
-    assert!(
-        conflicts >= 1,
-        "no duplicate was answered 409 while the first was in flight"
+    // A duplicate that arrives while the first is still being stored is told so (409), one that
+    // arrives after it gets the replay: which depends on scheduling, so only the sum is checked
+    // here. The in-flight answer itself is pinned down by the store scenario
+    // `idempotency_lifecycle` (tests/store.rs).
+    assert_eq!(
+        replays + conflicts,
+        answers.len() - 1,
+        "every duplicate is a replay or a 409"
     );
 
     let id = ids.into_iter().next().unwrap();

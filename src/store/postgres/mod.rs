@@ -2082,85 +2082,154 @@ impl Store for PostgresStore {
         }
         let limit = i64::from(req.limit.clamp(1, 200));
         let tsquery = pg_text(&req.query.to_tsquery()).into_owned();
-        // ts_rank with normalization 1 (divided by 1 + log of the document length), the
-        // closest to bm25's preference for short documents. Cast to float8 so that the
-        // cursor's f64 compares exactly.
-        let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id, created_at, score FROM (");
-        if req.wants(SearchKind::Message) {
-            q.push("SELECT m.id AS id, m.created_at AS created_at, ts_rank(m.search_tsv, to_tsquery('switchboard_search', ")
-                .push_bind(tsquery.clone())
-                .push("), 1)::float8 AS score FROM messages m WHERE m.search_tsv @@ to_tsquery('switchboard_search', ")
-                .push_bind(tsquery.clone())
-                .push(")");
-            if let Some(c) = req.channel {
-                q.push(" AND m.channel = ").push_bind(c.as_str());
-            }
-            if let Some(d) = req.direction {
-                q.push(" AND m.direction = ").push_bind(d.as_str());
-            }
-            if let Some(st) = req.status {
-                q.push(" AND m.status = ").push_bind(st.as_str());
-            }
-            if let Some(t) = req.since {
-                q.push(" AND m.created_at >= ").push_bind(t);
-            }
-            if let Some(t) = req.until {
-                q.push(" AND m.created_at < ").push_bind(t);
-            }
-            if let Some(c) = &req.conversation_id {
-                q.push(" AND m.conversation_id = ").push_bind(c.to_string());
-            }
-        }
-        if req.wants(SearchKind::Contact) {
-            if req.wants(SearchKind::Message) {
-                q.push(" UNION ALL ");
-            }
-            q.push("SELECT ct.id AS id, ct.created_at AS created_at, ts_rank(ct.search_tsv, to_tsquery('switchboard_search', ")
-                .push_bind(tsquery.clone())
-                .push("), 1)::float8 AS score FROM contacts ct WHERE ct.search_tsv @@ to_tsquery('switchboard_search', ")
-                .push_bind(tsquery)
-                .push(")");
-        }
-        q.push(") AS hits");
-        if let Some(c) = &req.cursor {
-            q.push(" WHERE score < ")
-                .push_bind(c.rank)
-                .push(" OR (score = ")
-                .push_bind(c.rank)
-                .push(" AND (created_at < ")
-                .push_bind(c.created_at)
-                .push(" OR (created_at = ")
-                .push_bind(c.created_at)
-                .push(" AND id < ")
-                .push_bind(pg_text(&c.id).into_owned())
-                .push(")))");
-        }
-        q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
-            .push_bind(limit + 1);
-
+        let want_messages = req.wants(SearchKind::Message);
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(map_err)?;
-        let rows = q.build().fetch_all(&mut *tx).await.map_err(map_err)?;
-        let ranked: Vec<(String, f64)> = rows.iter().map(|r| (r.get("id"), r.get("score"))).collect();
+
+        // The ranking window (docs/search.md): only the newest `rank_window` matching
+        // messages, by (created_at, id), are ranked. window_end is the newest match outside
+        // it; the first page finds it, later pages carry it in the cursor.
+        let window_end = match &req.cursor {
+            Some(c) => c.window_end.clone(),
+            None if want_messages => {
+                let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                    "SELECT m.created_at AS created_at, m.id AS id FROM messages m \
+                     WHERE m.search_tsv @@ to_tsquery('switchboard_search', ",
+                );
+                q.push_bind(tsquery.clone()).push(")");
+                push_search_filters(&mut q, req);
+                q.push(" ORDER BY m.created_at DESC, m.id DESC OFFSET ")
+                    .push_bind(i64::from(req.rank_window.max(1)))
+                    .push(" LIMIT 1");
+                q.build()
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?
+                    .map(|r| RecencyKey {
+                        key: r.get("created_at"),
+                        id: r.get("id"),
+                    })
+            }
+            None => None,
+        };
+
+        // (id, rank, recency key for hits past the window)
+        let mut found: Vec<(String, f64, Option<RecencyKey>)> = Vec::new();
+        let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
+            Some(SearchPosition::Recent(k)) => Some(k.clone()),
+            _ => None,
+        };
+        if after_recent.is_none() {
+            // ts_rank with normalization 1 (divided by 1 + log of the document length), the
+            // closest to bm25's preference for short documents. Cast to float8 so that the
+            // cursor's f64 compares exactly.
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id, created_at, score FROM (");
+            if want_messages {
+                q.push(
+                    "SELECT m.id AS id, m.created_at AS created_at, ts_rank(m.search_tsv, to_tsquery('switchboard_search', ",
+                )
+                .push_bind(tsquery.clone())
+                .push("), 1)::float8 AS score FROM messages m WHERE m.search_tsv @@ to_tsquery('switchboard_search', ")
+                .push_bind(tsquery.clone())
+                .push(")");
+                push_search_filters(&mut q, req);
+                if let Some(w) = &window_end {
+                    q.push(" AND (m.created_at, m.id) > (")
+                        .push_bind(w.key)
+                        .push(", ")
+                        .push_bind(pg_text(&w.id).into_owned())
+                        .push(")");
+                }
+            }
+            if req.wants(SearchKind::Contact) {
+                if want_messages {
+                    q.push(" UNION ALL ");
+                }
+                q.push(
+                    "SELECT ct.id AS id, ct.created_at AS created_at, ts_rank(ct.search_tsv, to_tsquery('switchboard_search', ",
+                )
+                .push_bind(tsquery.clone())
+                .push("), 1)::float8 AS score FROM contacts ct WHERE ct.search_tsv @@ to_tsquery('switchboard_search', ")
+                .push_bind(tsquery.clone())
+                .push(")");
+            }
+            q.push(") AS hits");
+            if let Some(SearchPosition::Ranked { rank, created_at, id }) = req.cursor.as_ref().map(|c| &c.after) {
+                q.push(" WHERE score < ")
+                    .push_bind(*rank)
+                    .push(" OR (score = ")
+                    .push_bind(*rank)
+                    .push(" AND (created_at < ")
+                    .push_bind(*created_at)
+                    .push(" OR (created_at = ")
+                    .push_bind(*created_at)
+                    .push(" AND id < ")
+                    .push_bind(pg_text(id).into_owned())
+                    .push(")))");
+            }
+            q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
+                .push_bind(limit + 1);
+            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
+                found.push((r.get("id"), r.get("score"), None));
+            }
+        }
+        let rest = limit + 1 - found.len() as i64;
+        if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
+            // Past the window: the older matches, newest first.
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                "SELECT m.id AS id, m.created_at AS created_at, ts_rank(m.search_tsv, to_tsquery('switchboard_search', ",
+            );
+            q.push_bind(tsquery.clone())
+                .push("), 1)::float8 AS score FROM messages m WHERE m.search_tsv @@ to_tsquery('switchboard_search', ")
+                .push_bind(tsquery.clone())
+                .push(")");
+            push_search_filters(&mut q, req);
+            for (k, op) in [(&window_end, " <= "), (&after_recent, " < ")] {
+                if let Some(k) = k {
+                    q.push(" AND (m.created_at, m.id)")
+                        .push(op)
+                        .push("(")
+                        .push_bind(k.key)
+                        .push(", ")
+                        .push_bind(pg_text(&k.id).into_owned())
+                        .push(")");
+                }
+            }
+            q.push(" ORDER BY m.created_at DESC, m.id DESC LIMIT ").push_bind(rest);
+            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
+                let id: String = r.get("id");
+                let key = RecencyKey {
+                    key: r.get("created_at"),
+                    id: id.clone(),
+                };
+                found.push((id, r.get("score"), Some(key)));
+            }
+        }
+
         let ids = |prefix: &str| -> Vec<String> {
-            ranked
+            found
                 .iter()
-                .filter(|(id, _)| id.starts_with(prefix))
-                .map(|(id, _)| id.clone())
+                .filter(|(id, _, _)| id.starts_with(prefix))
+                .map(|(id, _, _)| id.clone())
                 .collect()
         };
-        let mut messages: HashMap<String, MessageRecord> = HashMap::new();
-        for r in sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ANY($1)"))
-            .bind(ids(MessageId::PREFIX))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?
+        let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
+        for r in sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS}, (SELECT ct.display_name FROM conversations c JOIN contacts ct \
+             ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id) AS counterpart_name \
+             FROM messages WHERE id = ANY($1)"
+        ))
+        .bind(ids(MessageId::PREFIX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?
         {
             let m = message_from_row(&r)?;
-            messages.insert(m.id.to_string(), m);
+            let name: Option<String> = r.get("counterpart_name");
+            messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
         }
         let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
         for r in sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = ANY($1)"))
@@ -2173,17 +2242,22 @@ impl Store for PostgresStore {
             contacts.insert(c.id.to_string(), c);
         }
         tx.rollback().await.map_err(map_err)?;
-        let hits = ranked
+        let hits = found
             .into_iter()
-            .filter_map(|(id, rank)| {
-                let item = match messages.remove(&id) {
-                    Some(m) => SearchItem::Message(Box::new(m)),
-                    None => SearchItem::Contact(Box::new(contacts.remove(&id)?)),
+            .filter_map(|(id, rank, recency)| {
+                let (item, counterpart_name) = match messages.remove(&id) {
+                    Some((m, name)) => (SearchItem::Message(Box::new(m)), name),
+                    None => (SearchItem::Contact(Box::new(contacts.remove(&id)?)), None),
                 };
-                Some(SearchHit { item, rank })
+                Some(SearchHit {
+                    item,
+                    rank,
+                    counterpart_name,
+                    recency,
+                })
             })
             .collect();
-        Ok(SearchPage::from_overfetch(hits, limit as usize))
+        Ok(SearchPage::from_overfetch(hits, limit as usize, window_end))
     }
 
     async fn create_agent(&self, a: NewAgent) -> StoreResult<AgentRecord> {
@@ -2452,5 +2526,28 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(media_from_row).transpose()
+    }
+}
+
+/// Appends the message filters of a search (`m` is `messages`) to a query whose WHERE clause
+/// is open.
+fn push_search_filters(q: &mut QueryBuilder<'_, Postgres>, req: &SearchRequest) {
+    if let Some(c) = req.channel {
+        q.push(" AND m.channel = ").push_bind(c.as_str());
+    }
+    if let Some(d) = req.direction {
+        q.push(" AND m.direction = ").push_bind(d.as_str());
+    }
+    if let Some(st) = req.status {
+        q.push(" AND m.status = ").push_bind(st.as_str());
+    }
+    if let Some(t) = req.since {
+        q.push(" AND m.created_at >= ").push_bind(t);
+    }
+    if let Some(t) = req.until {
+        q.push(" AND m.created_at < ").push_bind(t);
+    }
+    if let Some(c) = &req.conversation_id {
+        q.push(" AND m.conversation_id = ").push_bind(c.to_string());
     }
 }

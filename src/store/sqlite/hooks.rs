@@ -1,87 +1,111 @@
 //! SQLite side of outbound webhooks and contact enrichment. The single writer connection
 //! serialises every claim, so a lease is taken by exactly one claimer.
 
-use sqlx::Row;
-
-use super::{keyset_limit, map_err, SqliteStore, Tx, CONTACT_SELECT};
+use super::{keyset_limit, map_err, SqliteStore, Tx};
 use crate::events::{EventDraft, EventRecord, StreamEvent};
 use crate::store::hooks::{
     disable_reason, merge_attributes, DeliveryRow, EndpointRow, JobRow, DELIVERY_COLS, ENDPOINT_COLS,
 };
 use crate::store::*;
 
-async fn latest_event(tx: &mut Tx) -> StoreResult<i64> {
-    sqlx::query_scalar("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)")
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(map_err)
+fn latest_event(tx: &Tx) -> StoreResult<i64> {
+    tx.scalar(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
+        [],
+    )
 }
 
-async fn endpoint_tx(tx: &mut Tx, id: &str) -> StoreResult<WebhookEndpointRecord> {
-    sqlx::query_as::<_, EndpointRow>(&format!("SELECT {ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?
-        .map(Into::into)
-        .ok_or_else(|| StoreError::NotFound(format!("webhook endpoint {id} not found")))
+fn endpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EndpointRow> {
+    Ok(EndpointRow {
+        id: r.get("id")?,
+        url: r.get("url")?,
+        description: r.get("description")?,
+        event_types: r.get("event_types")?,
+        secret: r.get("secret")?,
+        previous_secret: r.get("previous_secret")?,
+        previous_secret_until: r.get("previous_secret_until")?,
+        enabled: r.get("enabled")?,
+        disabled_reason: r.get("disabled_reason")?,
+        disabled_at: r.get("disabled_at")?,
+        failure_count: r.get("failure_count")?,
+        failing_since: r.get("failing_since")?,
+        event_cursor: r.get("event_cursor")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+    })
 }
 
-async fn delivery_tx(tx: &mut Tx, id: &str) -> StoreResult<WebhookDeliveryRecord> {
-    sqlx::query_as::<_, DeliveryRow>(&format!("SELECT {DELIVERY_COLS} FROM webhook_deliveries WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?
-        .map(Into::into)
-        .ok_or_else(|| StoreError::NotFound(format!("delivery {id} not found")))
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: r.get("id")?,
+        endpoint_id: r.get("endpoint_id")?,
+        event_seq: r.get("event_seq")?,
+        event_type: r.get("event_type")?,
+        payload: r.get("payload")?,
+        status: r.get("status")?,
+        attempts: r.get("attempts")?,
+        next_attempt_at: r.get("next_attempt_at")?,
+        response_status: r.get("response_status")?,
+        response_body: r.get("response_body")?,
+        last_error: r.get("last_error")?,
+        last_duration_ms: r.get("last_duration_ms")?,
+        last_attempt_at: r.get("last_attempt_at")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+    })
+}
+
+fn endpoint_tx(tx: &Tx, id: &str) -> StoreResult<WebhookEndpointRecord> {
+    tx.row_opt(
+        &format!("SELECT {ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?"),
+        [id],
+        |r| Ok(endpoint_row(r)?.into()),
+    )?
+    .ok_or_else(|| StoreError::NotFound(format!("webhook endpoint {id} not found")))
+}
+
+fn delivery_tx(tx: &Tx, id: &str) -> StoreResult<WebhookDeliveryRecord> {
+    tx.row_opt(
+        &format!("SELECT {DELIVERY_COLS} FROM webhook_deliveries WHERE id = ?"),
+        [id],
+        |r| Ok(delivery_row(r)?.into()),
+    )?
+    .ok_or_else(|| StoreError::NotFound(format!("delivery {id} not found")))
 }
 
 /// Disables an endpoint: its pending deliveries end as `failed`.
-async fn disable(tx: &mut Tx, id: &str, reason: &str, now: i64) -> StoreResult<()> {
-    sqlx::query(
+fn disable(tx: &Tx, id: &str, reason: &str, now: i64) -> StoreResult<()> {
+    tx.exec(
         "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ?, disabled_at = ?, updated_at = ? WHERE id = ?",
-    )
-    .bind(reason)
-    .bind(now)
-    .bind(now)
-    .bind(id)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    sqlx::query(
+        rusqlite::params![reason, now, now, id],
+    )?;
+    tx.exec(
         "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, lease_until = NULL, lease_owner = NULL, \
          last_error = ?, updated_at = ? WHERE endpoint_id = ? AND status = 'pending'",
-    )
-    .bind(format!("not delivered: the endpoint was disabled ({reason})"))
-    .bind(now)
-    .bind(id)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+        rusqlite::params![format!("not delivered: the endpoint was disabled ({reason})"), now, id],
+    )?;
     Ok(())
 }
 
 impl SqliteStore {
     pub(super) async fn hooks_create_endpoint(&self, e: NewWebhookEndpoint) -> StoreResult<WebhookEndpointRecord> {
-        let mut tx = self.begin().await?;
-        let cursor = latest_event(&mut tx).await?;
-        sqlx::query(
+        let tx = self.begin().await?;
+        let cursor = latest_event(&tx)?;
+        tx.exec(
             "INSERT INTO webhook_endpoints (id, url, description, event_types, secret, enabled, failure_count, \
              event_cursor, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?, ?)",
-        )
-        .bind(e.id.as_str())
-        .bind(&e.url)
-        .bind(&e.description)
-        .bind(serde_json::to_string(&e.event_types).map_err(|x| StoreError::Other(x.into()))?)
-        .bind(&e.secret)
-        .bind(cursor)
-        .bind(e.now)
-        .bind(e.now)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let rec = endpoint_tx(&mut tx, e.id.as_str()).await?;
+            rusqlite::params![
+                e.id.as_str(),
+                e.url,
+                e.description,
+                serde_json::to_string(&e.event_types).map_err(|x| StoreError::Other(x.into()))?,
+                e.secret,
+                cursor,
+                e.now,
+                e.now
+            ],
+        )?;
+        let rec = endpoint_tx(&tx, e.id.as_str())?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -129,43 +153,38 @@ impl SqliteStore {
         id: &WebhookEndpointId,
         p: WebhookEndpointPatch,
     ) -> StoreResult<WebhookEndpointRecord> {
-        let mut tx = self.begin().await?;
-        let cur = endpoint_tx(&mut tx, id.as_str()).await?;
+        let tx = self.begin().await?;
+        let cur = endpoint_tx(&tx, id.as_str())?;
         let types = match &p.event_types {
             Some(t) => serde_json::to_string(t).map_err(|x| StoreError::Other(x.into()))?,
             None => serde_json::to_string(&cur.event_types).map_err(|x| StoreError::Other(x.into()))?,
         };
-        sqlx::query(
+        tx.exec(
             "UPDATE webhook_endpoints SET url = ?, description = ?, event_types = ?, updated_at = MAX(?, updated_at + 1) \
              WHERE id = ?",
-        )
-        .bind(p.url.as_deref().unwrap_or(&cur.url))
-        .bind(p.description.as_deref().unwrap_or(&cur.description))
-        .bind(types)
-        .bind(p.now)
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+            rusqlite::params![
+                p.url.as_deref().unwrap_or(&cur.url),
+                p.description.as_deref().unwrap_or(&cur.description),
+                types,
+                p.now,
+                id.as_str()
+            ],
+        )?;
         match p.enabled {
             Some(true) if !cur.enabled => {
-                let latest = latest_event(&mut tx).await?;
-                sqlx::query(
+                let latest = latest_event(&tx)?;
+                tx.exec(
                     "UPDATE webhook_endpoints SET enabled = 1, disabled_reason = NULL, disabled_at = NULL, \
                      failure_count = 0, failing_since = NULL, event_cursor = MAX(event_cursor, ?) WHERE id = ?",
-                )
-                .bind(latest)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                    rusqlite::params![latest, id.as_str()],
+                )?;
             }
             Some(false) if cur.enabled => {
-                disable(&mut tx, id.as_str(), "disabled through the API", p.now).await?;
+                disable(&tx, id.as_str(), "disabled through the API", p.now)?;
             }
             _ => {}
         }
-        let rec = endpoint_tx(&mut tx, id.as_str()).await?;
+        let rec = endpoint_tx(&tx, id.as_str())?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -177,34 +196,23 @@ impl SqliteStore {
         previous_until: i64,
         now: i64,
     ) -> StoreResult<WebhookEndpointRecord> {
-        let mut tx = self.begin().await?;
-        let r = sqlx::query(
+        let tx = self.begin().await?;
+        let n = tx.exec(
             "UPDATE webhook_endpoints SET previous_secret = secret, previous_secret_until = ?, secret = ?, \
              updated_at = MAX(?, updated_at + 1) WHERE id = ?",
-        )
-        .bind(previous_until)
-        .bind(secret)
-        .bind(now)
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if r.rows_affected() == 0 {
+            rusqlite::params![previous_until, secret, now, id.as_str()],
+        )?;
+        if n == 0 {
             return Err(StoreError::NotFound(format!("webhook endpoint {id} not found")));
         }
-        let rec = endpoint_tx(&mut tx, id.as_str()).await?;
+        let rec = endpoint_tx(&tx, id.as_str())?;
         tx.commit().await?;
         Ok(rec)
     }
 
     pub(super) async fn hooks_delete_endpoint(&self, id: &WebhookEndpointId) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        let r = sqlx::query("DELETE FROM webhook_endpoints WHERE id = ?")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        if r.rows_affected() == 0 {
+        let tx = self.begin().await?;
+        if tx.exec("DELETE FROM webhook_endpoints WHERE id = ?", [id.as_str()])? == 0 {
             return Err(StoreError::NotFound(format!("webhook endpoint {id} not found")));
         }
         tx.commit().await
@@ -222,26 +230,29 @@ impl SqliteStore {
         if behind.is_none() {
             return Ok(FanOut::default());
         }
-        let mut tx = self.begin().await?;
-        let latest = latest_event(&mut tx).await?;
-        let endpoints: Vec<(String, String, i64)> = sqlx::query_as(
+        let tx = self.begin().await?;
+        let latest = latest_event(&tx)?;
+        let endpoints: Vec<(String, String, i64)> = tx.rows(
             "SELECT id, event_types, event_cursor FROM webhook_endpoints WHERE enabled = 1 AND event_cursor < ?",
-        )
-        .bind(latest)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
+            [latest],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         let mut out = FanOut::default();
         for (id, types, cursor) in endpoints {
             let types: Vec<String> = serde_json::from_str(&types).unwrap_or_default();
-            let events: Vec<EventRecord> = sqlx::query_as(
+            let events: Vec<EventRecord> = tx.rows(
                 "SELECT seq, kind, conversation_id, data, created_at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            )
-            .bind(cursor)
-            .bind(i64::from(max_events))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
+                [cursor, i64::from(max_events)],
+                |r| {
+                    Ok(EventRecord {
+                        seq: r.get(0)?,
+                        kind: r.get(1)?,
+                        conversation_id: r.get(2)?,
+                        data: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                },
+            )?;
             out.more |= events.len() >= max_events as usize;
             // No rows although the cursor is behind: the events were pruned meanwhile.
             let new_cursor = events.last().map_or(latest, |e| e.seq);
@@ -251,30 +262,17 @@ impl SqliteStore {
                 }
                 let (seq, kind) = (e.seq, e.kind.clone());
                 let body = StreamEvent::from_record(e).json;
-                let r = sqlx::query(
+                out.deliveries += tx.exec(
                     "INSERT INTO webhook_deliveries (id, endpoint_id, event_seq, event_type, payload, status, attempts, \
                      next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?) \
                      ON CONFLICT (endpoint_id, event_seq) DO NOTHING",
-                )
-                .bind(WebhookDeliveryId::new().as_str())
-                .bind(&id)
-                .bind(seq)
-                .bind(kind)
-                .bind(body)
-                .bind(now)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                out.deliveries += r.rows_affected();
+                    rusqlite::params![WebhookDeliveryId::new().as_str(), id, seq, kind, body, now, now, now],
+                )?;
             }
-            sqlx::query("UPDATE webhook_endpoints SET event_cursor = ? WHERE id = ?")
-                .bind(new_cursor)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            tx.exec(
+                "UPDATE webhook_endpoints SET event_cursor = ? WHERE id = ?",
+                rusqlite::params![new_cursor, id],
+            )?;
         }
         tx.commit().await?;
         Ok(out)
@@ -297,48 +295,42 @@ impl SqliteStore {
         if due.is_none() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
+        let tx = self.begin().await?;
         let cols = DELIVERY_COLS
             .split(", ")
             .map(|c| format!("d.{}", c.trim()))
             .collect::<Vec<_>>()
             .join(", ");
-        let rows = sqlx::query(&format!(
-            "SELECT {cols}, e.url, e.secret, e.previous_secret, e.previous_secret_until \
-             FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
-             WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
-               AND e.enabled = 1 ORDER BY d.next_attempt_at, d.id LIMIT ?2"
-        ))
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let delivery: WebhookDeliveryRecord =
-                <DeliveryRow as sqlx::FromRow<_>>::from_row(r).map_err(map_err)?.into();
-            sqlx::query("UPDATE webhook_deliveries SET lease_until = ?, lease_owner = ? WHERE id = ?")
-                .bind(now + lease_ms)
-                .bind(owner)
-                .bind(delivery.id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            let mut secrets = vec![r.get::<String, _>("secret")];
-            if let (Some(prev), Some(until)) = (
-                r.get::<Option<String>, _>("previous_secret"),
-                r.get::<Option<i64>, _>("previous_secret_until"),
-            ) {
-                if until > now {
-                    secrets.push(prev);
+        let out: Vec<ClaimedDelivery> = tx.rows(
+            &format!(
+                "SELECT {cols}, e.url, e.secret, e.previous_secret, e.previous_secret_until \
+                 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+                 WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
+                   AND e.enabled = 1 ORDER BY d.next_attempt_at, d.id LIMIT ?2"
+            ),
+            rusqlite::params![now, limit],
+            |r| {
+                let mut secrets = vec![r.get::<_, String>("secret")?];
+                if let (Some(prev), Some(until)) = (
+                    r.get::<_, Option<String>>("previous_secret")?,
+                    r.get::<_, Option<i64>>("previous_secret_until")?,
+                ) {
+                    if until > now {
+                        secrets.push(prev);
+                    }
                 }
-            }
-            out.push(ClaimedDelivery {
-                delivery,
-                url: r.get("url"),
-                secrets,
-            });
+                Ok(ClaimedDelivery {
+                    delivery: delivery_row(r)?.into(),
+                    url: r.get("url")?,
+                    secrets,
+                })
+            },
+        )?;
+        for c in &out {
+            tx.exec(
+                "UPDATE webhook_deliveries SET lease_until = ?, lease_owner = ? WHERE id = ?",
+                rusqlite::params![now + lease_ms, owner, c.delivery.id.as_str()],
+            )?;
         }
         tx.commit().await?;
         Ok(out)
@@ -354,12 +346,11 @@ impl SqliteStore {
     ) -> StoreResult<Option<AttemptRecorded>> {
         let mut tx = self.begin().await?;
         let d = &claimed.delivery;
-        let current: Option<(String, i64, Option<String>)> =
-            sqlx::query_as("SELECT status, attempts, lease_owner FROM webhook_deliveries WHERE id = ?")
-                .bind(d.id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let current: Option<(String, i64, Option<String>)> = tx.row_opt(
+            "SELECT status, attempts, lease_owner FROM webhook_deliveries WHERE id = ?",
+            [d.id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         match current {
             Some((status, attempts, lease_owner))
                 if status == "pending"
@@ -374,54 +365,46 @@ impl SqliteStore {
         } else {
             DeliveryStatus::Failed
         };
-        sqlx::query(
+        tx.exec(
             "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_attempt_at = ?, lease_until = NULL, \
              lease_owner = NULL, response_status = ?, response_body = ?, last_error = ?, last_duration_ms = ?, \
              last_attempt_at = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(status.as_str())
-        .bind(if a.success { None } else { a.next_attempt_at })
-        .bind(a.response_status.map(i64::from))
-        .bind(&a.response_body)
-        .bind(&a.error)
-        .bind(a.duration_ms)
-        .bind(now)
-        .bind(now)
-        .bind(d.id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+            rusqlite::params![
+                status.as_str(),
+                if a.success { None } else { a.next_attempt_at },
+                a.response_status,
+                a.response_body,
+                a.error,
+                a.duration_ms,
+                now,
+                now,
+                d.id.as_str()
+            ],
+        )?;
         let mut disabled = None;
         if a.success {
-            sqlx::query(
+            tx.exec(
                 "UPDATE webhook_endpoints SET failure_count = 0, failing_since = NULL \
                  WHERE id = ? AND (failure_count > 0 OR failing_since IS NOT NULL)",
-            )
-            .bind(d.endpoint_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+                [d.endpoint_id.as_str()],
+            )?;
         } else {
-            sqlx::query(
+            tx.exec(
                 "UPDATE webhook_endpoints SET failure_count = failure_count + 1, failing_since = COALESCE(failing_since, ?) \
                  WHERE id = ?",
-            )
-            .bind(now)
-            .bind(d.endpoint_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            let ep = endpoint_tx(&mut tx, d.endpoint_id.as_str()).await?;
+                rusqlite::params![now, d.endpoint_id.as_str()],
+            )?;
+            let ep = endpoint_tx(&tx, d.endpoint_id.as_str())?;
             if ep.enabled {
                 if let Some(reason) = disable_reason(policy, ep.failure_count, ep.failing_since, now) {
-                    disable(&mut tx, ep.id.as_str(), &reason, now).await?;
+                    disable(&tx, ep.id.as_str(), &reason, now)?;
                     tx.events
                         .ready(EventDraft::webhook_endpoint_disabled(ep.id.as_str(), &ep.url, &reason));
                     disabled = Some(reason);
                 }
             }
         }
-        let delivery = delivery_tx(&mut tx, d.id.as_str()).await?;
+        let delivery = delivery_tx(&tx, d.id.as_str())?;
         tx.commit().await?;
         Ok(Some(AttemptRecorded { delivery, disabled }))
     }
@@ -464,9 +447,9 @@ impl SqliteStore {
         id: &WebhookDeliveryId,
         now: i64,
     ) -> StoreResult<WebhookDeliveryRecord> {
-        let mut tx = self.begin().await?;
-        let ep = endpoint_tx(&mut tx, endpoint.as_str()).await?;
-        let d = delivery_tx(&mut tx, id.as_str()).await?;
+        let tx = self.begin().await?;
+        let ep = endpoint_tx(&tx, endpoint.as_str())?;
+        let d = delivery_tx(&tx, id.as_str())?;
         if d.endpoint_id != ep.id {
             return Err(StoreError::NotFound(format!("delivery {id} not found")));
         }
@@ -475,58 +458,36 @@ impl SqliteStore {
                 "webhook endpoint {endpoint} is disabled: enable it (PATCH enabled=true) before retrying"
             )));
         }
-        let leased: Option<i64> = sqlx::query_scalar("SELECT lease_until FROM webhook_deliveries WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let leased: Option<i64> =
+            tx.scalar("SELECT lease_until FROM webhook_deliveries WHERE id = ?", [id.as_str()])?;
         if d.status == DeliveryStatus::Pending && leased.is_some_and(|l| l > now) {
             return Err(StoreError::Conflict(format!(
                 "delivery {id} is being attempted right now"
             )));
         }
-        sqlx::query(
+        tx.exec(
             "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, lease_owner = NULL, \
              updated_at = ? WHERE id = ?",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let rec = delivery_tx(&mut tx, id.as_str()).await?;
+            rusqlite::params![now, now, id.as_str()],
+        )?;
+        let rec = delivery_tx(&tx, id.as_str())?;
         tx.commit().await?;
         Ok(rec)
     }
 
     /// Creates the contact of a number that has none, pending enrichment, with its job.
-    pub(super) async fn enrichment_on_inbound(tx: &mut Tx, m: &NewInbound, en: &NewEnrichment) -> StoreResult<()> {
-        let inserted: Option<String> = sqlx::query_scalar(
+    pub(super) fn enrichment_on_inbound(tx: &mut Tx, m: &NewInbound, en: &NewEnrichment) -> StoreResult<()> {
+        let inserted: Option<String> = tx.scalar_opt(
             "INSERT INTO contacts (id, phone_number, display_name, created_at, updated_at, enrichment_status, \
              enrichment_attempts) VALUES (?, ?, '', ?, ?, 'pending', 0) ON CONFLICT (phone_number) DO NOTHING RETURNING id",
-        )
-        .bind(en.contact_id.as_str())
-        .bind(&m.from)
-        .bind(m.now)
-        .bind(m.now)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?;
+            rusqlite::params![en.contact_id.as_str(), m.from, m.now, m.now],
+        )?;
         if let Some(id) = inserted {
-            sqlx::query(
+            tx.exec(
                 "INSERT INTO enrichment_jobs (contact_id, phone_number, received_as, channel, attempts, next_attempt_at, \
                  created_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
-            )
-            .bind(&id)
-            .bind(&m.from)
-            .bind(&en.received_as)
-            .bind(m.channel.as_str())
-            .bind(m.now)
-            .bind(m.now)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+                rusqlite::params![id, m.from, en.received_as, m.channel.as_str(), m.now, m.now],
+            )?;
             tx.events.contact(&id);
         }
         Ok(())
@@ -547,26 +508,28 @@ impl SqliteStore {
         if due.is_none() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
-        let rows: Vec<JobRow> = sqlx::query_as(
+        let tx = self.begin().await?;
+        let jobs: Vec<EnrichmentJob> = tx.rows(
             "SELECT contact_id, phone_number, received_as, channel, attempts FROM enrichment_jobs \
              WHERE next_attempt_at <= ?1 AND (lease_until IS NULL OR lease_until <= ?1) \
              ORDER BY next_attempt_at, contact_id LIMIT ?2",
-        )
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let jobs: Vec<EnrichmentJob> = rows.into_iter().map(Into::into).collect();
+            rusqlite::params![now, limit],
+            |r| {
+                Ok(JobRow {
+                    contact_id: r.get(0)?,
+                    phone_number: r.get(1)?,
+                    received_as: r.get(2)?,
+                    channel: r.get(3)?,
+                    attempts: r.get(4)?,
+                }
+                .into())
+            },
+        )?;
         for j in &jobs {
-            sqlx::query("UPDATE enrichment_jobs SET lease_until = ?, lease_owner = ? WHERE contact_id = ?")
-                .bind(now + lease_ms)
-                .bind(owner)
-                .bind(j.contact_id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            tx.exec(
+                "UPDATE enrichment_jobs SET lease_until = ?, lease_owner = ? WHERE contact_id = ?",
+                rusqlite::params![now + lease_ms, owner, j.contact_id.as_str()],
+            )?;
         }
         tx.commit().await?;
         Ok(jobs)
@@ -581,12 +544,11 @@ impl SqliteStore {
     ) -> StoreResult<Option<ContactRecord>> {
         let mut tx = self.begin().await?;
         let id = job.contact_id.as_str();
-        let current: Option<(i64, Option<String>)> =
-            sqlx::query_as("SELECT attempts, lease_owner FROM enrichment_jobs WHERE contact_id = ?")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let current: Option<(i64, Option<String>)> = tx.row_opt(
+            "SELECT attempts, lease_owner FROM enrichment_jobs WHERE contact_id = ?",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         match current {
             Some((attempts, lease)) if attempts == i64::from(job.attempts) && lease.as_deref() == Some(owner) => {}
             _ => return Ok(None),
@@ -599,85 +561,51 @@ impl SqliteStore {
                 display_name,
                 attributes,
             } => {
-                let existing: Option<String> = sqlx::query_scalar("SELECT attributes FROM contacts WHERE id = ?")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
+                let existing: Option<String> = tx
+                    .scalar_opt::<Option<String>>("SELECT attributes FROM contacts WHERE id = ?", [id])?
+                    .flatten();
                 let merged = merge_attributes(existing.as_deref(), attributes);
-                sqlx::query(
+                tx.exec(
                     "UPDATE contacts SET external_id = COALESCE(?1, external_id), attributes = ?2, \
                      display_name = CASE WHEN display_name = '' AND ?3 IS NOT NULL THEN ?3 ELSE display_name END, \
                      enrichment_status = 'done', enrichment_attempts = ?4, enrichment_error = NULL, enriched_at = ?5, \
                      updated_at = MAX(?5, updated_at + 1) WHERE id = ?6",
-                )
-                .bind(external_id)
-                .bind(merged)
-                .bind(display_name)
-                .bind(attempts)
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                    rusqlite::params![external_id, merged, display_name, attempts, now, id],
+                )?;
             }
             EnrichmentOutcome::NotFound | EnrichmentOutcome::Failed { .. } => {
                 let (status, error) = match outcome {
                     EnrichmentOutcome::Failed { error } => ("failed", Some(error)),
                     _ => ("not_found", None),
                 };
-                sqlx::query(
+                tx.exec(
                     "UPDATE contacts SET enrichment_status = ?1, enrichment_attempts = ?2, enrichment_error = ?3, \
                      enriched_at = ?4, updated_at = MAX(?4, updated_at + 1) WHERE id = ?5",
-                )
-                .bind(status)
-                .bind(attempts)
-                .bind(error)
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                    rusqlite::params![status, attempts, error, now, id],
+                )?;
             }
             EnrichmentOutcome::Retry { next_at, error } => {
-                sqlx::query(
+                tx.exec(
                     "UPDATE contacts SET enrichment_attempts = ?1, enrichment_error = ?2, \
                      updated_at = MAX(?3, updated_at + 1) WHERE id = ?4",
-                )
-                .bind(attempts)
-                .bind(error)
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                sqlx::query(
+                    rusqlite::params![attempts, error, now, id],
+                )?;
+                tx.exec(
                     "UPDATE enrichment_jobs SET attempts = ?, next_attempt_at = ?, lease_until = NULL, lease_owner = NULL \
                      WHERE contact_id = ?",
-                )
-                .bind(attempts)
-                .bind(next_at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                    rusqlite::params![attempts, next_at, id],
+                )?;
             }
         }
         if finished {
-            sqlx::query("DELETE FROM enrichment_jobs WHERE contact_id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            tx.exec("DELETE FROM enrichment_jobs WHERE contact_id = ?", [id])?;
         }
-        let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let Some(row) = row else { return Ok(None) };
+        let contact = match super::contact_tx(&tx, id) {
+            Ok(c) => c,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         tx.events.contact(id);
-        let contact = super::contact_from_row(&row);
         tx.commit().await?;
         Ok(Some(contact))
     }

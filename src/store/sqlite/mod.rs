@@ -37,8 +37,9 @@ pub struct SqliteStore {
 }
 
 /// A write operation (see [`writer`]: it shares a group-committed transaction) that also
-/// writes the events of its changes (see [`crate::events`]) just before it ends. Derefs to the
-/// connection, so queries run on `&mut **tx`; dropping it unfinished rolls the operation back.
+/// writes the events of its changes (see [`crate::events`]) just before it ends. Its
+/// statements run synchronously on the writer connection ([`Tx::exec`], [`Tx::scalar`], …);
+/// dropping it unfinished rolls the operation back.
 struct Tx {
     inner: WriteTx,
     /// The first `change_seq` this operation allocated: the messages it changed are those
@@ -49,85 +50,102 @@ struct Tx {
     wrote_events: bool,
 }
 
-impl std::ops::Deref for Tx {
-    type Target = sqlx::SqliteConnection;
-    fn deref(&self) -> &Self::Target {
-        &self.inner
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.inner
-    }
-}
-
 impl Tx {
+    /// Runs one statement; returns the number of rows it changed.
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> StoreResult<u64> {
+        Ok(self.inner.prepare_cached(sql)?.execute(params)? as u64)
+    }
+
+    /// The first column of the one row a statement returns.
+    fn scalar<T: rusqlite::types::FromSql>(&self, sql: &str, params: impl rusqlite::Params) -> StoreResult<T> {
+        Ok(self.inner.prepare_cached(sql)?.query_row(params, |r| r.get(0))?)
+    }
+
+    /// The first column of the first row a statement returns, if it returns one.
+    fn scalar_opt<T: rusqlite::types::FromSql>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> StoreResult<Option<T>> {
+        self.row_opt(sql, params, |r| Ok(r.get(0)?))
+    }
+
+    /// The first row a statement returns, mapped by `f`, if it returns one.
+    fn row_opt<R>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> StoreResult<R>,
+    ) -> StoreResult<Option<R>> {
+        let mut st = self.inner.prepare_cached(sql)?;
+        let mut rows = st.query(params)?;
+        rows.next()?.map(f).transpose()
+    }
+
+    /// Every row a statement returns, mapped by `f`.
+    fn rows<R>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        mut f: impl FnMut(&rusqlite::Row<'_>) -> StoreResult<R>,
+    ) -> StoreResult<Vec<R>> {
+        let mut st = self.inner.prepare_cached(sql)?;
+        let mut rows = st.query(params)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(f(r)?);
+        }
+        Ok(out)
+    }
+
     /// Writes the events owed and ends the operation, returning once it is durable (the
     /// event hub is woken after the commit).
     async fn commit(mut self) -> StoreResult<()> {
-        self.write_events().await?;
+        self.write_events()?;
         self.inner.commit(self.wrote_events).await
     }
 
     /// `message.created` / `message.status` for every message changed (in change order),
     /// then the other events owed, each rendered from the rows as they are now.
-    async fn write_events(&mut self) -> StoreResult<()> {
+    fn write_events(&mut self) -> StoreResult<()> {
         let mut drafts = Vec::new();
         if let Some(first) = self.first_seq {
-            let rows = sqlx::query(&format!(
-                "SELECT {MESSAGE_COLS} FROM messages WHERE change_seq >= ? ORDER BY change_seq"
-            ))
-            .bind(first)
-            .fetch_all(&mut **self)
-            .await
-            .map_err(map_err)?;
-            for r in &rows {
-                let m = message_from_row(r)?;
+            let messages = self.rows(
+                &format!("SELECT {MESSAGE_COLS} FROM messages WHERE change_seq >= ? ORDER BY change_seq"),
+                [first],
+                |r| message_from_row(r),
+            )?;
+            for m in &messages {
                 drafts.push(if self.events.created.contains(m.id.as_str()) {
-                    EventDraft::message_created(&m)
+                    EventDraft::message_created(m)
                 } else {
-                    EventDraft::message_status(&m)
+                    EventDraft::message_status(m)
                 });
             }
         }
         for p in std::mem::take(&mut self.events.items) {
             match p {
                 Pending::Conversation(id) => {
-                    let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
-                        .bind(&id)
-                        .fetch_optional(&mut **self)
-                        .await
-                        .map_err(map_err)?;
-                    if let Some(r) = row {
-                        drafts.push(EventDraft::conversation_updated(conversation_from_row(&r)?));
+                    let sql = format!("{CONVERSATION_SELECT} WHERE c.id = ?");
+                    if let Some(c) = self.row_opt(&sql, [&id], |r| conversation_from_row(r))? {
+                        drafts.push(EventDraft::conversation_updated(c));
                     }
                 }
                 Pending::Contact(id) => {
-                    let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
-                        .bind(&id)
-                        .fetch_optional(&mut **self)
-                        .await
-                        .map_err(map_err)?;
-                    if let Some(r) = row {
-                        drafts.push(EventDraft::contact_updated(contact_from_row(&r), false));
+                    let sql = format!("{CONTACT_SELECT} WHERE ct.id = ?");
+                    if let Some(c) = self.row_opt(&sql, [&id], |r| Ok(contact_from_row(r)))? {
+                        drafts.push(EventDraft::contact_updated(c, false));
                     }
                 }
                 Pending::Ready(d) => drafts.push(d),
             }
         }
         let now = crate::util::now_ms();
-        // One statement for all of them (each statement is a round trip to sqlx's SQLite
-        // thread); 200 rows × 4 values stays far below SQLite's 32,766 variables.
-        for chunk in drafts.chunks(200) {
-            let mut q = sqlx::QueryBuilder::new("INSERT INTO events (kind, conversation_id, data, created_at) ");
-            q.push_values(chunk, |mut row, d| {
-                row.push_bind(d.kind.as_str())
-                    .push_bind(&d.conversation_id)
-                    .push_bind(d.data.to_string())
-                    .push_bind(now);
-            });
-            q.build().execute(&mut **self).await.map_err(map_err)?;
+        for d in &drafts {
+            self.exec(
+                "INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?)",
+                rusqlite::params![d.kind.as_str(), d.conversation_id, d.data.to_string(), now],
+            )?;
         }
         self.wrote_events |= !drafts.is_empty();
         self.first_seq = None;
@@ -151,10 +169,14 @@ impl SqliteStore {
         // indexes it updates); each reader 2 MB, since readers mostly re-read the same hot
         // pages and the OS page cache backs them all: 17 connections × 16 MB kept RSS over
         // 100 MB on a million messages (docs/BENCHMARKS.md).
-        let mut conn = SqliteConnection::connect_with(&opts.clone().pragma("cache_size", "-16000"))
+        // Migrations run on a short-lived sqlx connection; writes then go through the writer
+        // (a rusqlite connection, see [`writer`]).
+        let mut conn = SqliteConnection::connect_with(&opts)
             .await
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
         MIGRATOR.run(&mut conn).await.context("applying SQLite migrations")?;
+        conn.close().await.context("closing the migration connection")?;
+        let writer = open_writer(path).with_context(|| format!("opening SQLite database {}", path.display()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_readers.max(1))
             .acquire_timeout(Duration::from_secs(10))
@@ -162,7 +184,7 @@ impl SqliteStore {
             .await?;
         let signal = watch::Sender::new(0);
         Ok(Self {
-            writer: Writer::start(conn, signal.clone()),
+            writer: Writer::start(writer, signal.clone()),
             reader,
             signal,
         })
@@ -188,55 +210,118 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// The writer connection, with the same settings as the readers' plus a 16 MB page cache.
+fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+    // FULL: a commit is on disk before we acknowledge anything (API 202, webhook 200).
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = memory; \
+         PRAGMA cache_size = -16000;",
+    )?;
+    Ok(conn)
+}
+
+/// Maps a writer error: a unique or primary-key violation is a [`StoreError::Conflict`], a
+/// busy, locked, full or failing database [`StoreError::Unavailable`].
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ffi;
+        if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+            let text = msg.clone().unwrap_or_else(|| e.to_string());
+            match f.extended_code {
+                ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => return StoreError::Conflict(text),
+                _ => {}
+            }
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::ReadOnly
+            ) {
+                return StoreError::Unavailable(text);
+            }
+        }
+        StoreError::Other(anyhow::Error::new(e))
+    }
+}
+
+/// A result row of either SQLite driver: a reader's (sqlx) or the writer's (rusqlite), so one
+/// mapping serves both. Like sqlx's `Row::get`, a missing column or a value of the wrong type
+/// panics: both mean the SQL and the mapping disagree, a programming error.
+trait Cols {
+    fn col<T: ColValue>(&self, name: &str) -> T;
+}
+
+/// A column type both drivers decode.
+trait ColValue: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite> + rusqlite::types::FromSql {}
+impl<T> ColValue for T where T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite> + rusqlite::types::FromSql {}
+
+impl Cols for SqliteRow {
+    fn col<T: ColValue>(&self, name: &str) -> T {
+        Row::get(self, name)
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn col<T: ColValue>(&self, name: &str) -> T {
+        self.get(name).unwrap_or_else(|e| panic!("SQLite column {name}: {e}"))
+    }
+}
+
 const MESSAGE_COLS: &str = "id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
     provider_sid, error_code, error_message, segments, encoding, smart_encoding, messaging_service_sid, \
     content_sid, content_variables, priority, send_at, validity_period, attempts, next_attempt_at, \
     created_at, updated_at, change_seq, group_id, part_index, part_count, language, language_confidence";
 
-fn message_from_row(r: &SqliteRow) -> StoreResult<MessageRecord> {
-    let media: String = r.get("media");
-    let status: String = r.get("status");
-    let channel: String = r.get("channel");
-    let direction: String = r.get("direction");
+fn message_from_row(r: &impl Cols) -> StoreResult<MessageRecord> {
+    let media: String = r.col("media");
+    let status: String = r.col("status");
+    let channel: String = r.col("channel");
+    let direction: String = r.col("direction");
     Ok(MessageRecord {
-        id: MessageId::from_trusted(r.get("id")),
-        conversation_id: ConversationId::from_trusted(r.get("conversation_id")),
+        id: MessageId::from_trusted(r.col("id")),
+        conversation_id: ConversationId::from_trusted(r.col("conversation_id")),
         channel: Channel::parse(&channel)
             .context("stored channel")
             .map_err(StoreError::Other)?,
         direction: Direction::parse(&direction)
             .context("stored direction")
             .map_err(StoreError::Other)?,
-        from: r.get("from_addr"),
-        to: r.get("to_addr"),
-        body: r.get("body"),
+        from: r.col("from_addr"),
+        to: r.col("to_addr"),
+        body: r.col("body"),
         media: serde_json::from_str(&media).unwrap_or_default(),
         status: MessageStatus::parse(&status)
             .context("stored status")
             .map_err(StoreError::Other)?,
-        provider_sid: r.get("provider_sid"),
-        error_code: r.get("error_code"),
-        error_message: r.get("error_message"),
-        segments: r.get::<i64, _>("segments") as u32,
-        encoding: r.get("encoding"),
-        smart_encoding: r.get::<i64, _>("smart_encoding") != 0,
-        messaging_service_sid: r.get("messaging_service_sid"),
-        content_sid: r.get("content_sid"),
-        content_variables: r.get("content_variables"),
-        priority: Priority::from_i64(r.get("priority")),
-        send_at: r.get("send_at"),
-        validity_period: r.get("validity_period"),
-        attempts: r.get::<i64, _>("attempts") as u32,
-        next_attempt_at: r.get("next_attempt_at"),
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
-        change_seq: r.get("change_seq"),
-        part: r.get::<Option<String>, _>("group_id").map(|g| Part {
+        provider_sid: r.col("provider_sid"),
+        error_code: r.col("error_code"),
+        error_message: r.col("error_message"),
+        segments: r.col::<i64>("segments") as u32,
+        encoding: r.col("encoding"),
+        smart_encoding: r.col::<i64>("smart_encoding") != 0,
+        messaging_service_sid: r.col("messaging_service_sid"),
+        content_sid: r.col("content_sid"),
+        content_variables: r.col("content_variables"),
+        priority: Priority::from_i64(r.col("priority")),
+        send_at: r.col("send_at"),
+        validity_period: r.col("validity_period"),
+        attempts: r.col::<i64>("attempts") as u32,
+        next_attempt_at: r.col("next_attempt_at"),
+        created_at: r.col("created_at"),
+        updated_at: r.col("updated_at"),
+        change_seq: r.col("change_seq"),
+        part: r.col::<Option<String>>("group_id").map(|g| Part {
             group_id: MessageId::from_trusted(g),
-            index: r.get::<Option<i64>, _>("part_index").unwrap_or(0) as u32,
-            count: r.get::<Option<i64>, _>("part_count").unwrap_or(1) as u32,
+            index: r.col::<Option<i64>>("part_index").unwrap_or(0) as u32,
+            count: r.col::<Option<i64>>("part_count").unwrap_or(1) as u32,
         }),
-        language: Language::from_columns(r.get("language"), r.get("language_confidence")),
+        language: Language::from_columns(r.col("language"), r.col("language_confidence")),
     })
 }
 
@@ -250,42 +335,42 @@ const CONVERSATION_SELECT: &str = "SELECT c.id, c.channel, c.counterpart, c.send
     EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = c.counterpart) AS ct_opted_out \
     FROM conversations c LEFT JOIN contacts ct ON ct.phone_number = c.counterpart";
 
-fn conversation_from_row(r: &SqliteRow) -> StoreResult<ConversationRecord> {
-    let channel: String = r.get("channel");
-    let contact = r.get::<Option<String>, _>("ct_id").map(|id| {
+fn conversation_from_row(r: &impl Cols) -> StoreResult<ConversationRecord> {
+    let channel: String = r.col("channel");
+    let contact = r.col::<Option<String>>("ct_id").map(|id| {
         let (external_id, attributes, enrichment) = contact_extras_of(r, "ct_");
         ContactRecord {
             id: ContactId::from_trusted(id),
-            phone_number: r.get("ct_phone"),
-            display_name: r.get("ct_name"),
-            opted_out: r.get::<i64, _>("ct_opted_out") != 0,
+            phone_number: r.col("ct_phone"),
+            display_name: r.col("ct_name"),
+            opted_out: r.col::<i64>("ct_opted_out") != 0,
             external_id,
             attributes,
             enrichment,
-            created_at: r.get("ct_created"),
-            updated_at: r.get("ct_updated"),
+            created_at: r.col("ct_created"),
+            updated_at: r.col("ct_updated"),
         }
     });
     Ok(ConversationRecord {
-        id: ConversationId::from_trusted(r.get("id")),
+        id: ConversationId::from_trusted(r.col("id")),
         channel: Channel::parse(&channel)
             .context("stored channel")
             .map_err(StoreError::Other)?,
-        counterpart: r.get("counterpart"),
-        sender: r.get("sender"),
+        counterpart: r.col("counterpart"),
+        sender: r.col("sender"),
         contact,
-        last_preview: r.get("last_preview"),
+        last_preview: r.col("last_preview"),
         last_direction: r
-            .get::<Option<String>, _>("last_direction")
+            .col::<Option<String>>("last_direction")
             .and_then(|d| Direction::parse(&d)),
-        last_message_at: r.get("last_message_at"),
-        message_count: r.get("message_count"),
-        unread_count: r.get("unread_count"),
-        opted_out: r.get::<i64, _>("opted_out") != 0,
-        language: Language::from_columns(r.get("language"), r.get("language_confidence")),
-        last_inbound_at: r.get("last_inbound_at"),
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
+        last_message_at: r.col("last_message_at"),
+        message_count: r.col("message_count"),
+        unread_count: r.col("unread_count"),
+        opted_out: r.col::<i64>("opted_out") != 0,
+        language: Language::from_columns(r.col("language"), r.col("language_confidence")),
+        last_inbound_at: r.col("last_inbound_at"),
+        created_at: r.col("created_at"),
+        updated_at: r.col("updated_at"),
     })
 }
 
@@ -295,7 +380,7 @@ const CONTACT_SELECT: &str = "SELECT ct.id, ct.phone_number, ct.display_name, ct
 
 /// The enrichment columns of a contact row whose names start with `prefix`.
 fn contact_extras_of(
-    r: &SqliteRow,
+    r: &impl Cols,
     prefix: &str,
 ) -> (
     Option<String>,
@@ -304,55 +389,59 @@ fn contact_extras_of(
 ) {
     let col = |c: &str| format!("{prefix}{c}");
     crate::store::hooks::contact_extras(
-        r.get(col("external_id").as_str()),
-        r.get(col("attributes").as_str()),
-        r.get(col("enrichment_status").as_str()),
-        r.get::<Option<i64>, _>(col("enrichment_attempts").as_str())
-            .unwrap_or(0),
-        r.get(col("enrichment_error").as_str()),
-        r.get(col("enriched_at").as_str()),
+        r.col(col("external_id").as_str()),
+        r.col(col("attributes").as_str()),
+        r.col(col("enrichment_status").as_str()),
+        r.col::<Option<i64>>(col("enrichment_attempts").as_str()).unwrap_or(0),
+        r.col(col("enrichment_error").as_str()),
+        r.col(col("enriched_at").as_str()),
     )
 }
 
-fn contact_from_row(r: &SqliteRow) -> ContactRecord {
+fn contact_from_row(r: &impl Cols) -> ContactRecord {
     let (external_id, attributes, enrichment) = contact_extras_of(r, "");
     ContactRecord {
-        id: ContactId::from_trusted(r.get("id")),
-        phone_number: r.get("phone_number"),
-        display_name: r.get("display_name"),
-        opted_out: r.get::<i64, _>("opted_out") != 0,
+        id: ContactId::from_trusted(r.col("id")),
+        phone_number: r.col("phone_number"),
+        display_name: r.col("display_name"),
+        opted_out: r.col::<i64>("opted_out") != 0,
         external_id,
         attributes,
         enrichment,
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
+        created_at: r.col("created_at"),
+        updated_at: r.col("updated_at"),
     }
 }
 
-async fn next_seq(tx: &mut Tx) -> StoreResult<i64> {
-    let seq: i64 =
-        sqlx::query_scalar("UPDATE counters SET value = value + 1 WHERE name = 'change_seq' RETURNING value")
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(map_err)?;
+fn next_seq(tx: &mut Tx) -> StoreResult<i64> {
+    let seq: i64 = tx.scalar(
+        "UPDATE counters SET value = value + 1 WHERE name = 'change_seq' RETURNING value",
+        [],
+    )?;
     tx.first_seq.get_or_insert(seq);
     Ok(seq)
 }
 
-async fn fetch_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
-    let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?
-        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
-    message_from_row(&row)
+fn fetch_message(tx: &Tx, id: &str) -> StoreResult<MessageRecord> {
+    tx.row_opt(
+        &format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ?"),
+        [id],
+        |r| message_from_row(r),
+    )?
+    .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))
+}
+
+fn contact_tx(tx: &Tx, id: &str) -> StoreResult<ContactRecord> {
+    tx.row_opt(&format!("{CONTACT_SELECT} WHERE ct.id = ?"), [id], |r| {
+        Ok(contact_from_row(r))
+    })?
+    .ok_or_else(|| StoreError::NotFound(format!("contact {id} not found")))
 }
 
 /// Creates the conversation if needed and folds one new message into its summary. A
 /// detected `language` becomes the conversation's running language.
 #[allow(clippy::too_many_arguments)]
-async fn upsert_conversation(
+fn upsert_conversation(
     tx: &mut Tx,
     channel: Channel,
     counterpart: &str,
@@ -365,7 +454,7 @@ async fn upsert_conversation(
 ) -> StoreResult<String> {
     let unread = i64::from(direction == Direction::Inbound);
     // last_inbound_at only moves forward (SQLite's two-argument MAX is NULL if either is).
-    sqlx::query_scalar(
+    tx.scalar(
         "INSERT INTO conversations (id, channel, counterpart, sender, last_message_id, last_preview, last_direction, \
              last_message_at, activity_at, message_count, unread_count, created_at, updated_at, language, \
              language_confidence, last_inbound_at) \
@@ -381,56 +470,70 @@ async fn upsert_conversation(
              last_inbound_at = COALESCE(MAX(conversations.last_inbound_at, excluded.last_inbound_at), \
                  conversations.last_inbound_at, excluded.last_inbound_at) \
          RETURNING id",
+        rusqlite::params![
+            ConversationId::new().as_str(),
+            channel.as_str(),
+            counterpart,
+            sender,
+            message_id,
+            preview_text,
+            direction.as_str(),
+            now,
+            unread,
+            language.map(|l| l.code.as_str()),
+            language.map(|l| l.confidence),
+        ],
     )
-    .bind(ConversationId::new().as_str())
-    .bind(channel.as_str())
-    .bind(counterpart)
-    .bind(sender)
-    .bind(message_id)
-    .bind(preview_text)
-    .bind(direction.as_str())
-    .bind(now)
-    .bind(unread)
-    .bind(language.map(|l| l.code.as_str()))
-    .bind(language.map(|l| l.confidence))
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(map_err)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn insert_event(
-    tx: &mut Tx,
-    message_id: Option<&str>,
-    provider_sid: Option<&str>,
-    status: &str,
+/// One row of a message's delivery history (`status_events`).
+struct HistoryRow<'a> {
+    message_id: Option<&'a str>,
+    provider_sid: Option<&'a str>,
+    status: &'a str,
     error_code: Option<i64>,
-    error_message: Option<&str>,
-    source: &str,
+    error_message: Option<&'a str>,
+    source: &'a str,
     applied: bool,
-    raw: Option<&Value>,
-    now: i64,
-) -> StoreResult<()> {
-    sqlx::query(
+    raw: Option<&'a Value>,
+}
+
+impl<'a> HistoryRow<'a> {
+    /// A row for `message_id` with no SID, error or payload, applied.
+    fn of(message_id: &'a str, status: &'a str, source: &'a str) -> Self {
+        HistoryRow {
+            message_id: Some(message_id),
+            provider_sid: None,
+            status,
+            error_code: None,
+            error_message: None,
+            source,
+            applied: true,
+            raw: None,
+        }
+    }
+}
+
+fn insert_history(tx: &Tx, h: HistoryRow<'_>, now: i64) -> StoreResult<()> {
+    tx.exec(
         "INSERT INTO status_events (message_id, provider_sid, status, error_code, error_message, source, applied, raw_payload, created_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(message_id)
-    .bind(provider_sid)
-    .bind(status)
-    .bind(error_code)
-    .bind(error_message)
-    .bind(source)
-    .bind(applied as i64)
-    .bind(raw.map(|v| v.to_string()))
-    .bind(now)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+        rusqlite::params![
+            h.message_id,
+            h.provider_sid,
+            h.status,
+            h.error_code,
+            h.error_message,
+            h.source,
+            h.applied,
+            h.raw.map(|v| v.to_string()),
+            now,
+        ],
+    )?;
     Ok(())
 }
 
-async fn set_opt_out(
+fn set_opt_out(
     tx: &mut Tx,
     channel: Channel,
     phone: &str,
@@ -438,28 +541,19 @@ async fn set_opt_out(
     source: &str,
     now: i64,
 ) -> StoreResult<()> {
-    let r = if change.opt_out {
-        sqlx::query(
+    let changed = if change.opt_out {
+        tx.exec(
             "INSERT INTO opt_outs (channel, phone_number, keyword, source, created_at) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (channel, phone_number) DO NOTHING",
-        )
-        .bind(channel.as_str())
-        .bind(phone)
-        .bind(&change.keyword)
-        .bind(source)
-        .bind(now)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?
+            rusqlite::params![channel.as_str(), phone, change.keyword, source, now],
+        )?
     } else {
-        sqlx::query("DELETE FROM opt_outs WHERE channel = ? AND phone_number = ?")
-            .bind(channel.as_str())
-            .bind(phone)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?
+        tx.exec(
+            "DELETE FROM opt_outs WHERE channel = ? AND phone_number = ?",
+            [channel.as_str(), phone],
+        )?
     };
-    if r.rows_affected() > 0 {
+    if changed > 0 {
         tx.events.ready(EventDraft::opt_out_changed(
             channel,
             phone,
@@ -467,15 +561,12 @@ async fn set_opt_out(
             &change.keyword,
         ));
         // Their `opted_out` flags changed too.
-        let affected: Vec<String> = sqlx::query_scalar(
+        let affected: Vec<String> = tx.rows(
             "SELECT id FROM conversations WHERE channel = ?1 AND counterpart = ?2 \
              UNION ALL SELECT id FROM contacts WHERE phone_number = ?2",
-        )
-        .bind(channel.as_str())
-        .bind(phone)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)?;
+            [channel.as_str(), phone],
+            |r| Ok(r.get(0)?),
+        )?;
         for id in affected {
             if id.starts_with(ContactId::PREFIX) {
                 tx.events.contact(&id);
@@ -488,7 +579,7 @@ async fn set_opt_out(
 }
 
 /// Moves a message to `next` if the state machine allows it; returns whether it moved.
-async fn apply_status(
+fn apply_status(
     tx: &mut Tx,
     msg: &MessageRecord,
     next: MessageStatus,
@@ -499,33 +590,23 @@ async fn apply_status(
     if !msg.status.can_transition_to(next) {
         return Ok(false);
     }
-    let seq = next_seq(tx).await?;
-    sqlx::query(
+    let seq = next_seq(tx)?;
+    tx.exec(
         "UPDATE messages SET status = ?, error_code = COALESCE(?, error_code), error_message = COALESCE(?, error_message), \
          updated_at = ?, change_seq = ? WHERE id = ?",
-    )
-    .bind(next.as_str())
-    .bind(error_code)
-    .bind(error_message)
-    .bind(now)
-    .bind(seq)
-    .bind(msg.id.as_str())
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+        rusqlite::params![next.as_str(), error_code, error_message, now, seq, msg.id.as_str()],
+    )?;
     Ok(true)
 }
 
 /// Inserts one outbound message (checking the opt-out list first). `conversation` is given
 /// for the later parts of a split body, which join the first part's conversation entry
 /// without counting as another message.
-async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<String>) -> StoreResult<MessageRecord> {
-    let opted: Option<i64> = sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?")
-        .bind(m.channel.as_str())
-        .bind(&m.to)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?;
+fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<String>) -> StoreResult<MessageRecord> {
+    let opted: Option<i64> = tx.scalar_opt(
+        "SELECT 1 FROM opt_outs WHERE channel = ? AND phone_number = ?",
+        [m.channel.as_str(), &m.to],
+    )?;
     if opted.is_some() {
         return Err(StoreError::OptedOut(format!(
             "{} opted out of {} messages; they must text START to opt back in",
@@ -534,22 +615,15 @@ async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<St
     }
     if m.whatsapp_window_required && conversation.is_none() {
         let last: Option<i64> = if m.messaging_service_sid.is_some() {
-            sqlx::query_scalar("SELECT MAX(last_inbound_at) FROM conversations WHERE channel = ? AND counterpart = ?")
-                .bind(m.channel.as_str())
-                .bind(&m.to)
-                .fetch_one(&mut **tx)
-                .await
-                .map_err(map_err)?
+            tx.scalar(
+                "SELECT MAX(last_inbound_at) FROM conversations WHERE channel = ? AND counterpart = ?",
+                [m.channel.as_str(), &m.to],
+            )?
         } else {
-            sqlx::query_scalar(
+            tx.scalar_opt::<Option<i64>>(
                 "SELECT last_inbound_at FROM conversations WHERE channel = ? AND counterpart = ? AND sender = ?",
-            )
-            .bind(m.channel.as_str())
-            .bind(&m.to)
-            .bind(&m.from)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(map_err)?
+                [m.channel.as_str(), &m.to, &m.from],
+            )?
             .flatten()
         };
         check_whatsapp_window(&m.to, last, m.now)?;
@@ -567,14 +641,13 @@ async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<St
                 Direction::Outbound,
                 None,
                 m.now,
-            )
-            .await?;
+            )?;
             tx.events.conversation(&id);
             id
         }
     };
     tx.events.created.insert(m.id.to_string());
-    let seq = next_seq(tx).await?;
+    let seq = next_seq(tx)?;
     let status = if m.send_at.is_some() {
         MessageStatus::Scheduled
     } else {
@@ -585,83 +658,63 @@ async fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<St
         Some(p) if p.index > 0 => None,
         _ => Some(m.send_at.unwrap_or(m.now)),
     };
-    sqlx::query(
+    tx.exec(
         "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
          segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
          validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq, \
          group_id, part_index, part_count) \
          VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(m.id.as_str())
-    .bind(&conv_id)
-    .bind(m.channel.as_str())
-    .bind(&m.from)
-    .bind(&m.to)
-    .bind(&m.body)
-    .bind(serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?)
-    .bind(status.as_str())
-    .bind(i64::from(m.segments))
-    .bind(&m.encoding)
-    .bind(m.smart_encoding as i64)
-    .bind(&m.messaging_service_sid)
-    .bind(&m.content_sid)
-    .bind(&m.content_variables)
-    .bind(m.priority.as_i64())
-    .bind(m.send_at)
-    .bind(m.validity_period)
-    .bind(&m.rate_key)
-    .bind(i64::from(m.rate_cost))
-    .bind(due)
-    .bind(m.now)
-    .bind(m.now)
-    .bind(seq)
-    .bind(m.part.as_ref().map(|p| p.group_id.to_string()))
-    .bind(m.part.as_ref().map(|p| i64::from(p.index)))
-    .bind(m.part.as_ref().map(|p| i64::from(p.count)))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    insert_event(
-        tx,
-        Some(m.id.as_str()),
-        None,
-        status.as_str(),
-        None,
-        None,
-        "api",
-        true,
-        None,
-        m.now,
-    )
-    .await?;
-    fetch_message(tx, m.id.as_str()).await
+        rusqlite::params![
+            m.id.as_str(),
+            conv_id,
+            m.channel.as_str(),
+            m.from,
+            m.to,
+            m.body,
+            serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?,
+            status.as_str(),
+            m.segments,
+            m.encoding,
+            m.smart_encoding,
+            m.messaging_service_sid,
+            m.content_sid,
+            m.content_variables,
+            m.priority.as_i64(),
+            m.send_at,
+            m.validity_period,
+            m.rate_key,
+            m.rate_cost,
+            due,
+            m.now,
+            m.now,
+            seq,
+            m.part.as_ref().map(|p| p.group_id.to_string()),
+            m.part.as_ref().map(|p| p.index),
+            m.part.as_ref().map(|p| p.count),
+        ],
+    )?;
+    insert_history(tx, HistoryRow::of(m.id.as_str(), status.as_str(), "api"), m.now)?;
+    fetch_message(tx, m.id.as_str())
 }
 
 /// After a part of a split body is accepted, releases the next part.
-async fn release_next_part(tx: &mut Tx, msg: &MessageRecord, now: i64) -> StoreResult<()> {
+fn release_next_part(tx: &mut Tx, msg: &MessageRecord, now: i64) -> StoreResult<()> {
     let Some(p) = &msg.part else { return Ok(()) };
     if p.index + 1 >= p.count {
         return Ok(());
     }
-    let seq = next_seq(tx).await?;
-    sqlx::query(
+    let seq = next_seq(tx)?;
+    tx.exec(
         "UPDATE messages SET next_attempt_at = ?, updated_at = ?, change_seq = ? \
          WHERE group_id = ? AND part_index = ? AND status = 'queued' AND next_attempt_at IS NULL AND provider_sid IS NULL",
-    )
-    .bind(now)
-    .bind(now)
-    .bind(seq)
-    .bind(p.group_id.as_str())
-    .bind(i64::from(p.index + 1))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+        rusqlite::params![now, now, seq, p.group_id.as_str(), p.index + 1],
+    )?;
     Ok(())
 }
 
 /// When a part of a split body ends without reaching Twilio, the parts after it end too:
 /// sending them would deliver the text with a hole in it.
-async fn end_later_parts(
+fn end_later_parts(
     tx: &mut Tx,
     msg: &MessageRecord,
     status: MessageStatus,
@@ -670,44 +723,29 @@ async fn end_later_parts(
     now: i64,
 ) -> StoreResult<()> {
     let Some(p) = &msg.part else { return Ok(()) };
-    let later = sqlx::query_scalar::<_, String>(
+    let later: Vec<String> = tx.rows(
         "SELECT id FROM messages WHERE group_id = ? AND part_index > ? AND provider_sid IS NULL \
          AND status IN ('queued', 'scheduled') ORDER BY part_index",
-    )
-    .bind(p.group_id.as_str())
-    .bind(i64::from(p.index))
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(map_err)?;
+        rusqlite::params![p.group_id.as_str(), p.index],
+        |r| Ok(r.get(0)?),
+    )?;
     let text = format!("part {} of {} did not go out: {reason}", p.index + 1, p.count);
     for id in later {
-        let seq = next_seq(tx).await?;
-        sqlx::query(
+        let seq = next_seq(tx)?;
+        tx.exec(
             "UPDATE messages SET status = ?, error_code = ?, error_message = ?, next_attempt_at = NULL, \
              lease_until = NULL, lease_owner = NULL, updated_at = ?, change_seq = ? WHERE id = ?",
-        )
-        .bind(status.as_str())
-        .bind(code)
-        .bind(&text)
-        .bind(now)
-        .bind(seq)
-        .bind(&id)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        insert_event(
+            rusqlite::params![status.as_str(), code, text, now, seq, id],
+        )?;
+        insert_history(
             tx,
-            Some(&id),
-            None,
-            status.as_str(),
-            code,
-            Some(&text),
-            "worker",
-            true,
-            None,
+            HistoryRow {
+                error_code: code,
+                error_message: Some(&text),
+                ..HistoryRow::of(&id, status.as_str(), "worker")
+            },
             now,
-        )
-        .await?;
+        )?;
     }
     Ok(())
 }
@@ -715,24 +753,24 @@ async fn end_later_parts(
 const MEDIA_COLS: &str = "id, message_id, position, url, declared_type, status, content_type, size, error, \
     attempts, next_attempt_at, created_at, updated_at";
 
-fn media_from_row(r: &SqliteRow) -> StoreResult<MediaRecord> {
-    let status: String = r.get("status");
+fn media_from_row(r: &impl Cols) -> StoreResult<MediaRecord> {
+    let status: String = r.col("status");
     Ok(MediaRecord {
-        id: r.get("id"),
-        message_id: MessageId::from_trusted(r.get("message_id")),
-        position: r.get::<i64, _>("position") as u32,
-        url: r.get("url"),
-        declared_type: r.get("declared_type"),
+        id: r.col("id"),
+        message_id: MessageId::from_trusted(r.col("message_id")),
+        position: r.col::<i64>("position") as u32,
+        url: r.col("url"),
+        declared_type: r.col("declared_type"),
         status: MediaStatus::parse(&status)
             .context("stored media status")
             .map_err(StoreError::Other)?,
-        content_type: r.get("content_type"),
-        size: r.get("size"),
-        error: r.get("error"),
-        attempts: r.get::<i64, _>("attempts") as u32,
-        next_attempt_at: r.get("next_attempt_at"),
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
+        content_type: r.col("content_type"),
+        size: r.col("size"),
+        error: r.col("error"),
+        attempts: r.col::<i64>("attempts") as u32,
+        next_attempt_at: r.col("next_attempt_at"),
+        created_at: r.col("created_at"),
+        updated_at: r.col("updated_at"),
     })
 }
 
@@ -775,37 +813,25 @@ impl Store for SqliteStore {
     async fn append_event(&self, draft: EventDraft) -> StoreResult<i64> {
         let mut tx = self.begin().await?;
         tx.events.ready(draft);
-        tx.write_events().await?;
-        let seq: i64 = sqlx::query_scalar("SELECT last_insert_rowid()")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        tx.write_events()?;
+        let seq = tx.inner.last_insert_rowid();
         tx.commit().await?;
         Ok(seq)
     }
 
     async fn prune_events(&self, before: i64) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let through: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE created_at < ?")
-            .bind(before)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        let through: Option<i64> = tx.scalar("SELECT MAX(seq) FROM events WHERE created_at < ?", [before])?;
         let Some(through) = through else {
             return Ok(0);
         };
-        let r = sqlx::query("DELETE FROM events WHERE seq <= ?")
-            .bind(through)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query("UPDATE event_log SET pruned_through = MAX(pruned_through, ?) WHERE id = 1")
-            .bind(through)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let n = tx.exec("DELETE FROM events WHERE seq <= ?", [through])?;
+        tx.exec(
+            "UPDATE event_log SET pruned_through = MAX(pruned_through, ?) WHERE id = 1",
+            [through],
+        )?;
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(n)
     }
 
     fn event_signal(&self) -> watch::Receiver<u64> {
@@ -844,15 +870,11 @@ impl Store for SqliteStore {
         key_hash: &str,
         now: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)")
-            .bind(id.as_str())
-            .bind(name)
-            .bind(key_hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        tx.exec(
+            "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
+            rusqlite::params![id.as_str(), name, key_hash, now],
+        )?;
         tx.commit().await
     }
 
@@ -884,70 +906,58 @@ impl Store for SqliteStore {
         ttl_ms: i64,
         stale_ms: i64,
     ) -> StoreResult<IdempotencyBegin> {
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(
+        let tx = self.begin().await?;
+        let found = tx.row_opt(
             "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys WHERE scope = ? AND key = ?",
-        )
-        .bind(scope)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if let Some(r) = row {
-            let created: i64 = r.get("created_at");
-            let state: String = r.get("state");
-            let expired = now - created > ttl_ms;
-            let abandoned = state == "in_progress" && now - created > stale_ms;
-            if !expired && !abandoned {
-                let hash: String = r.get("request_hash");
-                if hash != request_hash {
-                    return Ok(IdempotencyBegin::Mismatch);
+            [scope, key],
+            |r| {
+                let created: i64 = r.get("created_at")?;
+                let state: String = r.get("state")?;
+                let expired = now - created > ttl_ms;
+                let abandoned = state == "in_progress" && now - created > stale_ms;
+                if expired || abandoned {
+                    return Ok(None);
                 }
-                if state == "done" {
-                    return Ok(IdempotencyBegin::Replay {
-                        status: r.get::<i64, _>("response_status") as u16,
-                        body: r.get("response_body"),
-                    });
-                }
-                return Ok(IdempotencyBegin::InProgress);
-            }
+                let hash: String = r.get("request_hash")?;
+                Ok(Some(if hash != request_hash {
+                    IdempotencyBegin::Mismatch
+                } else if state == "done" {
+                    IdempotencyBegin::Replay {
+                        status: r.get::<_, i64>("response_status")? as u16,
+                        body: r.get("response_body")?,
+                    }
+                } else {
+                    IdempotencyBegin::InProgress
+                }))
+            },
+        )?;
+        if let Some(Some(answer)) = found {
+            return Ok(answer);
         }
-        sqlx::query(
+        tx.exec(
             "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) VALUES (?, ?, ?, 'in_progress', ?) \
              ON CONFLICT (scope, key) DO UPDATE SET request_hash = excluded.request_hash, state = 'in_progress', \
              response_status = NULL, response_body = NULL, created_at = excluded.created_at",
-        )
-        .bind(scope)
-        .bind(key)
-        .bind(request_hash)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+            rusqlite::params![scope, key, request_hash, now],
+        )?;
         tx.commit().await?;
         Ok(IdempotencyBegin::Started)
     }
 
     async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_progress'")
-            .bind(scope)
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        tx.exec(
+            "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_progress'",
+            [scope, key],
+        )?;
         tx.commit().await
     }
 
     async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
-            .bind(before)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        let n = tx.exec("DELETE FROM idempotency_keys WHERE created_at < ?", [before])?;
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(n)
     }
 
     async fn insert_outbound(
@@ -956,18 +966,12 @@ impl Store for SqliteStore {
         idem: Option<IdempotencyCompletion<'_>>,
     ) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
-        let record = insert_outbound_tx(&mut tx, m, None).await?;
+        let record = insert_outbound_tx(&mut tx, m, None)?;
         if let Some(c) = idem {
-            sqlx::query(
+            tx.exec(
                 "UPDATE idempotency_keys SET state = 'done', response_status = ?, response_body = ? WHERE scope = ? AND key = ?",
-            )
-            .bind(i64::from(c.status))
-            .bind((c.render)(&record))
-            .bind(c.scope)
-            .bind(c.key)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+                rusqlite::params![c.status, (c.render)(&record), c.scope, c.key],
+            )?;
         }
         tx.commit().await?;
         Ok(record)
@@ -978,7 +982,7 @@ impl Store for SqliteStore {
         let mut out: Vec<MessageRecord> = Vec::with_capacity(parts.len());
         for p in parts {
             let conv = out.first().map(|first| first.conversation_id.to_string());
-            out.push(insert_outbound_tx(&mut tx, p, conv).await?);
+            out.push(insert_outbound_tx(&mut tx, p, conv)?);
         }
         tx.commit().await?;
         Ok(out)
@@ -986,11 +990,7 @@ impl Store for SqliteStore {
 
     async fn insert_inbound(&self, m: NewInbound) -> StoreResult<InboundOutcome> {
         let mut tx = self.begin().await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE provider_sid = ?")
-            .bind(&m.provider_sid)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let exists: Option<i64> = tx.scalar_opt("SELECT 1 FROM messages WHERE provider_sid = ?", [&m.provider_sid])?;
         if exists.is_some() {
             return Ok(InboundOutcome::Duplicate);
         }
@@ -1004,88 +1004,79 @@ impl Store for SqliteStore {
             Direction::Inbound,
             m.language.as_ref(),
             m.now,
-        )
-        .await?;
+        )?;
         tx.events.created.insert(m.id.to_string());
         tx.events.conversation(&conv_id);
-        let seq = next_seq(&mut tx).await?;
-        sqlx::query(
+        let seq = next_seq(&mut tx)?;
+        tx.exec(
             "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, provider_sid, \
              segments, encoding, raw_payload, created_at, updated_at, change_seq, language, language_confidence) \
              VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(m.id.as_str())
-        .bind(&conv_id)
-        .bind(m.channel.as_str())
-        .bind(&m.from)
-        .bind(&m.to)
-        .bind(&m.body)
-        .bind(serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?)
-        .bind(&m.provider_sid)
-        .bind(i64::from(m.segments))
-        .bind(&m.encoding)
-        .bind(m.raw_payload.to_string())
-        .bind(m.now)
-        .bind(m.now)
-        .bind(seq)
-        .bind(m.language.as_ref().map(|l| l.code.as_str()))
-        .bind(m.language.as_ref().map(|l| l.confidence))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        insert_event(
-            &mut tx,
-            Some(m.id.as_str()),
-            Some(&m.provider_sid),
-            "received",
-            None,
-            None,
-            "twilio",
-            true,
-            None,
+            rusqlite::params![
+                m.id.as_str(),
+                conv_id,
+                m.channel.as_str(),
+                m.from,
+                m.to,
+                m.body,
+                serde_json::to_string(&m.media).map_err(|e| StoreError::Other(e.into()))?,
+                m.provider_sid,
+                m.segments,
+                m.encoding,
+                m.raw_payload.to_string(),
+                m.now,
+                m.now,
+                seq,
+                m.language.as_ref().map(|l| l.code.as_str()),
+                m.language.as_ref().map(|l| l.confidence),
+            ],
+        )?;
+        insert_history(
+            &tx,
+            HistoryRow {
+                provider_sid: Some(&m.provider_sid),
+                ..HistoryRow::of(m.id.as_str(), "received", "twilio")
+            },
             m.now,
-        )
-        .await?;
+        )?;
         for (position, item) in m.media.iter().enumerate() {
             let Some(media_id) = &item.id else { continue };
-            sqlx::query(
+            tx.exec(
                 "INSERT INTO media (id, message_id, position, url, declared_type, status, attempts, next_attempt_at, \
                  created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
-            )
-            .bind(media_id)
-            .bind(m.id.as_str())
-            .bind(position as i64)
-            .bind(&item.url)
-            .bind(&item.content_type)
-            .bind(m.now)
-            .bind(m.now)
-            .bind(m.now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+                rusqlite::params![
+                    media_id,
+                    m.id.as_str(),
+                    position,
+                    item.url,
+                    item.content_type,
+                    m.now,
+                    m.now,
+                    m.now
+                ],
+            )?;
         }
         if let Some(change) = &m.opt_change {
-            set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now).await?;
+            set_opt_out(&mut tx, m.channel, &m.from, change, "inbound", m.now)?;
         }
         if let Some(en) = &m.enrichment {
-            SqliteStore::enrichment_on_inbound(&mut tx, &m, en).await?;
+            SqliteStore::enrichment_on_inbound(&mut tx, &m, en)?;
         }
-        let record = fetch_message(&mut tx, m.id.as_str()).await?;
+        let record = fetch_message(&tx, m.id.as_str())?;
         tx.commit().await?;
         Ok(InboundOutcome::Created(Box::new(record)))
     }
 
     async fn record_status(&self, u: StatusUpdate) -> StoreResult<StatusOutcome> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE provider_sid = ?"))
-            .bind(&u.provider_sid)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let msg = row.as_ref().map(message_from_row).transpose()?;
+        let msg = tx.row_opt(
+            &format!("SELECT {MESSAGE_COLS} FROM messages WHERE provider_sid = ?"),
+            [&u.provider_sid],
+            |r| message_from_row(r),
+        )?;
         let mut applied = false;
         if let (Some(m), Some(next)) = (&msg, u.status) {
-            applied = apply_status(&mut tx, m, next, u.error_code, u.error_message.as_deref(), u.now).await?;
+            applied = apply_status(&mut tx, m, next, u.error_code, u.error_message.as_deref(), u.now)?;
             if u.error_code
                 .is_some_and(crate::provider::twilio::error_codes::is_opt_out)
             {
@@ -1093,24 +1084,25 @@ impl Store for SqliteStore {
                     opt_out: true,
                     keyword: "21610".into(),
                 };
-                set_opt_out(&mut tx, m.channel, &m.to, &change, "twilio", u.now).await?;
+                set_opt_out(&mut tx, m.channel, &m.to, &change, "twilio", u.now)?;
             }
         }
-        insert_event(
-            &mut tx,
-            msg.as_ref().map(|m| m.id.as_str()),
-            Some(&u.provider_sid),
-            &u.status_raw,
-            u.error_code,
-            u.error_message.as_deref(),
-            "twilio",
-            applied,
-            Some(&u.raw_payload),
+        insert_history(
+            &tx,
+            HistoryRow {
+                message_id: msg.as_ref().map(|m| m.id.as_str()),
+                provider_sid: Some(&u.provider_sid),
+                status: &u.status_raw,
+                error_code: u.error_code,
+                error_message: u.error_message.as_deref(),
+                source: "twilio",
+                applied,
+                raw: Some(&u.raw_payload),
+            },
             u.now,
-        )
-        .await?;
+        )?;
         let message = match &msg {
-            Some(m) => Some(fetch_message(&mut tx, m.id.as_str()).await?),
+            Some(m) => Some(fetch_message(&tx, m.id.as_str())?),
             None => None,
         };
         tx.commit().await?;
@@ -1118,91 +1110,93 @@ impl Store for SqliteStore {
     }
 
     async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>> {
-        let mut tx = self.begin().await?;
+        let tx = self.begin().await?;
         // Read the clock only now that we hold the writer: waiting for it can take a while
         // under load, and slots computed from an earlier time would crowd the sender.
         let now = req.now.max(crate::util::now_ms());
         // Scan a little more than asked: some candidates may share a sender whose rate is used up.
         let scan = (req.limit * 4).max(32) as i64;
-        let rows = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLS}, m.rate_key, m.rate_cost, m.lease_until, m.claimed_at, m.reconcile, t.tat \
-             FROM messages m LEFT JOIN sender_throttle t ON t.rate_key = m.rate_key \
-             WHERE m.next_attempt_at IS NOT NULL AND m.next_attempt_at <= ?1 \
-               AND (m.lease_until IS NULL OR m.lease_until <= ?1) \
-               AND (t.tat IS NULL OR t.tat <= ?1 + ?2) \
-             ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT ?3"
-        ))
-        .bind(now)
-        .bind(req.lookahead_ms)
-        .bind(scan)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        struct Candidate {
+            message: MessageRecord,
+            rate_key: String,
+            cost: i64,
+            had_lease: bool,
+            claimed_at: Option<i64>,
+            reconcile: bool,
+            tat: Option<i64>,
+        }
+        let candidates = tx.rows(
+            &format!(
+                "SELECT {MESSAGE_COLS}, m.rate_key, m.rate_cost, m.lease_until, m.claimed_at, m.reconcile, t.tat \
+                 FROM messages m LEFT JOIN sender_throttle t ON t.rate_key = m.rate_key \
+                 WHERE m.next_attempt_at IS NOT NULL AND m.next_attempt_at <= ?1 \
+                   AND (m.lease_until IS NULL OR m.lease_until <= ?1) \
+                   AND (t.tat IS NULL OR t.tat <= ?1 + ?2) \
+                 ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT ?3"
+            ),
+            [now, req.lookahead_ms, scan],
+            |r| {
+                Ok(Candidate {
+                    message: message_from_row(r)?,
+                    rate_key: r.get("rate_key")?,
+                    cost: r.get("rate_cost")?,
+                    had_lease: r.get::<_, Option<i64>>("lease_until")?.is_some(),
+                    claimed_at: r.get("claimed_at")?,
+                    reconcile: r.get::<_, i64>("reconcile")? != 0,
+                    tat: r.get("tat")?,
+                })
+            },
+        )?;
         let mut tats: HashMap<String, Option<i64>> = HashMap::new();
         let mut claimed = Vec::new();
-        for r in &rows {
+        for c in candidates {
             if claimed.len() >= req.limit {
                 break;
             }
-            let key: String = r.get("rate_key");
-            let cost: i64 = r.get("rate_cost");
-            let tat = *tats
-                .entry(key.clone())
-                .or_insert_with(|| r.get::<Option<i64>, _>("tat"));
-            let message = message_from_row(r)?;
-            let rate_key = key.clone();
-            let expired = message.validity_expired(now);
+            let tat = *tats.entry(c.rate_key.clone()).or_insert(c.tat);
+            let expired = c.message.validity_expired(now);
             let hold_ms = if expired {
                 0
             } else {
-                (f64::from(cost.max(1) as u32) / (req.rate_for)(&key) * 1000.0).ceil() as i64
+                (f64::from(c.cost.max(1) as u32) / (req.rate_for)(&c.rate_key) * 1000.0).ceil() as i64
             };
             let slot = if expired {
                 // It will fail without being sent: it must not use up the sender's rate.
                 now
             } else {
-                let Some((slot, new_tat)) =
-                    take_slot(tat, now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
-                else {
+                let Some((slot, new_tat)) = take_slot(
+                    tat,
+                    now,
+                    c.cost.max(1) as u32,
+                    (req.rate_for)(&c.rate_key),
+                    req.lookahead_ms,
+                ) else {
                     continue;
                 };
-                tats.insert(key, Some(new_tat));
+                tats.insert(c.rate_key.clone(), Some(new_tat));
                 slot
             };
-            let had_lease = r.get::<Option<i64>, _>("lease_until").is_some();
-            let reconcile = had_lease || r.get::<i64, _>("reconcile") != 0;
             claimed.push(ClaimedMessage {
-                message,
+                message: c.message,
                 slot_at: slot,
-                reconcile,
-                previous_claim_at: r.get("claimed_at"),
-                rate_key,
+                reconcile: c.had_lease || c.reconcile,
+                previous_claim_at: c.claimed_at,
+                rate_key: c.rate_key,
                 hold_ms,
             });
         }
         for c in &claimed {
-            sqlx::query(
+            tx.exec(
                 "UPDATE messages SET lease_until = ?, lease_owner = ?, claimed_at = ?, reconcile = ? WHERE id = ?",
-            )
-            .bind(now + req.lease_ms)
-            .bind(req.owner)
-            .bind(now)
-            .bind(c.reconcile as i64)
-            .bind(c.message.id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+                rusqlite::params![now + req.lease_ms, req.owner, now, c.reconcile, c.message.id.as_str()],
+            )?;
         }
         for (key, tat) in &tats {
             if let Some(tat) = tat {
-                sqlx::query(
+                tx.exec(
                     "INSERT INTO sender_throttle (rate_key, tat) VALUES (?, ?) ON CONFLICT (rate_key) DO UPDATE SET tat = MAX(sender_throttle.tat, excluded.tat)",
-                )
-                .bind(key)
-                .bind(tat)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                    rusqlite::params![key, tat],
+                )?;
             }
         }
         tx.commit().await?;
@@ -1211,71 +1205,50 @@ impl Store for SqliteStore {
 
     async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
-        let msg = fetch_message(&mut tx, id.as_str()).await?;
+        let msg = fetch_message(&tx, id.as_str())?;
         match &outcome {
             AttemptOutcome::Accepted { sid, status, source } => {
                 let moved = msg.status.can_transition_to(*status);
-                let seq = next_seq(&mut tx).await?;
-                sqlx::query(
+                let seq = next_seq(&mut tx)?;
+                tx.exec(
                     "UPDATE messages SET provider_sid = ?, status = ?, attempts = attempts + 1, next_attempt_at = NULL, \
                      lease_until = NULL, lease_owner = NULL, reconcile = 0, error_code = NULL, error_message = NULL, \
                      updated_at = ?, change_seq = ? WHERE id = ?",
-                )
-                .bind(sid)
-                .bind(if moved { status.as_str() } else { msg.status.as_str() })
-                .bind(now)
-                .bind(seq)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                insert_event(
-                    &mut tx,
-                    Some(id.as_str()),
-                    Some(sid),
-                    status.as_str(),
-                    None,
-                    None,
-                    source,
-                    moved,
-                    None,
+                    rusqlite::params![
+                        sid,
+                        if moved { status.as_str() } else { msg.status.as_str() },
+                        now,
+                        seq,
+                        id.as_str()
+                    ],
+                )?;
+                insert_history(
+                    &tx,
+                    HistoryRow {
+                        provider_sid: Some(sid),
+                        applied: moved,
+                        ..HistoryRow::of(id.as_str(), status.as_str(), source)
+                    },
                     now,
-                )
-                .await?;
+                )?;
                 // Callbacks that outran Twilio's answer to our create call wait here for the SID.
-                let orphans = sqlx::query(
+                let orphans: Vec<(i64, String, Option<i64>, Option<String>)> = tx.rows(
                     "SELECT id, status, error_code, error_message FROM status_events WHERE message_id IS NULL AND provider_sid = ? ORDER BY id",
-                )
-                .bind(sid)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                for o in orphans {
-                    let current = fetch_message(&mut tx, id.as_str()).await?;
-                    let raw: String = o.get("status");
+                    [sid],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )?;
+                for (event_id, raw, error_code, error_message) in orphans {
+                    let current = fetch_message(&tx, id.as_str())?;
                     let applied = match MessageStatus::parse(&raw) {
-                        Some(next) => {
-                            apply_status(
-                                &mut tx,
-                                &current,
-                                next,
-                                o.get("error_code"),
-                                o.get::<Option<String>, _>("error_message").as_deref(),
-                                now,
-                            )
-                            .await?
-                        }
+                        Some(next) => apply_status(&mut tx, &current, next, error_code, error_message.as_deref(), now)?,
                         None => false,
                     };
-                    sqlx::query("UPDATE status_events SET message_id = ?, applied = ? WHERE id = ?")
-                        .bind(id.as_str())
-                        .bind(applied as i64)
-                        .bind(o.get::<i64, _>("id"))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map_err)?;
+                    tx.exec(
+                        "UPDATE status_events SET message_id = ?, applied = ? WHERE id = ?",
+                        rusqlite::params![id.as_str(), applied, event_id],
+                    )?;
                 }
-                release_next_part(&mut tx, &msg, now).await?;
+                release_next_part(&mut tx, &msg, now)?;
             }
             AttemptOutcome::Failed {
                 code,
@@ -1283,40 +1256,28 @@ impl Store for SqliteStore {
                 opt_out,
                 status,
             } => {
-                let seq = next_seq(&mut tx).await?;
-                sqlx::query(
+                let seq = next_seq(&mut tx)?;
+                tx.exec(
                     "UPDATE messages SET status = ?, error_code = ?, error_message = ?, attempts = attempts + 1, \
                      next_attempt_at = NULL, lease_until = NULL, lease_owner = NULL, reconcile = 0, updated_at = ?, change_seq = ? WHERE id = ?",
-                )
-                .bind(status.as_str())
-                .bind(code)
-                .bind(message)
-                .bind(now)
-                .bind(seq)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                insert_event(
-                    &mut tx,
-                    Some(id.as_str()),
-                    None,
-                    status.as_str(),
-                    *code,
-                    Some(message),
-                    "worker",
-                    true,
-                    None,
+                    rusqlite::params![status.as_str(), code, message, now, seq, id.as_str()],
+                )?;
+                insert_history(
+                    &tx,
+                    HistoryRow {
+                        error_code: *code,
+                        error_message: Some(message),
+                        ..HistoryRow::of(id.as_str(), status.as_str(), "worker")
+                    },
                     now,
-                )
-                .await?;
-                end_later_parts(&mut tx, &msg, *status, *code, message, now).await?;
+                )?;
+                end_later_parts(&mut tx, &msg, *status, *code, message, now)?;
                 if *opt_out {
                     let change = OptChange {
                         opt_out: true,
                         keyword: "21610".into(),
                     };
-                    set_opt_out(&mut tx, msg.channel, &msg.to, &change, "twilio", now).await?;
+                    set_opt_out(&mut tx, msg.channel, &msg.to, &change, "twilio", now)?;
                 }
             }
             AttemptOutcome::Retry {
@@ -1325,53 +1286,35 @@ impl Store for SqliteStore {
                 message,
                 reconcile,
             } => {
-                let seq = next_seq(&mut tx).await?;
-                sqlx::query(
+                let seq = next_seq(&mut tx)?;
+                tx.exec(
                     "UPDATE messages SET error_code = ?, error_message = ?, attempts = attempts + 1, next_attempt_at = ?, \
                      lease_until = NULL, lease_owner = NULL, reconcile = ?, updated_at = ?, change_seq = ? WHERE id = ?",
-                )
-                .bind(code)
-                .bind(message)
-                .bind(next_at)
-                .bind(*reconcile as i64)
-                .bind(now)
-                .bind(seq)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                insert_event(
-                    &mut tx,
-                    Some(id.as_str()),
-                    None,
-                    "retry_scheduled",
-                    *code,
-                    Some(message),
-                    "worker",
-                    false,
-                    None,
+                    rusqlite::params![code, message, next_at, reconcile, now, seq, id.as_str()],
+                )?;
+                insert_history(
+                    &tx,
+                    HistoryRow {
+                        error_code: *code,
+                        error_message: Some(message),
+                        applied: false,
+                        ..HistoryRow::of(id.as_str(), "retry_scheduled", "worker")
+                    },
                     now,
-                )
-                .await?;
+                )?;
             }
         }
-        let record = fetch_message(&mut tx, id.as_str()).await?;
+        let record = fetch_message(&tx, id.as_str())?;
         tx.commit().await?;
         Ok(record)
     }
 
     async fn expire_all_leases(&self) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let r = sqlx::query("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL")
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query("UPDATE media SET lease_until = 0 WHERE lease_until IS NOT NULL")
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        let n = tx.exec("UPDATE messages SET lease_until = 0 WHERE lease_until IS NOT NULL", [])?;
+        tx.exec("UPDATE media SET lease_until = 0 WHERE lease_until IS NOT NULL", [])?;
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(n)
     }
 
     async fn provider_sid_known(&self, sid: &str) -> StoreResult<bool> {
@@ -1385,21 +1328,24 @@ impl Store for SqliteStore {
 
     async fn cancel_message(&self, id: &MessageId, now: i64) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(
-            "SELECT next_attempt_at, lease_until, status, reconcile FROM messages WHERE id = ? AND direction = 'outbound'",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?
-        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
-        let waiting = row.get::<Option<i64>, _>("next_attempt_at").is_some();
-        let leased = row.get::<Option<i64>, _>("lease_until").is_some_and(|l| l > now);
-        // An earlier attempt that may have reached Twilio (timeout, 5xx) means the message may
-        // already be on its way: canceling our copy would not stop it.
-        let maybe_sent = row.get::<i64, _>("reconcile") != 0;
+        let (waiting, lease_until, status, maybe_sent) = tx
+            .row_opt(
+                "SELECT next_attempt_at, lease_until, status, reconcile FROM messages WHERE id = ? AND direction = 'outbound'",
+                [id.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, Option<i64>>(0)?.is_some(),
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, String>(2)?,
+                        // An earlier attempt that may have reached Twilio (timeout, 5xx) means
+                        // the message may already be on its way: canceling our copy would not stop it.
+                        r.get::<_, i64>(3)? != 0,
+                    ))
+                },
+            )?
+            .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+        let leased = lease_until.is_some_and(|l| l > now);
         if !waiting || leased || maybe_sent {
-            let status: String = row.get("status");
             return Err(StoreError::Conflict(format!(
                 "message {id} can no longer be canceled: it is {status} and {}",
                 if leased {
@@ -1411,30 +1357,13 @@ impl Store for SqliteStore {
                 }
             )));
         }
-        let seq = next_seq(&mut tx).await?;
-        sqlx::query(
+        let seq = next_seq(&mut tx)?;
+        tx.exec(
             "UPDATE messages SET status = 'canceled', next_attempt_at = NULL, updated_at = ?, change_seq = ? WHERE id = ?",
-        )
-        .bind(now)
-        .bind(seq)
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        insert_event(
-            &mut tx,
-            Some(id.as_str()),
-            None,
-            "canceled",
-            None,
-            None,
-            "api",
-            true,
-            None,
-            now,
-        )
-        .await?;
-        let canceled = fetch_message(&mut tx, id.as_str()).await?;
+            rusqlite::params![now, seq, id.as_str()],
+        )?;
+        insert_history(&tx, HistoryRow::of(id.as_str(), "canceled", "api"), now)?;
+        let canceled = fetch_message(&tx, id.as_str())?;
         end_later_parts(
             &mut tx,
             &canceled,
@@ -1442,9 +1371,8 @@ impl Store for SqliteStore {
             None,
             "an earlier part was canceled",
             now,
-        )
-        .await?;
-        let record = fetch_message(&mut tx, id.as_str()).await?;
+        )?;
+        let record = fetch_message(&tx, id.as_str())?;
         tx.commit().await?;
         Ok(record)
     }
@@ -1671,21 +1599,18 @@ impl Store for SqliteStore {
 
     async fn mark_conversation_read(&self, id: &ConversationId, now: i64) -> StoreResult<ConversationRecord> {
         let mut tx = self.begin().await?;
-        let r = sqlx::query("UPDATE conversations SET unread_count = 0, updated_at = ? WHERE id = ?")
-            .bind(now)
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        if r.rows_affected() == 0 {
+        let n = tx.exec(
+            "UPDATE conversations SET unread_count = 0, updated_at = ? WHERE id = ?",
+            rusqlite::params![now, id.as_str()],
+        )?;
+        if n == 0 {
             return Err(StoreError::NotFound(format!("conversation {id} not found")));
         }
-        let row = sqlx::query(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"))
-            .bind(id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let record = conversation_from_row(&row)?;
+        let record = tx
+            .row_opt(&format!("{CONVERSATION_SELECT} WHERE c.id = ?"), [id.as_str()], |r| {
+                conversation_from_row(r)
+            })?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id} not found")))?;
         tx.events.ready(EventDraft::conversation_read(id.as_str(), now));
         tx.events.conversation(id.as_str());
         tx.commit().await?;
@@ -1694,35 +1619,20 @@ impl Store for SqliteStore {
 
     async fn create_contact(&self, c: NewContact) -> StoreResult<ContactRecord> {
         let mut tx = self.begin().await?;
-        let r = sqlx::query(
+        tx.exec(
             "INSERT INTO contacts (id, phone_number, display_name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            rusqlite::params![c.id.as_str(), c.phone_number, c.display_name, c.now, c.now],
         )
-        .bind(c.id.as_str())
-        .bind(&c.phone_number)
-        .bind(&c.display_name)
-        .bind(c.now)
-        .bind(c.now)
-        .execute(&mut *tx)
-        .await;
-        match r {
-            Err(e) => match map_err(e) {
-                StoreError::Conflict(_) => Err(StoreError::Conflict(format!(
-                    "a contact with phone number {} already exists",
-                    c.phone_number
-                ))),
-                other => Err(other),
-            },
-            Ok(_) => {
-                let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
-                    .bind(c.id.as_str())
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                tx.events.contact(c.id.as_str());
-                tx.commit().await?;
-                Ok(contact_from_row(&row))
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a contact with phone number {} already exists", c.phone_number))
             }
-        }
+            other => other,
+        })?;
+        let contact = contact_tx(&tx, c.id.as_str())?;
+        tx.events.contact(c.id.as_str());
+        tx.commit().await?;
+        Ok(contact)
     }
 
     async fn get_contact(&self, id: &ContactId) -> StoreResult<Option<ContactRecord>> {
@@ -1760,41 +1670,24 @@ impl Store for SqliteStore {
     async fn update_contact(&self, id: &ContactId, display_name: &str, now: i64) -> StoreResult<ContactRecord> {
         // updated_at strictly increases, even for two changes in the same millisecond.
         let mut tx = self.begin().await?;
-        let r = sqlx::query("UPDATE contacts SET display_name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?")
-            .bind(display_name)
-            .bind(now)
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        if r.rows_affected() == 0 {
+        let n = tx.exec(
+            "UPDATE contacts SET display_name = ?, updated_at = MAX(?, updated_at + 1) WHERE id = ?",
+            rusqlite::params![display_name, now, id.as_str()],
+        )?;
+        if n == 0 {
             return Err(StoreError::NotFound(format!("contact {id} not found")));
         }
-        let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
-            .bind(id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let contact = contact_tx(&tx, id.as_str())?;
         tx.events.contact(id.as_str());
         tx.commit().await?;
-        Ok(contact_from_row(&row))
+        Ok(contact)
     }
 
     async fn delete_contact(&self, id: &ContactId) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!("{CONTACT_SELECT} WHERE ct.id = ?"))
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .ok_or_else(|| StoreError::NotFound(format!("contact {id} not found")))?;
-        sqlx::query("DELETE FROM contacts WHERE id = ?")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        tx.events
-            .ready(EventDraft::contact_updated(contact_from_row(&row), true));
+        let contact = contact_tx(&tx, id.as_str())?;
+        tx.exec("DELETE FROM contacts WHERE id = ?", [id.as_str()])?;
+        tx.events.ready(EventDraft::contact_updated(contact, true));
         tx.commit().await?;
         Ok(())
     }
@@ -1925,46 +1818,40 @@ impl Store for SqliteStore {
 
     async fn release_background_leases(&self) -> StoreResult<u64> {
         let mut n = 0;
-        let mut tx = self.begin().await?;
+        let tx = self.begin().await?;
         for table in ["webhook_deliveries", "enrichment_jobs"] {
-            let r = sqlx::query(&format!(
-                "UPDATE {table} SET lease_until = NULL, lease_owner = NULL WHERE lease_until IS NOT NULL"
-            ))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            n += r.rows_affected();
+            n += tx.exec(
+                &format!("UPDATE {table} SET lease_until = NULL, lease_owner = NULL WHERE lease_until IS NOT NULL"),
+                [],
+            )?;
         }
         tx.commit().await?;
         Ok(n)
     }
 
     async fn create_agent(&self, a: NewAgent) -> StoreResult<AgentRecord> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
+        let tx = self.begin().await?;
+        tx.exec(
             "INSERT INTO agents (id, email, display_name, role, password_hash, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rusqlite::params![
+                a.id.as_str(),
+                a.email,
+                a.display_name,
+                a.role.as_str(),
+                a.password_hash,
+                a.now,
+                a.now
+            ],
         )
-        .bind(a.id.as_str())
-        .bind(&a.email)
-        .bind(&a.display_name)
-        .bind(a.role.as_str())
-        .bind(&a.password_hash)
-        .bind(a.now)
-        .bind(a.now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match map_err(e) {
+        .map_err(|e| match e {
             StoreError::Conflict(_) => StoreError::Conflict(format!("an agent with email {} already exists", a.email)),
             other => other,
         })?;
-        let row = sqlx::query_as::<_, AgentRow>(&format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?"))
-            .bind(a.id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
         tx.commit().await?;
-        row.into_record()
+        self.get_agent(&a.id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {} not found", a.id)))
     }
 
     async fn get_agent(&self, id: &crate::domain::AgentId) -> StoreResult<Option<AgentRecord>> {
@@ -2005,21 +1892,20 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, s: NewSession) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        let r = sqlx::query(
+        let tx = self.begin().await?;
+        let n = tx.exec(
             "INSERT INTO agent_sessions (token_hash, agent_id, csrf_token, created_at, last_seen_at, expires_at) \
              SELECT ?, id, ?, ?, ?, ? FROM agents WHERE id = ?",
-        )
-        .bind(&s.token_hash)
-        .bind(&s.csrf_token)
-        .bind(s.now)
-        .bind(s.now)
-        .bind(s.expires_at)
-        .bind(s.agent_id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if r.rows_affected() == 0 {
+            rusqlite::params![
+                s.token_hash,
+                s.csrf_token,
+                s.now,
+                s.now,
+                s.expires_at,
+                s.agent_id.as_str()
+            ],
+        )?;
+        if n == 0 {
             return Err(StoreError::NotFound(format!("agent {} not found", s.agent_id)));
         }
         tx.commit().await
@@ -2036,58 +1922,41 @@ impl Store for SqliteStore {
     }
 
     async fn touch_session(&self, token_hash: &str, now: i64) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("UPDATE agent_sessions SET last_seen_at = MAX(last_seen_at, ?) WHERE token_hash = ?")
-            .bind(now)
-            .bind(token_hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        tx.exec(
+            "UPDATE agent_sessions SET last_seen_at = MAX(last_seen_at, ?) WHERE token_hash = ?",
+            rusqlite::params![now, token_hash],
+        )?;
         tx.commit().await
     }
 
     async fn delete_session(&self, token_hash: &str) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM agent_sessions WHERE token_hash = ?")
-            .bind(token_hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        tx.exec("DELETE FROM agent_sessions WHERE token_hash = ?", [token_hash])?;
         tx.commit().await
     }
 
     async fn purge_sessions(&self, idle_before: i64, now: i64) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let r = sqlx::query("DELETE FROM agent_sessions WHERE last_seen_at < ? OR expires_at <= ?")
-            .bind(idle_before)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query("DELETE FROM sign_in_failures WHERE window_start < ?")
-            .bind(idle_before)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        let n = tx.exec(
+            "DELETE FROM agent_sessions WHERE last_seen_at < ? OR expires_at <= ?",
+            [idle_before, now],
+        )?;
+        tx.exec("DELETE FROM sign_in_failures WHERE window_start < ?", [idle_before])?;
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(n)
     }
 
     async fn record_sign_in_failure(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query_scalar(
+        let tx = self.begin().await?;
+        let n = tx.scalar(
             "INSERT INTO sign_in_failures (key, failures, window_start) VALUES (?1, 1, ?2) \
              ON CONFLICT (key) DO UPDATE SET \
                failures = CASE WHEN sign_in_failures.window_start <= ?2 - ?3 THEN 1 ELSE sign_in_failures.failures + 1 END, \
                window_start = CASE WHEN sign_in_failures.window_start <= ?2 - ?3 THEN ?2 ELSE sign_in_failures.window_start END \
              RETURNING failures",
-        )
-        .bind(key)
-        .bind(now)
-        .bind(window_ms)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
+            rusqlite::params![key, now, window_ms],
+        )?;
         tx.commit().await?;
         Ok(n)
     }
@@ -2121,77 +1990,140 @@ impl Store for SqliteStore {
         }
         let limit = i64::from(req.limit.clamp(1, 200));
         let expr = req.query.to_fts5();
-        // Both kinds ranked together; bm25() is negated so that higher is better, as on
-        // PostgreSQL. The page's rows are read in the same read transaction (snapshot).
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, created_at, score FROM (");
-        if req.wants(SearchKind::Message) {
-            q.push(
-                "SELECT m.id AS id, m.created_at AS created_at, -bm25(messages_fts) AS score \
+        let want_messages = req.wants(SearchKind::Message);
+        // One read transaction: every query of the page sees the same snapshot.
+        let mut tx = self.reader.begin().await.map_err(map_err)?;
+
+        // The ranking window (docs/search.md): only the newest `rank_window` matching
+        // messages, by search_rowid (storage order, which FTS5 walks without sorting), are
+        // ranked, so bm25() runs on at most that many rows. window_end is the newest match
+        // outside the window: the first page finds it (in the same statement that ranks the
+        // window), later pages carry it in the cursor.
+        let first_page = req.cursor.is_none() && want_messages;
+        let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
+        // (id, rank, recency key for hits past the window)
+        let mut found: Vec<(String, f64, Option<RecencyKey>)> = Vec::new();
+        let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
+            Some(SearchPosition::Recent(k)) => Some(k.clone()),
+            _ => None,
+        };
+        if after_recent.is_none() {
+            // The ranked part: the window's messages and every matching contact, ranked
+            // together; bm25() is negated so that higher is better, as on PostgreSQL.
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("");
+            if first_page {
+                // The newest rank_window + 1 matches, ranked as they are read; the oldest of
+                // them, if there are that many, is the window's end and not ranked.
+                let window = i64::from(req.rank_window.max(1));
+                q.push(
+                    "WITH win AS MATERIALIZED (SELECT m.id AS id, m.created_at AS created_at, \
+                     -bm25(messages_fts) AS score, messages_fts.rowid AS pos \
+                     FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
+                     WHERE messages_fts MATCH ",
+                )
+                .push_bind(expr.clone());
+                push_search_filters(&mut q, req);
+                q.push(" ORDER BY messages_fts.rowid DESC LIMIT ")
+                    .push_bind(window + 1)
+                    .push("), edge AS (SELECT pos, id FROM win ORDER BY pos DESC LIMIT 1 OFFSET ")
+                    .push_bind(window)
+                    .push(
+                        ") SELECT id, created_at, score, (SELECT pos FROM edge) AS edge_pos, \
+                         (SELECT id FROM edge) AS edge_id FROM (SELECT id, created_at, score FROM win \
+                         WHERE pos > COALESCE((SELECT pos FROM edge), -1)",
+                    );
+            } else {
+                q.push("SELECT id, created_at, score, NULL AS edge_pos, NULL AS edge_id FROM (");
+                if want_messages {
+                    q.push(
+                        "SELECT m.id AS id, m.created_at AS created_at, -bm25(messages_fts) AS score \
+                         FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
+                         WHERE messages_fts MATCH ",
+                    )
+                    .push_bind(expr.clone());
+                    push_search_filters(&mut q, req);
+                    if let Some(w) = &window_end {
+                        q.push(" AND messages_fts.rowid > ").push_bind(w.key);
+                    }
+                }
+            }
+            if req.wants(SearchKind::Contact) {
+                if want_messages {
+                    q.push(" UNION ALL ");
+                }
+                q.push(
+                    "SELECT ct.id AS id, ct.created_at AS created_at, -bm25(contacts_fts) AS score \
+                     FROM contacts_fts JOIN contacts ct ON ct.search_rowid = contacts_fts.rowid \
+                     WHERE contacts_fts MATCH ",
+                )
+                .push_bind(expr.clone());
+            }
+            q.push(")");
+            if let Some(SearchPosition::Ranked { rank, created_at, id }) = req.cursor.as_ref().map(|c| &c.after) {
+                q.push(" WHERE score < ")
+                    .push_bind(*rank)
+                    .push(" OR (score = ")
+                    .push_bind(*rank)
+                    .push(" AND (created_at < ")
+                    .push_bind(*created_at)
+                    .push(" OR (created_at = ")
+                    .push_bind(*created_at)
+                    .push(" AND id < ")
+                    .push_bind(id.clone())
+                    .push(")))");
+            }
+            q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
+                .push_bind(limit + 1);
+            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
+                if let (Some(key), Some(id)) = (
+                    r.get::<Option<i64>, _>("edge_pos"),
+                    r.get::<Option<String>, _>("edge_id"),
+                ) {
+                    window_end = Some(RecencyKey { key, id });
+                }
+                found.push((r.get("id"), r.get("score"), None));
+            }
+        }
+        let rest = limit + 1 - found.len() as i64;
+        if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
+            // Past the window: the older matches, newest first, in FTS order.
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT m.id AS id, -bm25(messages_fts) AS score, messages_fts.rowid AS pos \
                  FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
                  WHERE messages_fts MATCH ",
-            )
-            .push_bind(expr.clone());
-            if let Some(c) = req.channel {
-                q.push(" AND m.channel = ").push_bind(c.as_str());
+            );
+            q.push_bind(expr.clone());
+            push_search_filters(&mut q, req);
+            if let Some(w) = &window_end {
+                q.push(" AND messages_fts.rowid <= ").push_bind(w.key);
             }
-            if let Some(d) = req.direction {
-                q.push(" AND m.direction = ").push_bind(d.as_str());
+            if let Some(k) = &after_recent {
+                q.push(" AND messages_fts.rowid < ").push_bind(k.key);
             }
-            if let Some(st) = req.status {
-                q.push(" AND m.status = ").push_bind(st.as_str());
-            }
-            if let Some(t) = req.since {
-                q.push(" AND m.created_at >= ").push_bind(t);
-            }
-            if let Some(t) = req.until {
-                q.push(" AND m.created_at < ").push_bind(t);
-            }
-            if let Some(c) = &req.conversation_id {
-                q.push(" AND m.conversation_id = ").push_bind(c.to_string());
+            q.push(" ORDER BY messages_fts.rowid DESC LIMIT ").push_bind(rest);
+            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
+                let id: String = r.get("id");
+                let key = RecencyKey {
+                    key: r.get("pos"),
+                    id: id.clone(),
+                };
+                found.push((id, r.get("score"), Some(key)));
             }
         }
-        if req.wants(SearchKind::Contact) {
-            if req.wants(SearchKind::Message) {
-                q.push(" UNION ALL ");
-            }
-            q.push(
-                "SELECT ct.id AS id, ct.created_at AS created_at, -bm25(contacts_fts) AS score \
-                 FROM contacts_fts JOIN contacts ct ON ct.search_rowid = contacts_fts.rowid \
-                 WHERE contacts_fts MATCH ",
-            )
-            .push_bind(expr);
-        }
-        q.push(")");
-        if let Some(c) = &req.cursor {
-            q.push(" WHERE score < ")
-                .push_bind(c.rank)
-                .push(" OR (score = ")
-                .push_bind(c.rank)
-                .push(" AND (created_at < ")
-                .push_bind(c.created_at)
-                .push(" OR (created_at = ")
-                .push_bind(c.created_at)
-                .push(" AND id < ")
-                .push_bind(c.id.clone())
-                .push(")))");
-        }
-        q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
-            .push_bind(limit + 1);
 
-        let mut tx = self.reader.begin().await.map_err(map_err)?;
-        let rows = q.build().fetch_all(&mut *tx).await.map_err(map_err)?;
-        let ranked: Vec<(String, f64)> = rows.iter().map(|r| (r.get("id"), r.get("score"))).collect();
         let ids = |prefix: &str| {
-            let ids: Vec<&str> = ranked
+            let ids: Vec<&str> = found
                 .iter()
-                .map(|(id, _)| id.as_str())
+                .map(|(id, _, _)| id.as_str())
                 .filter(|id| id.starts_with(prefix))
                 .collect();
             serde_json::to_string(&ids).map_err(|e| StoreError::Other(e.into()))
         };
-        let mut messages: HashMap<String, MessageRecord> = HashMap::new();
+        let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
         for r in sqlx::query(&format!(
-            "SELECT {MESSAGE_COLS} FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+            "SELECT {MESSAGE_COLS}, (SELECT ct.display_name FROM conversations c JOIN contacts ct \
+             ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id) AS counterpart_name \
+             FROM messages WHERE id IN (SELECT value FROM json_each(?))"
         ))
         .bind(ids(MessageId::PREFIX)?)
         .fetch_all(&mut *tx)
@@ -2199,7 +2131,8 @@ impl Store for SqliteStore {
         .map_err(map_err)?
         {
             let m = message_from_row(&r)?;
-            messages.insert(m.id.to_string(), m);
+            let name: Option<String> = r.get("counterpart_name");
+            messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
         }
         let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
         for r in sqlx::query(&format!(
@@ -2214,17 +2147,22 @@ impl Store for SqliteStore {
             contacts.insert(c.id.to_string(), c);
         }
         tx.rollback().await.map_err(map_err)?;
-        let hits = ranked
+        let hits = found
             .into_iter()
-            .filter_map(|(id, rank)| {
-                let item = match messages.remove(&id) {
-                    Some(m) => SearchItem::Message(Box::new(m)),
-                    None => SearchItem::Contact(Box::new(contacts.remove(&id)?)),
+            .filter_map(|(id, rank, recency)| {
+                let (item, counterpart_name) = match messages.remove(&id) {
+                    Some((m, name)) => (SearchItem::Message(Box::new(m)), name),
+                    None => (SearchItem::Contact(Box::new(contacts.remove(&id)?)), None),
                 };
-                Some(SearchHit { item, rank })
+                Some(SearchHit {
+                    item,
+                    rank,
+                    counterpart_name,
+                    recency,
+                })
             })
             .collect();
-        Ok(SearchPage::from_overfetch(hits, limit as usize))
+        Ok(SearchPage::from_overfetch(hits, limit as usize, window_end))
     }
 
     async fn sign_in_failures(&self, key: &str, now: i64, window_ms: i64) -> StoreResult<i64> {
@@ -2240,41 +2178,30 @@ impl Store for SqliteStore {
     }
 
     async fn clear_sign_in_failures(&self, key: &str) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM sign_in_failures WHERE key = ?")
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let tx = self.begin().await?;
+        tx.exec("DELETE FROM sign_in_failures WHERE key = ?", [key])?;
         tx.commit().await
     }
 
     async fn claim_media(&self, now: i64, limit: usize, lease_ms: i64, owner: &str) -> StoreResult<Vec<MediaRecord>> {
-        let mut tx = self.begin().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM media WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND next_attempt_at <= ? \
-             AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at, id LIMIT ?",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        let tx = self.begin().await?;
+        let ids: Vec<String> = tx.rows(
+            "SELECT id FROM media WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND next_attempt_at <= ?1 \
+             AND (lease_until IS NULL OR lease_until <= ?1) ORDER BY next_attempt_at, id LIMIT ?2",
+            rusqlite::params![now, limit],
+            |r| Ok(r.get(0)?),
+        )?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let row = sqlx::query(&format!(
-                "UPDATE media SET attempts = attempts + 1, lease_until = ?, lease_owner = ?, updated_at = ? \
-                 WHERE id = ? RETURNING {MEDIA_COLS}"
-            ))
-            .bind(now + lease_ms)
-            .bind(owner)
-            .bind(now)
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            out.push(media_from_row(&row)?);
+            let claimed = tx.row_opt(
+                &format!(
+                    "UPDATE media SET attempts = attempts + 1, lease_until = ?, lease_owner = ?, updated_at = ? \
+                     WHERE id = ? RETURNING {MEDIA_COLS}"
+                ),
+                rusqlite::params![now + lease_ms, owner, now, id],
+                |r| media_from_row(r),
+            )?;
+            out.extend(claimed);
         }
         tx.commit().await?;
         Ok(out)
@@ -2282,13 +2209,11 @@ impl Store for SqliteStore {
 
     async fn record_media(&self, id: &str, outcome: MediaOutcome, now: i64) -> StoreResult<MediaRecord> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?
+        let current = tx
+            .row_opt(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = ?"), [id], |r| {
+                media_from_row(r)
+            })?
             .ok_or_else(|| StoreError::NotFound(format!("media {id} not found")))?;
-        let current = media_from_row(&row)?;
         if current.status != MediaStatus::Pending {
             return Ok(current);
         }
@@ -2301,56 +2226,42 @@ impl Store for SqliteStore {
             }
             MediaOutcome::Failed { error } => (MediaStatus::Failed, None, None, Some(error.clone()), None),
         };
-        let row = sqlx::query(&format!(
-            "UPDATE media SET status = ?, content_type = COALESCE(?, content_type), size = ?, error = ?, \
-             next_attempt_at = ?, lease_until = NULL, lease_owner = NULL, updated_at = ? WHERE id = ? RETURNING {MEDIA_COLS}"
-        ))
-        .bind(status.as_str())
-        .bind(&content_type)
-        .bind(size)
-        .bind(&error)
-        .bind(next_at)
-        .bind(now)
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let updated = media_from_row(&row)?;
-        let media_json: String = sqlx::query_scalar("SELECT media FROM messages WHERE id = ?")
-            .bind(updated.message_id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let updated = tx
+            .row_opt(
+                &format!(
+                    "UPDATE media SET status = ?, content_type = COALESCE(?, content_type), size = ?, error = ?, \
+                     next_attempt_at = ?, lease_until = NULL, lease_owner = NULL, updated_at = ? WHERE id = ? RETURNING {MEDIA_COLS}"
+                ),
+                rusqlite::params![status.as_str(), content_type, size, error, next_at, now, id],
+                |r| media_from_row(r),
+            )?
+            .ok_or_else(|| StoreError::NotFound(format!("media {id} not found")))?;
+        let media_json: String = tx.scalar("SELECT media FROM messages WHERE id = ?", [updated.message_id.as_str()])?;
         let mut items: Vec<Media> = serde_json::from_str(&media_json).unwrap_or_default();
         if let Some(item) = items.iter_mut().find(|i| i.id.as_deref() == Some(id)) {
             apply_media_record(item, &updated);
-            let seq = next_seq(&mut tx).await?;
-            sqlx::query("UPDATE messages SET media = ?, updated_at = ?, change_seq = ? WHERE id = ?")
-                .bind(serde_json::to_string(&items).map_err(|e| StoreError::Other(e.into()))?)
-                .bind(now)
-                .bind(seq)
-                .bind(updated.message_id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            let seq = next_seq(&mut tx)?;
+            tx.exec(
+                "UPDATE messages SET media = ?, updated_at = ?, change_seq = ? WHERE id = ?",
+                rusqlite::params![
+                    serde_json::to_string(&items).map_err(|e| StoreError::Other(e.into()))?,
+                    now,
+                    seq,
+                    updated.message_id.as_str()
+                ],
+            )?;
         }
         tx.commit().await?;
         Ok(updated)
     }
 
     async fn release_media(&self, id: &str, owner: &str, now: i64) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
+        let tx = self.begin().await?;
+        tx.exec(
             "UPDATE media SET attempts = MAX(attempts - 1, 0), next_attempt_at = ?, lease_until = NULL, \
              lease_owner = NULL, updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'pending'",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(id)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+            rusqlite::params![now, now, id, owner],
+        )?;
         tx.commit().await
     }
 
@@ -2361,5 +2272,28 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(media_from_row).transpose()
+    }
+}
+
+/// Appends the message filters of a search (`m` is `messages`) to a query whose WHERE clause
+/// is open.
+fn push_search_filters(q: &mut QueryBuilder<'_, Sqlite>, req: &SearchRequest) {
+    if let Some(c) = req.channel {
+        q.push(" AND m.channel = ").push_bind(c.as_str());
+    }
+    if let Some(d) = req.direction {
+        q.push(" AND m.direction = ").push_bind(d.as_str());
+    }
+    if let Some(st) = req.status {
+        q.push(" AND m.status = ").push_bind(st.as_str());
+    }
+    if let Some(t) = req.since {
+        q.push(" AND m.created_at >= ").push_bind(t);
+    }
+    if let Some(t) = req.until {
+        q.push(" AND m.created_at < ").push_bind(t);
+    }
+    if let Some(c) = &req.conversation_id {
+        q.push(" AND m.conversation_id = ").push_bind(c.to_string());
     }
 }

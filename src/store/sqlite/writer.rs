@@ -1,42 +1,52 @@
-//! Group commit for the single SQLite writer.
+//! The single SQLite writer: synchronous statements, group commit.
 //!
 //! SQLite allows one writer at a time, and with `synchronous = FULL` every `COMMIT` waits for
-//! an fsync of the WAL. One durable commit per request caps the gateway at a few hundred to
-//! about a thousand writes a second, whatever the CPU. So write operations share
-//! transactions instead:
+//! an fsync of the WAL. Two costs dominate a write, and this module removes both:
 //!
-//! - [`Writer::begin`] takes the one connection (a FIFO lock), opens the shared transaction
-//!   (`BEGIN IMMEDIATE`) if none is open, and starts a savepoint for this operation.
-//! - [`WriteTx::commit`] releases the savepoint, joins the open transaction's member list,
-//!   hands the connection to the next operation and **waits until the shared transaction has
-//!   committed** (or failed: then every member gets the error). Nothing is acknowledged
-//!   before it is on disk.
-//! - A flusher task commits: every `commit` wakes it, and it queues for the connection behind
-//!   the operations already waiting, so everything that arrived during the previous fsync
-//!   goes into the next one. At low load a batch is one operation; under load, batches grow
-//!   by themselves, with no timer and no added latency.
-//! - An operation that fails or whose caller goes away (a dropped future) is rolled back to
-//!   its savepoint before anyone else uses the connection, so it never leaks into the batch.
-//!   If even that fails, the whole shared transaction is rolled back and its members get the
-//!   error.
+//! - **One durable commit per request** caps the gateway at a few hundred to about a thousand
+//!   writes a second. So write operations share transactions (group commit):
+//!   [`Writer::begin`] takes the one connection (a FIFO lock), opens the shared transaction
+//!   (`BEGIN IMMEDIATE`) if none is open, and starts a savepoint for this operation;
+//!   [`WriteTx::commit`] releases the savepoint, joins the open transaction's member list,
+//!   hands the connection on and **waits until the shared transaction has committed** (or
+//!   failed: then every member gets the error). Nothing is acknowledged before it is on disk.
+//!   A flusher task commits: every `commit` wakes it, and it queues for the connection behind
+//!   the operations already waiting, so everything that arrived during the previous fsync goes
+//!   into the next one. At low load a batch is one operation; under load batches grow by
+//!   themselves, with no timer and no added latency.
+//! - **A thread hand-off per statement.** An async driver runs SQLite on a thread of its own
+//!   and every statement is a round trip to it (two thread wake-ups, tens of microseconds);
+//!   an inbound webhook is about a dozen statements. The writer connection is therefore a
+//!   plain [`rusqlite::Connection`] whose statements run synchronously, from prepared-statement
+//!   cache, on the task that holds it: an operation's statements take microseconds each and
+//!   contain no `.await`, so an operation is never cut off half-way by a dropped future.
+//!   Only the `COMMIT` (the fsync) leaves the async worker (`block_in_place`).
+//!
+//! An operation that fails (its [`WriteTx`] is dropped without `commit`) is rolled back to
+//! its savepoint at once, so it never leaks into the batch. If even that fails, the whole
+//! shared transaction is rolled back and its members get the error.
+//!
+//! Readers stay on sqlx's pool: a read is one or two statements, and concurrent reads need
+//! connections of their own anyway.
 
-use sqlx::{Executor, SqliteConnection};
+use rusqlite::Connection;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedMutexGuard};
 
-use super::map_err;
 use crate::store::{StoreError, StoreResult};
 
 /// The result a batch member waits for: `Err` carries the commit failure's text.
 type Outcome = Result<(), String>;
 
+/// Prepared statements kept per connection: every distinct SQL text of the write paths, with
+/// room to spare (an evicted statement is only re-prepared).
+const STATEMENT_CACHE: usize = 256;
+
 /// The writer connection and the state of the shared transaction on it.
 pub(super) struct WriterState {
-    conn: SqliteConnection,
+    conn: Connection,
     /// `BEGIN IMMEDIATE` was issued and neither committed nor rolled back.
     open: bool,
-    /// An operation's savepoint is open: its owner is running, or dropped it unfinished.
-    savepoint: bool,
     /// Operations released into the open transaction, waiting for its commit.
     members: Vec<oneshot::Sender<Outcome>>,
     /// Whether a member wrote events (the hub is woken after the commit).
@@ -44,33 +54,55 @@ pub(super) struct WriterState {
 }
 
 impl WriterState {
-    /// Rolls back a savepoint left open by an operation that did not commit. If that fails
-    /// the shared transaction is lost: it is rolled back and its members get the error.
-    async fn settle(&mut self) {
-        if !self.savepoint {
-            return;
-        }
-        let undone = async {
-            self.conn.execute("ROLLBACK TO SAVEPOINT op").await?;
-            self.conn.execute("RELEASE SAVEPOINT op").await
-        }
-        .await;
-        self.savepoint = false;
-        if let Err(e) = undone {
-            self.abort(&format!("rolling back a failed write: {e}")).await;
-        }
+    fn run(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
     }
 
     /// Rolls the shared transaction back and fails its members.
-    async fn abort(&mut self, why: &str) {
+    fn abort(&mut self, why: &str) {
         if self.open {
-            let _ = self.conn.execute("ROLLBACK").await;
+            let _ = self.run("ROLLBACK");
         }
         self.open = false;
         self.wrote_events = false;
         for m in self.members.drain(..) {
             let _ = m.send(Err(why.to_string()));
         }
+    }
+
+    /// Commits the shared transaction, if one is open, and tells its members how it went.
+    fn commit_batch(&mut self, signal: &watch::Sender<u64>) {
+        if !self.open {
+            return;
+        }
+        if self.members.is_empty() {
+            // Only failed operations ran in it: nothing to keep.
+            self.abort("nothing to commit");
+            return;
+        }
+        match off_the_runtime(|| self.run("COMMIT")) {
+            Ok(()) => {
+                self.open = false;
+                metrics::histogram!("switchboard_db_group_commit_size").record(self.members.len() as f64);
+                for m in self.members.drain(..) {
+                    let _ = m.send(Ok(()));
+                }
+                if std::mem::take(&mut self.wrote_events) {
+                    signal.send_modify(|v| *v = v.wrapping_add(1));
+                }
+            }
+            Err(e) => self.abort(&format!("commit failed: {e}")),
+        }
+    }
+}
+
+/// Runs a call that waits on the disk. On a multi-threaded runtime the worker hands its other
+/// tasks to the rest of the pool first; a single-threaded runtime (tests) just runs it.
+fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -91,11 +123,11 @@ pub(super) struct WriteTx {
 impl Writer {
     /// Takes over `conn` and starts the flusher task, which stops when the last [`Writer`]
     /// clone and [`WriteTx`] are gone. `signal` is bumped after each commit that wrote events.
-    pub(super) fn start(conn: SqliteConnection, signal: watch::Sender<u64>) -> Self {
+    pub(super) fn start(conn: Connection, signal: watch::Sender<u64>) -> Self {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let state = Arc::new(Mutex::new(WriterState {
             conn,
             open: false,
-            savepoint: false,
             members: Vec::new(),
             wrote_events: false,
         }));
@@ -103,27 +135,26 @@ impl Writer {
         let flusher_state = state.clone();
         tokio::spawn(async move {
             while wake.recv().await.is_some() {
-                let mut s = flusher_state.lock().await;
-                commit_batch(&mut s, &signal).await;
+                flusher_state.lock().await.commit_batch(&signal);
             }
-            // Every handle is gone: finish what is open, then close the connection.
-            let mut s = flusher_state.lock().await;
-            commit_batch(&mut s, &signal).await;
+            // Every handle is gone: finish what is open; the connection closes with the state.
+            flusher_state.lock().await.commit_batch(&signal);
         });
         Self { state, flush }
     }
 
     /// Starts a write operation: waits for the connection (first come, first served), opens
     /// the shared transaction if needed and a savepoint for this operation.
+    ///
+    /// # Errors
+    /// The database error of `BEGIN` or `SAVEPOINT`, mapped by `From<rusqlite::Error> for StoreError`.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx> {
         let mut guard = self.state.clone().lock_owned().await;
-        guard.settle().await;
         if !guard.open {
-            guard.conn.execute("BEGIN IMMEDIATE").await.map_err(map_err)?;
+            guard.run("BEGIN IMMEDIATE")?;
             guard.open = true;
         }
-        guard.conn.execute("SAVEPOINT op").await.map_err(map_err)?;
-        guard.savepoint = true;
+        guard.run("SAVEPOINT op")?;
         Ok(WriteTx {
             guard: Some(guard),
             flush: self.flush.clone(),
@@ -136,32 +167,6 @@ impl Writer {
     }
 }
 
-/// Commits the shared transaction, if one is open, and tells its members how it went.
-async fn commit_batch(s: &mut WriterState, signal: &watch::Sender<u64>) {
-    s.settle().await;
-    if !s.open {
-        return;
-    }
-    if s.members.is_empty() {
-        // Only failed or abandoned operations ran in it: nothing to keep.
-        s.abort("nothing to commit").await;
-        return;
-    }
-    match s.conn.execute("COMMIT").await {
-        Ok(_) => {
-            s.open = false;
-            metrics::histogram!("switchboard_db_group_commit_size").record(s.members.len() as f64);
-            for m in s.members.drain(..) {
-                let _ = m.send(Ok(()));
-            }
-            if std::mem::take(&mut s.wrote_events) {
-                signal.send_modify(|v| *v = v.wrapping_add(1));
-            }
-        }
-        Err(e) => s.abort(&format!("commit failed: {e}")).await,
-    }
-}
-
 impl WriteTx {
     /// Ends the operation: releases its savepoint into the shared transaction and waits
     /// until that transaction is durable. `wrote_events` says whether it wrote events.
@@ -171,13 +176,10 @@ impl WriteTx {
     /// this operation was kept), or the database error of the release.
     pub(super) async fn commit(mut self, wrote_events: bool) -> StoreResult<()> {
         let mut guard = self.guard.take().expect("a WriteTx holds the writer until it commits");
-        if let Err(e) = guard.conn.execute("RELEASE SAVEPOINT op").await {
-            // Still marked open: the next holder rolls it back.
-            drop(guard);
-            let _ = self.flush.try_send(());
-            return Err(map_err(e));
+        if let Err(e) = guard.run("RELEASE SAVEPOINT op") {
+            undo(&mut guard);
+            return Err(e.into());
         }
-        guard.savepoint = false;
         guard.wrote_events |= wrote_events;
         let (done, outcome) = oneshot::channel();
         guard.members.push(done);
@@ -192,32 +194,33 @@ impl WriteTx {
     }
 }
 
+/// Rolls back the savepoint of an operation that did not commit. If that fails the shared
+/// transaction is lost: it is rolled back and its members get the error.
+fn undo(s: &mut WriterState) {
+    let undone = s
+        .run("ROLLBACK TO SAVEPOINT op")
+        .and_then(|()| s.run("RELEASE SAVEPOINT op"));
+    if let Err(e) = undone {
+        s.abort(&format!("rolling back a failed write: {e}"));
+    }
+}
+
 impl Drop for WriteTx {
     fn drop(&mut self) {
-        if self.guard.take().is_some() {
-            // Unfinished: its savepoint is still open and is rolled back by the next holder;
-            // make sure one comes even if no other write does.
+        if let Some(mut guard) = self.guard.take() {
+            undo(&mut guard);
+            // A transaction may be open with no member left to wake the flusher.
             let _ = self.flush.try_send(());
         }
     }
 }
 
 impl std::ops::Deref for WriteTx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
         &self
             .guard
             .as_ref()
-            .expect("a WriteTx holds the writer until it commits")
-            .conn
-    }
-}
-
-impl std::ops::DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self
-            .guard
-            .as_mut()
             .expect("a WriteTx holds the writer until it commits")
             .conn
     }
