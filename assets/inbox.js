@@ -20,6 +20,7 @@
     idempotencyKey: null,     // one per composed message
     lastTypingSent: 0,
     typingIdle: null,
+    windowTimer: null,        // closes the shown WhatsApp window at its expires_at
   };
 
   // ---------------------------------------------------------------- API
@@ -77,6 +78,12 @@
     return d.toDateString() === today.toDateString()
       ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
       : d.toLocaleDateString([], { month: 'short', day: 'numeric' });
+  }
+
+  // "pt" -> "Portuguese" (the browser's names; the code itself when it has none).
+  const languageNames = typeof Intl.DisplayNames === 'function' ? new Intl.DisplayNames(['en'], { type: 'language' }) : null;
+  function languageName(code) {
+    try { return (languageNames && languageNames.of(code)) || code; } catch (_) { return code; }
   }
 
   function fullTime(iso) {
@@ -203,32 +210,44 @@
     const c = state.current;
     $('conv-title').textContent = contactName(c);
     const channel = c.channel === 'whatsapp' ? 'WhatsApp' : 'SMS';
-    $('conv-sub').textContent = `${channel} · ${c.counterpart}${c.opted_out ? ' · opted out' : ''}`;
+    const language = c.language ? ` · ${languageName(c.language)}` : '';
+    $('conv-sub').textContent = `${channel} · ${c.counterpart}${language}${c.opted_out ? ' · opted out' : ''}`;
+    $('conv-sub').title = c.language
+      ? `The customer writes in ${languageName(c.language)} (detected from their latest messages, confidence ${Math.round(c.language_confidence * 100)} %)`
+      : '';
     renderWindow();
   }
 
-  // The WhatsApp 24-hour customer-service window, from the newest inbound message.
+  // The WhatsApp 24-hour customer-service window, as the API reports it: the Conversation's
+  // whatsapp_window (null for SMS), kept current by conversation.updated events. `open` is
+  // what the gateway saw when it rendered the JSON; the page then counts down to expires_at.
   function windowState() {
     const c = state.current;
-    if (!c || c.channel !== 'whatsapp') return null;
-    let last = 0;
-    for (const m of state.messages.values()) {
-      if (m.direction === 'inbound') last = Math.max(last, Date.parse(m.created_at));
-    }
-    if (!last) return { open: false, until: null };
-    const until = last + 24 * 3600 * 1000;
-    return { open: Date.now() < until, until: new Date(until) };
+    const w = c && c.whatsapp_window;
+    if (!w) return null;
+    const until = w.expires_at ? new Date(w.expires_at) : null;
+    return { open: Boolean(w.open && until && Date.now() < until.getTime()), until, expiresAt: w.expires_at };
   }
 
   function renderWindow() {
+    clearTimeout(state.windowTimer);
     const w = windowState();
     const node = $('conv-window');
     node.hidden = !w;
-    if (!w) return;
+    if (!w) { node.replaceChildren(); return; }
     node.classList.toggle('closed', !w.open);
-    node.textContent = w.open
-      ? `Window open until ${w.until.toLocaleString([], { weekday: 'short', hour: '2-digit', minute: '2-digit' })}`
-      : 'Window closed: templates only';
+    if (w.open) {
+      node.replaceChildren('Window open until ', el('time', {
+        datetime: w.expiresAt, title: fullTime(w.expiresAt),
+        text: w.until.toLocaleString([], { weekday: 'short', hour: '2-digit', minute: '2-digit' }),
+      }));
+      // Closes by itself when the time comes (a window is at most 24 hours long).
+      state.windowTimer = setTimeout(renderWindow, Math.min(w.until.getTime() - Date.now() + 100, 2 ** 31 - 1));
+    } else {
+      node.replaceChildren(w.expiresAt
+        ? el('span', { title: `Closed at ${fullTime(w.expiresAt)}`, text: 'Window closed: templates only' })
+        : el('span', { title: 'The customer has not written to this number', text: 'Window closed: templates only' }));
+    }
   }
 
   const TICKS = {
@@ -249,6 +268,13 @@
     }
     if (m.body) li.append(el('div', { class: 'msg-body', text: m.body }));
     const meta = el('div', { class: 'msg-meta' }, el('time', { datetime: m.created_at, title: fullTime(m.created_at), text: shortTime(m.created_at) }));
+    if (m.language) {
+      meta.append(el('span', {
+        class: 'lang', lang: 'en', 'data-language': m.language,
+        title: `Detected language: ${languageName(m.language)} (confidence ${Math.round(m.language_confidence * 100)} %)`,
+        text: m.language.toUpperCase(),
+      }));
+    }
     if (m.direction === 'outbound') {
       const [glyph, label] = TICKS[m.status] || ['·', m.status];
       meta.append(el('span', { class: 'ticks', 'data-status': m.status, title: label, 'aria-label': label, text: glyph }));
@@ -275,7 +301,6 @@
       return other && other.created_at.localeCompare(m.created_at) > 0;
     });
     messagesEl.insertBefore(node, after || null);
-    if (m.direction === 'inbound') renderWindow();
   }
 
   function scrollToEnd() {
@@ -360,6 +385,8 @@
     const body = compose.value.trim();
     if (!c || !body) return;
     $('composer-error').hidden = true;
+    // Known closed (the API's whatsapp_window): say so without a request the gateway would
+    // refuse. An open window is checked again by the gateway when the message is queued.
     const w = windowState();
     if (w && !w.open) { showError({ code: 'whatsapp_window_closed' }); return; }
     state.idempotencyKey = state.idempotencyKey || crypto.randomUUID();
@@ -426,8 +453,9 @@
 
   function resultItem(r) {
     const isMessage = r.type === 'message';
+    const inbound = isMessage && r.message.direction === 'inbound';
     const title = isMessage
-      ? (r.message.direction === 'inbound' ? 'From ' + r.message.from : 'To ' + r.message.to)
+      ? (inbound ? 'From ' : 'To ') + (r.counterpart_name || (inbound ? r.message.from : r.message.to))
       : r.contact.display_name + ' · ' + r.contact.phone_number;
     const a = el('a', { href: r.conversation_id ? `/?c=${r.conversation_id}${isMessage ? '&m=' + r.id : ''}` : '/contacts#' + r.id, 'data-result-id': r.id },
       el('span', { class: 'result-kind', text: isMessage ? `Message · ${shortTime(r.message.created_at)}` : 'Contact' }),
@@ -525,9 +553,6 @@
       if (state.current) { const id = state.current.id; closeConversation(); const link = listEl.querySelector(`[data-id="${id}"]`); if (link) link.focus(); }
     }
   });
-  // The window state changes with time, not only with messages.
-  setInterval(() => { if (state.current) renderWindow(); }, 60000);
-
   connectEvents();
   const params = new URLSearchParams(location.search);
   loadConversations()

@@ -402,6 +402,21 @@ async fn agents_answer_customers_live_in_chromium() {
     })
     .await;
     find(&a, "#simulator-panel summary").await.click().await.unwrap();
+    // The detected language: on the inbound message, and the conversation's in its header.
+    let (_, page) = gw
+        .api("GET", &format!("/api/v1/conversations/{maria_id}/messages"), None)
+        .await;
+    let newest = &page["data"][0];
+    assert_eq!(newest["language"], "en", "{newest}");
+    find(
+        &a,
+        &format!("#m-{} .lang[data-language='en']", newest["id"].as_str().unwrap()),
+    )
+    .await;
+    wait_for("the conversation's language", Duration::from_secs(10), || async {
+        text_of(&a, "#conv-sub").await.contains("English")
+    })
+    .await;
     screenshot(&a, "inbox").await;
 
     // --- A second agent sees the first one typing
@@ -450,9 +465,72 @@ async fn agents_answer_customers_live_in_chromium() {
         result.html(true).await.unwrap().contains("<mark>"),
         "matches are highlighted"
     );
+    assert!(
+        result.text().await.unwrap().contains("From Maria Silva"),
+        "the result names the contact, not the number"
+    );
     screenshot(&a, "search").await;
     result.click().await.unwrap();
     find(&a, &format!("#m-{parcel_msg}.highlight")).await;
+    assert_eq!(js(&a, "return window.__sameDocument === true").await, true, "no reload");
+
+    // --- The WhatsApp window, as the API reports it, kept live by conversation.updated
+    let (_, olga) = gw.api("GET", "/api/v1/conversations?channel=whatsapp", None).await;
+    let olga = &olga["data"][0];
+    a.goto(&gw.url(&format!("/?c={}", olga["id"].as_str().unwrap())))
+        .await
+        .unwrap();
+    find(&a, "#conv-window:not([hidden]):not(.closed)").await;
+    assert_eq!(
+        js(
+            &a,
+            "return document.querySelector('#conv-window time').getAttribute('datetime')"
+        )
+        .await,
+        olga["whatsapp_window"]["expires_at"],
+        "the window shown is the API's"
+    );
+    // A template to someone who never wrote: the window is closed.
+    let wa_new = "+14155550177";
+    let (status, template) = gw
+        .api(
+            "POST",
+            "/api/v1/messages",
+            Some(json!({"to": wa_new, "channel": "whatsapp", "content_sid": "HX0123456789abcdef0123456789abcdef"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{template}");
+    let wa_conv = template["conversation_id"].as_str().unwrap();
+    a.goto(&gw.url(&format!("/?c={wa_conv}"))).await.unwrap();
+    find(&a, &format!("#m-{}", template["id"].as_str().unwrap())).await;
+    let closed = find(&a, "#conv-window.closed:not([hidden])").await;
+    assert_eq!(closed.text().await.unwrap(), "Window closed: templates only");
+    js(&a, "window.__sameDocument = true").await;
+    // A free-form reply is refused, and the composer says why.
+    let compose = find(&a, "#compose").await;
+    compose.send_keys("Hello there").await.unwrap();
+    compose.send_keys(ENTER).await.unwrap();
+    wait_for("the window refusal", Duration::from_secs(10), || async {
+        text_of(&a, "#composer-error")
+            .await
+            .contains("24-hour window is closed")
+    })
+    .await;
+    compose.clear().await.unwrap();
+    // The customer writes: the window opens without a reload, until 24 hours after that.
+    gw.customer_says(wa_new, "whatsapp", "Sim, pode mandar").await;
+    let expires = gw.conversation_with(wa_new).await["whatsapp_window"]["expires_at"].clone();
+    assert!(expires.is_string(), "{expires}");
+    wait_for("the window to open live", Duration::from_secs(10), || async {
+        js(
+            &a,
+            "const t = document.querySelector('#conv-window:not(.closed) time'); return t && t.getAttribute('datetime')",
+        )
+        .await
+            == expires
+    })
+    .await;
+    assert!(text_of(&a, "#conv-window").await.starts_with("Window open until "));
     assert_eq!(js(&a, "return window.__sameDocument === true").await, true, "no reload");
 
     // --- A failed message shows Twilio's reason (the simulator's unreachable handset)

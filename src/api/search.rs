@@ -12,7 +12,7 @@ use crate::app::AppState;
 use crate::domain::search::SearchQuery;
 use crate::domain::{Channel, ConversationId, Direction, MessageStatus};
 use crate::error::{Error, Result};
-use crate::store::{SearchCursor, SearchHit, SearchItem, SearchKind, SearchRequest};
+use crate::store::{SearchCursor, SearchHit, SearchItem, SearchKind, SearchRequest, RANK_WINDOW};
 
 /// Routes for search.
 pub fn router() -> Router<AppState> {
@@ -143,6 +143,7 @@ impl SearchParams {
             conversation_id,
             cursor,
             limit,
+            rank_window: RANK_WINDOW,
         };
         if req.kind == Some(SearchKind::Contact) && req.has_message_filter() {
             return Err(Error::invalid(
@@ -179,6 +180,10 @@ pub struct SearchResultOut {
     pub message: Option<MessageOut>,
     /// The contact, for `type` `contact` (else null).
     pub contact: Option<ContactOut>,
+    /// For a message: the display name of its counterpart's contact (the other party: `from`
+    /// of an inbound message, `to` of an outbound one); null when that number is not a
+    /// contact with a name, and for contacts.
+    pub counterpart_name: Option<String>,
 }
 
 impl SearchResultOut {
@@ -195,6 +200,7 @@ impl SearchResultOut {
                     rank: hit.rank,
                     message: Some(MessageOut::from(&*m)),
                     contact: None,
+                    counterpart_name: hit.counterpart_name,
                 }
             }
             SearchItem::Contact(c) => {
@@ -208,6 +214,7 @@ impl SearchResultOut {
                     rank: hit.rank,
                     message: None,
                     contact: Some(ContactOut::from(*c)),
+                    counterpart_name: None,
                 }
             }
         }
@@ -216,7 +223,8 @@ impl SearchResultOut {
 
 /// Full-text search over messages and contacts, best match first
 ///
-/// Ranked by relevance, ties newest first; cursor pagination like every list.
+/// Ranked by relevance, ties newest first; only the newest 500 matching messages are ranked,
+/// older ones follow newest first (docs/search.md); cursor pagination like every list.
 #[utoipa::path(get, path = "/api/v1/search", tag = "search", params(SearchParams),
     responses((status = 200, body = ListOut<SearchResultOut>),
         (status = 422, description = "empty q, or a malformed filter, cursor or limit", body = crate::error::ErrorEnvelope),

@@ -413,6 +413,7 @@ async fn inbound_languages_show_on_messages_and_conversations() {
         "rank",
         "message",
         "contact",
+        "counterpart_name",
     ] {
         assert!(
             schemas["SearchResultOut"]["properties"][field].is_object(),
@@ -420,4 +421,56 @@ async fn inbound_languages_show_on_messages_and_conversations() {
             schemas["SearchResultOut"]
         );
     }
+}
+
+/// A message result names its counterpart's contact (`counterpart_name`), inbound or
+/// outbound, and follows a rename; numbers without a contact have null.
+#[tokio::test]
+async fn message_results_name_the_counterparts_contact() {
+    let app = TestApp::spawn().await;
+    let ana = "+14155550111";
+    let ana_contact = create_contact(&app, ana, "Ana Souza").await;
+    app.inbound(json!({"from": ana, "body": "where is my kiwi order"}))
+        .await;
+    app.inbound(json!({"from": "+14155550112", "body": "kiwi please"}))
+        .await;
+    let (s, sent) = app
+        .post_json("/api/v1/messages", json!({"to": ana, "body": "your kiwi ships today"}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{sent}");
+
+    let check = |results: &[Value], name: &str| {
+        assert_eq!(results.len(), 3, "{results:?}");
+        for r in results {
+            let m = &r["message"];
+            let number = if m["direction"] == "inbound" {
+                &m["from"]
+            } else {
+                &m["to"]
+            };
+            let expected = if number == ana { json!(name) } else { Value::Null };
+            assert_eq!(r["counterpart_name"], expected, "{r}");
+        }
+    };
+    check(&search_ok(&app, &[("q", "kiwi")]).await, "Ana Souza");
+
+    let (s, _) = {
+        let r = app
+            .client
+            .patch(app.url(&format!("/api/v1/contacts/{}", ana_contact["id"].as_str().unwrap())))
+            .bearer_auth(&app.api_key)
+            .json(&json!({"display_name": "Ana S. Souza"}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), ())
+    };
+    assert_eq!(s, StatusCode::OK);
+    check(&search_ok(&app, &[("q", "kiwi")]).await, "Ana S. Souza");
+
+    // Contact results carry the contact itself instead.
+    let results = search_ok(&app, &[("q", "souza")]).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["type"], "contact");
+    assert!(results[0]["counterpart_name"].is_null());
 }
