@@ -135,6 +135,7 @@ conformance!(
     search_follows_contact_changes,
     search_handles_any_query_text,
     search_ranks_only_the_newest_window,
+    search_sees_every_write_of_a_shared_commit,
     inbound_language_is_stored_with_the_conversation,
     whatsapp_window_follows_the_last_inbound,
     media_jobs_claim_retry_store_and_fail,
@@ -3769,6 +3770,45 @@ async fn search_follows_contact_changes(store: Arc<dyn Store>) {
     // The freed number can have a new contact, found at once.
     let again = new_contact(&store, &p, "Souza Again", T0 + 3).await;
     assert_eq!(found(&store, search_for("souza")).await, vec![again.id.to_string()]);
+}
+
+/// Writes that share a commit (SQLite indexes a group commit's new rows in one go just before
+/// it commits) are all searchable once acknowledged, including a contact renamed in the same
+/// commit that created it, and a key freed by a delete is never taken for an indexed one.
+async fn search_sees_every_write_of_a_shared_commit(store: Arc<dyn Store>) {
+    let received = futures::future::join_all((0..40u32).map(|i| {
+        let store = store.clone();
+        async move {
+            receive(
+                &store,
+                inbound(&sid(), &phone(400 + i as usize), "batched zephyr", T0 + i64::from(i)),
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut req = search_for("zephyr");
+    req.limit = 200;
+    let want: HashSet<String> = received.iter().map(|m| m.id.to_string()).collect();
+    assert_eq!(found_set(&store, req).await, want);
+
+    let renamed = futures::future::join_all((0..10).map(|i| {
+        let store = store.clone();
+        async move {
+            let c = new_contact(&store, &phone(450 + i), "Quillon First", T0 + 100).await;
+            store.update_contact(&c.id, "Quillon Second", T0 + 101).await.unwrap()
+        }
+    }))
+    .await;
+    let want: HashSet<String> = renamed.iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(found_set(&store, search_for("second")).await, want);
+    assert!(found(&store, search_for("first")).await.is_empty());
+
+    // Delete the newest contact, then add one: the new one is found, the old one is not.
+    let newest = new_contact(&store, &phone(470), "Velmora Newest", T0 + 102).await;
+    store.delete_contact(&newest.id).await.unwrap();
+    let again = new_contact(&store, &phone(471), "Velmora Again", T0 + 103).await;
+    assert_eq!(found(&store, search_for("velmora")).await, vec![again.id.to_string()]);
 }
 
 /// Whatever the query holds, the engines see only quoted words: no error, and punctuation,

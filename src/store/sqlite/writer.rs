@@ -30,7 +30,9 @@
 //! connections of their own anyway.
 
 use rusqlite::Connection;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedMutexGuard};
 
 use crate::store::{StoreError, StoreResult};
@@ -80,6 +82,11 @@ impl WriterState {
             self.abort("nothing to commit");
             return;
         }
+        // The full-text indexes take the batch's new rows in one go (search_index.rs).
+        if let Err(e) = super::search_index::index_pending(&self.conn) {
+            self.abort(&format!("indexing the batch for search failed: {e}"));
+            return;
+        }
         match off_the_runtime(|| self.run("COMMIT")) {
             Ok(()) => {
                 self.open = false;
@@ -106,6 +113,38 @@ fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// How often the checkpointer copies committed WAL frames back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs WAL checkpoints on a connection and thread of their own, off the commit path.
+/// SQLite's automatic checkpoint runs inside the `COMMIT` that crosses 1,000 WAL pages, so one
+/// batch in every few hundred also copied megabytes into the database file and waited for its
+/// fsync while every later write queued behind it. A passive checkpoint never waits for the
+/// writer or the readers; the WAL starts over from its beginning at the next write after a
+/// checkpoint caught up with it. The thread ends once the writer is gone (the connection's
+/// close checkpoints what is left).
+/// Returns whether the thread started.
+fn start_checkpointer(conn: Connection, writer: Weak<Mutex<WriterState>>) -> bool {
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || loop {
+            std::thread::sleep(CHECKPOINT_EVERY);
+            if writer.strong_count() == 0 {
+                break;
+            }
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+            }
+        });
+    match spawned {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start the WAL checkpoint thread; the writer checkpoints as it commits");
+            false
+        }
+    }
+}
+
 /// The single writer: a connection shared through group commit (see the module docs).
 #[derive(Clone)]
 pub(super) struct Writer {
@@ -123,8 +162,15 @@ pub(super) struct WriteTx {
 impl Writer {
     /// Takes over `conn` and starts the flusher task, which stops when the last [`Writer`]
     /// clone and [`WriteTx`] are gone. `signal` is bumped after each commit that wrote events.
-    pub(super) fn start(conn: Connection, signal: watch::Sender<u64>) -> Self {
+    pub(super) fn start(conn: Connection, path: &Path, signal: watch::Sender<u64>) -> Self {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let checkpoints = match Connection::open(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "no WAL checkpoint connection: the writer checkpoints as it commits");
+                None
+            }
+        };
         let state = Arc::new(Mutex::new(WriterState {
             conn,
             open: false,
@@ -140,6 +186,17 @@ impl Writer {
             // Every handle is gone: finish what is open; the connection closes with the state.
             flusher_state.lock().await.commit_batch(&signal);
         });
+        if let Some(c) = checkpoints {
+            if start_checkpointer(c, Arc::downgrade(&state)) {
+                // Nothing else holds the writer yet; if something did, SQLite's automatic
+                // checkpoint would simply stay on.
+                if let Ok(s) = state.try_lock() {
+                    if let Err(e) = s.conn.pragma_update(None, "wal_autocheckpoint", 0) {
+                        tracing::warn!(error = %e, "could not move WAL checkpoints off the writer");
+                    }
+                }
+            }
+        }
         Self { state, flush }
     }
 
