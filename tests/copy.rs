@@ -613,6 +613,14 @@ async fn snapshot(store: &Arc<dyn Store>) -> Snapshot {
                 })
                 .await;
                 out.push_str(&format!("{log:#?}"));
+                for d in &log {
+                    let attempts = pages(|p| {
+                        let (s, e, d) = (store.clone(), e.id.clone(), d.id.clone());
+                        async move { s.list_webhook_attempts(&e, &d, &p).await }
+                    })
+                    .await;
+                    out.push_str(&format!("{attempts:#?}"));
+                }
             }
             out
         },
@@ -696,6 +704,7 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         assert_eq!(count("contacts").target, 3);
         assert_eq!(count("webhook_endpoints").target, 1);
         assert!(count("webhook_deliveries").target > 3);
+        assert_eq!(count("webhook_delivery_attempts").target, 1);
         assert_eq!(count("enrichment_jobs").target, 1);
         assert_eq!(count("api_keys").target, 3);
         assert_eq!(count("api_keys").already_there, 1);
@@ -716,6 +725,7 @@ async fn copies_everything_and_the_target_behaves_the_same() {
             "opt_outs",
             "idempotency_keys",
             "sender_throttle",
+            "webhook_delivery_attempts",
         ] {
             assert!(report.to_string().contains(t), "{report}");
         }
@@ -759,6 +769,29 @@ async fn copies_everything_and_the_target_behaves_the_same() {
                 .unwrap()
                 .unwrap();
             assert_eq!(r.delivery.status, DeliveryStatus::Succeeded);
+            // The attempt log goes on from the copied attempts.
+            let log = target
+                .list_webhook_attempts(
+                    &d.delivery.endpoint_id,
+                    &d.delivery.id,
+                    &PageRequest {
+                        cursor: None,
+                        limit: 10,
+                    },
+                )
+                .await
+                .unwrap()
+                .items;
+            let numbers: Vec<u32> = log.iter().map(|a| a.attempt).collect();
+            let expected: Vec<u32> = (1..=d.delivery.attempts + 1).rev().collect();
+            assert_eq!(numbers, expected);
+            assert!(log[0].success);
+            if let Some(first) = log.get(1) {
+                assert_eq!(
+                    (first.response_status, first.response_body.as_deref(), first.duration_ms),
+                    (Some(502), Some("bad gateway"), 40)
+                );
+            }
         }
 
         // API keys: every source key works, with its ID; the target's own key is kept.

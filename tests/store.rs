@@ -127,6 +127,7 @@ conformance!(
     webhook_fan_out_filters_and_never_repeats,
     webhook_claims_are_exclusive_and_leases_fence_results,
     webhook_failures_retry_disable_and_recover,
+    webhook_attempts_are_logged_one_row_each,
     enrichment_jobs_come_with_new_contacts_and_attach_results,
     two_dispatchers_make_each_attempt_once,
     search_ranks_by_relevance_then_newest,
@@ -2861,6 +2862,238 @@ async fn webhook_claims_are_exclusive_and_leases_fence_results(store: Arc<dyn St
         after_rotation[0].secrets,
         vec![rotated.secret.clone(), before.secret.clone()]
     );
+}
+
+async fn all_attempts(
+    store: &Arc<dyn Store>,
+    e: &switchboard::domain::WebhookEndpointId,
+    d: &switchboard::domain::WebhookDeliveryId,
+) -> Vec<WebhookAttemptRecord> {
+    collect_pages(2, |p| {
+        let (store, e, d) = (store.clone(), e.clone(), d.clone());
+        async move { store.list_webhook_attempts(&e, &d, &p).await }
+    })
+    .await
+}
+
+async fn webhook_attempts_are_logged_one_row_each(store: Arc<dyn Store>) {
+    use switchboard::domain::{WebhookDeliveryId, WebhookEndpointId};
+    let e = store
+        .create_webhook_endpoint(endpoint("https://a.example/hook", &[], T0))
+        .await
+        .unwrap();
+    let other = store
+        .create_webhook_endpoint(endpoint("https://b.example/hook", &[], T0))
+        .await
+        .unwrap();
+    store
+        .append_event(switchboard::events::EventDraft::typing("conv_x", "a", true))
+        .await
+        .unwrap();
+    assert_eq!(store.fan_out_webhooks(500, T0).await.unwrap().deliveries, 2);
+    let claimed = claim_hooks(&store, T0, "w").await;
+    assert_eq!(claimed.len(), 2);
+    let mine = claimed.iter().find(|c| c.delivery.endpoint_id == e.id).unwrap().clone();
+    let theirs = claimed
+        .iter()
+        .find(|c| c.delivery.endpoint_id == other.id)
+        .unwrap()
+        .clone();
+    let id = mine.delivery.id.clone();
+    // Nothing attempted yet: an empty log.
+    assert!(all_attempts(&store, &e.id, &id).await.is_empty());
+    store
+        .record_webhook_attempt(&theirs, "w", failed_attempt(None), DisablePolicy::default(), T0 + 1)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Two failures (an HTTP error, then no answer at all), then a success.
+    store
+        .record_webhook_attempt(
+            &mine,
+            "w",
+            failed_attempt(Some(T0 + 5_000)),
+            DisablePolicy::default(),
+            T0 + 2,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let c = claim_hooks(&store, T0 + 5_000, "w").await;
+    assert_eq!(c.len(), 1);
+    let timeout = DeliveryAttempt {
+        success: false,
+        response_status: None,
+        response_body: None,
+        error: Some("timed out after 1000 ms".into()),
+        duration_ms: 1_000,
+        next_attempt_at: Some(T0 + 10_000),
+    };
+    store
+        .record_webhook_attempt(&c[0], "w", timeout, DisablePolicy::default(), T0 + 5_003)
+        .await
+        .unwrap()
+        .unwrap();
+    // A stale claim (the lease ran out and another instance took the delivery) adds nothing.
+    let slow = claim_hooks(&store, T0 + 10_000, "slow").await;
+    let rescuer = claim_hooks(&store, T0 + 40_001, "rescuer").await;
+    assert_eq!((slow.len(), rescuer.len()), (1, 1));
+    assert!(store
+        .record_webhook_attempt(&slow[0], "slow", ok_attempt(), DisablePolicy::default(), T0 + 40_002)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(all_attempts(&store, &e.id, &id).await.len(), 2);
+    let done = store
+        .record_webhook_attempt(
+            &rescuer[0],
+            "rescuer",
+            ok_attempt(),
+            DisablePolicy::default(),
+            T0 + 40_010,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // A replayed result is stale too.
+    assert!(store
+        .record_webhook_attempt(
+            &rescuer[0],
+            "rescuer",
+            ok_attempt(),
+            DisablePolicy::default(),
+            T0 + 40_011
+        )
+        .await
+        .unwrap()
+        .is_none());
+
+    let log = all_attempts(&store, &e.id, &id).await;
+    let expected = vec![
+        WebhookAttemptRecord {
+            delivery_id: id.clone(),
+            attempt: 3,
+            attempted_at: T0 + 40_010,
+            success: true,
+            response_status: Some(204),
+            response_body: Some(String::new()),
+            error: None,
+            duration_ms: 3,
+            manual_retry: false,
+        },
+        WebhookAttemptRecord {
+            delivery_id: id.clone(),
+            attempt: 2,
+            attempted_at: T0 + 5_003,
+            success: false,
+            response_status: None,
+            response_body: None,
+            error: Some("timed out after 1000 ms".into()),
+            duration_ms: 1_000,
+            manual_retry: false,
+        },
+        WebhookAttemptRecord {
+            delivery_id: id.clone(),
+            attempt: 1,
+            attempted_at: T0 + 2,
+            success: false,
+            response_status: Some(503),
+            response_body: Some("busy".into()),
+            error: Some("the endpoint answered HTTP 503".into()),
+            duration_ms: 12,
+            manual_retry: false,
+        },
+    ];
+    assert_eq!(log, expected);
+    // The newest row is the delivery's latest attempt.
+    assert_eq!(
+        (done.delivery.attempts, done.delivery.last_attempt_at),
+        (3, Some(T0 + 40_010))
+    );
+    // Pages: newest first, the cursor continues below the last attempt shown.
+    let first = store
+        .list_webhook_attempts(&e.id, &id, &PageRequest { cursor: None, limit: 2 })
+        .await
+        .unwrap();
+    assert_eq!(first.items, expected[..2].to_vec());
+    let second = store
+        .list_webhook_attempts(
+            &e.id,
+            &id,
+            &PageRequest {
+                cursor: first.next_cursor.clone(),
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((second.items, second.next_cursor), (expected[2..].to_vec(), None));
+
+    // A manual retry: its attempt says so; the next scheduled one does not.
+    store.retry_webhook_delivery(&e.id, &id, T0 + 50_000).await.unwrap();
+    let c = claim_hooks(&store, T0 + 50_000, "w").await;
+    assert_eq!(c.len(), 1);
+    store
+        .record_webhook_attempt(
+            &c[0],
+            "w",
+            failed_attempt(Some(T0 + 60_000)),
+            DisablePolicy::default(),
+            T0 + 50_001,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let c = claim_hooks(&store, T0 + 60_000, "w").await;
+    assert_eq!(c.len(), 1);
+    store
+        .record_webhook_attempt(&c[0], "w", ok_attempt(), DisablePolicy::default(), T0 + 60_001)
+        .await
+        .unwrap()
+        .unwrap();
+    let log = all_attempts(&store, &e.id, &id).await;
+    assert_eq!(
+        log.iter()
+            .map(|a| (a.attempt, a.manual_retry, a.success))
+            .collect::<Vec<_>>(),
+        vec![
+            (5, false, true),
+            (4, true, false),
+            (3, false, true),
+            (2, false, false),
+            (1, false, false)
+        ]
+    );
+
+    // Only through the delivery's own endpoint.
+    let not_found = |r: StoreResult<Page<WebhookAttemptRecord>>| matches!(r, Err(StoreError::NotFound(_)));
+    let page = PageRequest {
+        cursor: None,
+        limit: 10,
+    };
+    assert!(not_found(store.list_webhook_attempts(&other.id, &id, &page).await));
+    assert!(not_found(
+        store.list_webhook_attempts(&e.id, &theirs.delivery.id, &page).await
+    ));
+    assert!(not_found(
+        store.list_webhook_attempts(&WebhookEndpointId::new(), &id, &page).await
+    ));
+    assert!(not_found(
+        store
+            .list_webhook_attempts(&e.id, &WebhookDeliveryId::new(), &page)
+            .await
+    ));
+    let theirs_log = all_attempts(&store, &other.id, &theirs.delivery.id).await;
+    assert_eq!(
+        theirs_log.iter().map(|a| (a.attempt, a.success)).collect::<Vec<_>>(),
+        vec![(1, false)]
+    );
+
+    // Deleting the endpoint takes its deliveries' attempts with it, and no one else's.
+    store.delete_webhook_endpoint(&e.id).await.unwrap();
+    assert!(not_found(store.list_webhook_attempts(&e.id, &id, &page).await));
+    assert_eq!(all_attempts(&store, &other.id, &theirs.delivery.id).await, theirs_log);
 }
 
 async fn webhook_failures_retry_disable_and_recover(store: Arc<dyn Store>) {

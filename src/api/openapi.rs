@@ -27,7 +27,7 @@ use super::types::*;
         super::events::sse, super::events::websocket, super::events::typing, super::media::download,
         super::webhook_endpoints::list, super::webhook_endpoints::create, super::webhook_endpoints::get_one,
         super::webhook_endpoints::update, super::webhook_endpoints::delete, super::webhook_endpoints::rotate_secret,
-        super::webhook_endpoints::deliveries, super::webhook_endpoints::retry,
+        super::webhook_endpoints::deliveries, super::webhook_endpoints::attempts, super::webhook_endpoints::retry,
         super::search::search,
         compat::send, compat::messages, compat::messages_since, compat::threads, compat::list_contacts,
         compat::create_contact, compat::update_contact, compat::webhook,
@@ -35,6 +35,7 @@ use super::types::*;
     components(schemas(MessageOut, MediaOut, WhatsappWindowOut, ConversationOut, ContactOut, OptOutOut, StatusEventOut, crate::error::ErrorEnvelope,
         crate::events::EventKind, crate::events::stream::Resync, super::events::TypingIn, EnrichmentOut,
         super::webhook_endpoints::WebhookEndpointOut, super::webhook_endpoints::WebhookDeliveryOut,
+        super::webhook_endpoints::WebhookAttemptOut,
         super::webhook_endpoints::WebhookEndpointIn, super::webhook_endpoints::WebhookEndpointPatchIn,
         super::search::SearchResultOut)),
     modifiers(&BearerAuth, &SharedResponses),
@@ -181,6 +182,7 @@ mod tests {
             "/api/v1/segments",
             "/api/v1/webhook-endpoints",
             "/api/v1/webhook-endpoints/{id}/deliveries/{delivery_id}/retry",
+            "/api/v1/webhook-endpoints/{id}/deliveries/{delivery_id}/attempts",
             "/api/v1/search",
             "/api/v1/media/{id}",
             "/api/{messenger}/send",
@@ -190,6 +192,18 @@ mod tests {
             assert!(paths.contains_key(p), "{p} missing");
         }
         assert!(doc["components"]["schemas"]["SendInput"].is_object());
+        let attempt = &doc["components"]["schemas"]["WebhookAttemptOut"]["properties"];
+        for field in [
+            "attempt",
+            "attempted_at",
+            "success",
+            "response_status",
+            "response_body",
+            "error",
+            "duration_ms",
+        ] {
+            assert!(attempt[field].is_object(), "WebhookAttemptOut.{field} missing");
+        }
     }
 
     /// Answers `scripts/api-fuzz` found undocumented: each family of routes documents them.

@@ -1,5 +1,5 @@
 //! `/api/v1/webhook-endpoints`: subscriptions to the event stream delivered as signed HTTP
-//! POSTs (docs/webhooks.md), their delivery log and manual retries.
+//! POSTs (docs/webhooks.md), their delivery log (with every attempt) and manual retries.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -13,7 +13,7 @@ use crate::app::AppState;
 use crate::domain::{WebhookDeliveryId, WebhookEndpointId};
 use crate::error::{Error, Result};
 use crate::hooks::{EndpointChanges, EndpointInput};
-use crate::store::{WebhookDeliveryRecord, WebhookEndpointRecord};
+use crate::store::{WebhookAttemptRecord, WebhookDeliveryRecord, WebhookEndpointRecord};
 use crate::util::rfc3339;
 
 /// Routes under `/api/v1/webhook-endpoints`.
@@ -23,6 +23,10 @@ pub fn router() -> Router<AppState> {
         .route("/webhook-endpoints/{id}", get(get_one).patch(update).delete(delete))
         .route("/webhook-endpoints/{id}/rotate-secret", post(rotate_secret))
         .route("/webhook-endpoints/{id}/deliveries", get(deliveries))
+        .route(
+            "/webhook-endpoints/{id}/deliveries/{delivery_id}/attempts",
+            get(attempts),
+        )
         .route("/webhook-endpoints/{id}/deliveries/{delivery_id}/retry", post(retry))
 }
 
@@ -165,6 +169,46 @@ impl From<WebhookDeliveryRecord> for WebhookDeliveryOut {
     }
 }
 
+/// One attempt of a delivery: an HTTP call to the endpoint and what came of it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WebhookAttemptOut {
+    /// 1-based attempt number (the delivery's `attempts` right after it); manual retries go
+    /// on counting.
+    pub attempt: u32,
+    /// When the attempt ended, RFC 3339 (the delivery's `last_attempt_at` while it was the
+    /// latest).
+    pub attempted_at: String,
+    /// Whether the endpoint answered 2xx.
+    pub success: bool,
+    /// HTTP status of the answer; null when there was none (timeout, connection refused,
+    /// refused address).
+    pub response_status: Option<u16>,
+    /// The start of the answer's body (truncated to the configured size).
+    pub response_body: Option<String>,
+    /// Why the attempt failed; null for a success.
+    pub error: Option<String>,
+    /// How long the HTTP call took, in ms.
+    pub duration_ms: i64,
+    /// Whether a manual retry (`POST …/retry`) caused the attempt, rather than the retry
+    /// schedule.
+    pub manual_retry: bool,
+}
+
+impl From<WebhookAttemptRecord> for WebhookAttemptOut {
+    fn from(a: WebhookAttemptRecord) -> Self {
+        WebhookAttemptOut {
+            attempt: a.attempt,
+            attempted_at: rfc3339(a.attempted_at),
+            success: a.success,
+            response_status: a.response_status,
+            response_body: a.response_body,
+            error: a.error,
+            duration_ms: a.duration_ms,
+            manual_retry: a.manual_retry,
+        }
+    }
+}
+
 fn parse_id(id: &str) -> Result<WebhookEndpointId> {
     WebhookEndpointId::parse(id).ok_or_else(|| Error::NotFound(format!("webhook endpoint {id} not found")))
 }
@@ -284,6 +328,26 @@ pub(crate) async fn deliveries(
     let page = p.into_page()?;
     let result = state.webhooks.deliveries(&id, &page).await?;
     Ok(Json(ListOut::from_page(result, WebhookDeliveryOut::from)))
+}
+
+/// Every attempt of one delivery, newest first
+#[utoipa::path(get, path = "/api/v1/webhook-endpoints/{id}/deliveries/{delivery_id}/attempts", tag = "webhooks",
+    params(("id" = String, Path, description = "hook_…"), ("delivery_id" = String, Path, description = "dlv_…"), PageParams),
+    responses((status = 200, body = ListOut<WebhookAttemptOut>),
+        (status = 404, description = "no such endpoint, or no such delivery of it", body = crate::error::ErrorEnvelope),
+        (status = 422, body = crate::error::ErrorEnvelope), (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope)),
+    security(("api_key" = [])))]
+pub(crate) async fn attempts(
+    State(state): State<AppState>,
+    Path((id, delivery_id)): Path<(String, String)>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> Result<Json<ListOut<WebhookAttemptOut>>> {
+    let id = parse_id(&id)?;
+    let delivery = WebhookDeliveryId::parse(&delivery_id)
+        .ok_or_else(|| Error::NotFound(format!("delivery {delivery_id} not found")))?;
+    let page = p.into_page()?;
+    let result = state.webhooks.attempts(&id, &delivery, &page).await?;
+    Ok(Json(ListOut::from_page(result, WebhookAttemptOut::from)))
 }
 
 /// Attempt a delivery again now (whatever its status)

@@ -30,7 +30,8 @@ use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::outbound::{GuardError, OutboundClient};
 use crate::store::{
-    NewWebhookEndpoint, Page, PageRequest, Store, WebhookDeliveryRecord, WebhookEndpointPatch, WebhookEndpointRecord,
+    NewWebhookEndpoint, Page, PageRequest, Store, WebhookAttemptRecord, WebhookDeliveryRecord, WebhookEndpointPatch,
+    WebhookEndpointRecord,
 };
 use crate::util::now_ms;
 
@@ -238,6 +239,17 @@ impl Webhooks {
     /// An endpoint's delivery log, newest first. Errors: 404.
     pub async fn deliveries(&self, id: &WebhookEndpointId, page: &PageRequest) -> Result<Page<WebhookDeliveryRecord>> {
         Ok(self.store.list_webhook_deliveries(id, page).await?)
+    }
+
+    /// Every attempt of one of an endpoint's deliveries, newest first. Errors: 404 when the
+    /// endpoint is missing or the delivery is not one of its deliveries.
+    pub async fn attempts(
+        &self,
+        id: &WebhookEndpointId,
+        delivery: &WebhookDeliveryId,
+        page: &PageRequest,
+    ) -> Result<Page<WebhookAttemptRecord>> {
+        Ok(self.store.list_webhook_attempts(id, delivery, page).await?)
     }
 
     /// Makes a delivery due now. Errors: 404, 409 when the endpoint is disabled or an

@@ -203,6 +203,22 @@ const TABLES: &[Table] = &[
             ("last_attempt_at", Int),
             ("created_at", Int),
             ("updated_at", Int),
+            ("retry_requested", Bool),
+        ],
+    },
+    Table {
+        name: "webhook_delivery_attempts",
+        key: &["delivery_id", "attempt"],
+        columns: &[
+            ("delivery_id", Text),
+            ("attempt", Int),
+            ("attempted_at", Int),
+            ("success", Bool),
+            ("response_status", Int),
+            ("response_body", Text),
+            ("error", Text),
+            ("duration_ms", Int),
+            ("manual_retry", Bool),
         ],
     },
     Table {
@@ -425,9 +441,9 @@ impl CopyReport {
 
 impl fmt::Display for CopyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<18} {:>12} {:>12}", "table", "sqlite", "postgres")?;
+        writeln!(f, "{:<25} {:>12} {:>12}", "table", "sqlite", "postgres")?;
         for t in &self.tables {
-            write!(f, "{:<18} {:>12} {:>12}", t.table, t.source, t.target)?;
+            write!(f, "{:<25} {:>12} {:>12}", t.table, t.source, t.target)?;
             if t.already_there > 0 {
                 write!(f, "  ({} already there)", t.already_there)?;
             }

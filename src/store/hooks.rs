@@ -160,6 +160,36 @@ pub struct WebhookDeliveryRecord {
     pub updated_at: i64,
 }
 
+/// One attempt of a delivery, as the delivery log keeps it (table
+/// `webhook_delivery_attempts`; written by [`super::Store::record_webhook_attempt`] in the
+/// transaction that records the attempt on the delivery, deleted with the delivery).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttemptRecord {
+    /// The delivery (`dlv_…`).
+    pub delivery_id: WebhookDeliveryId,
+    /// 1-based attempt number: the delivery's `attempts` right after this attempt. Attempts
+    /// made after a manual retry go on counting.
+    pub attempt: u32,
+    /// When the attempt ended and was recorded (ms since the Unix epoch): the delivery's
+    /// `last_attempt_at` while it was the latest.
+    pub attempted_at: i64,
+    /// A 2xx answer.
+    pub success: bool,
+    /// HTTP status of the answer; `None` when there was none (timeout, refused connection,
+    /// refused address…).
+    pub response_status: Option<u16>,
+    /// The start of the answer's body, as truncated by the dispatcher
+    /// (`webhooks.response_body_bytes`).
+    pub response_body: Option<String>,
+    /// Why it failed (a non-2xx status, a timeout…); `None` for a success.
+    pub error: Option<String>,
+    /// How long the HTTP call took (ms).
+    pub duration_ms: i64,
+    /// The attempt was made because of a manual retry
+    /// ([`super::Store::retry_webhook_delivery`]) rather than the retry schedule.
+    pub manual_retry: bool,
+}
+
 /// What one fan-out pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FanOut {
@@ -318,6 +348,10 @@ pub(crate) const DELIVERY_COLS: &str = "id, endpoint_id, event_seq, event_type, 
     next_attempt_at, response_status, response_body, last_error, last_duration_ms, last_attempt_at, created_at, \
     updated_at";
 
+/// Columns of `webhook_delivery_attempts` in the shape [`AttemptRow`] reads.
+pub(crate) const ATTEMPT_COLS: &str =
+    "delivery_id, attempt, attempted_at, success, response_status, response_body, error, duration_ms, manual_retry";
+
 /// A `webhook_endpoints` row (one mapping for both backends: SQLite's 0/1 decodes as bool).
 #[derive(sqlx::FromRow)]
 pub(crate) struct EndpointRow {
@@ -399,6 +433,36 @@ impl From<DeliveryRow> for WebhookDeliveryRecord {
             last_attempt_at: r.last_attempt_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
+        }
+    }
+}
+
+/// A `webhook_delivery_attempts` row (SQLite's 0/1 decodes as bool).
+#[derive(sqlx::FromRow)]
+pub(crate) struct AttemptRow {
+    pub(crate) delivery_id: String,
+    pub(crate) attempt: i64,
+    pub(crate) attempted_at: i64,
+    pub(crate) success: bool,
+    pub(crate) response_status: Option<i64>,
+    pub(crate) response_body: Option<String>,
+    pub(crate) error: Option<String>,
+    pub(crate) duration_ms: i64,
+    pub(crate) manual_retry: bool,
+}
+
+impl From<AttemptRow> for WebhookAttemptRecord {
+    fn from(r: AttemptRow) -> Self {
+        WebhookAttemptRecord {
+            delivery_id: WebhookDeliveryId::from_trusted(r.delivery_id),
+            attempt: u32::try_from(r.attempt).unwrap_or(0),
+            attempted_at: r.attempted_at,
+            success: r.success,
+            response_status: r.response_status.and_then(|s| u16::try_from(s).ok()),
+            response_body: r.response_body,
+            error: r.error,
+            duration_ms: r.duration_ms,
+            manual_retry: r.manual_retry,
         }
     }
 }

@@ -1358,8 +1358,18 @@ pub trait Store: Send + Sync + 'static {
         endpoint: &WebhookEndpointId,
         page: &PageRequest,
     ) -> StoreResult<Page<WebhookDeliveryRecord>>;
-    /// Makes a delivery due now (any status; the attempt count goes on). `NotFound` if the
-    /// endpoint or delivery is missing, `Conflict` if the endpoint is disabled.
+    /// Every recorded attempt of one delivery, newest (highest attempt number) first,
+    /// keyset-paginated (the cursor's key is the attempt number). `NotFound` if the endpoint
+    /// is missing or the delivery does not exist or belongs to another endpoint.
+    async fn list_webhook_attempts(
+        &self,
+        endpoint: &WebhookEndpointId,
+        delivery: &WebhookDeliveryId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookAttemptRecord>>;
+    /// Makes a delivery due now (any status; the attempt count goes on), and marks it so that
+    /// the attempt this causes is recorded as a manual retry. `NotFound` if the endpoint or
+    /// delivery is missing, `Conflict` if the endpoint is disabled.
     async fn retry_webhook_delivery(
         &self,
         endpoint: &WebhookEndpointId,

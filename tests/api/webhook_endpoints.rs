@@ -1,7 +1,8 @@
 //! Outbound event webhooks over real HTTP: a receiving server on loopback in the test,
 //! signatures checked with an independent implementation (the `standardwebhooks` crate, the
 //! Standard Webhooks reference library), retries on a scaled-down schedule, manual retry,
-//! disabling after a run of failures, type filters, the SSRF guard and bad input.
+//! disabling after a run of failures, the per-attempt log, type filters, the SSRF guard and
+//! bad input.
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -311,6 +312,131 @@ async fn failed_attempts_are_retried_on_the_schedule_then_succeed() {
     assert!(metrics.contains("switchboard_outbound_webhook_duration_seconds"));
 }
 
+async fn attempts(app: &TestApp, endpoint: &str, delivery: &str, query: &str) -> Value {
+    let (s, v) = app
+        .get(&format!(
+            "/api/v1/webhook-endpoints/{endpoint}/deliveries/{delivery}/attempts{query}"
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+fn is_rfc3339(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok())
+}
+
+#[tokio::test]
+async fn every_attempt_of_a_delivery_is_in_its_attempts_log() {
+    let app = app_with("100ms", |_| {}).await;
+    let rx = Receiver::start().await;
+    // One 500, then the default 200.
+    rx.answer_next(&[(500, Duration::ZERO)]);
+    let ep = create_endpoint(&app, json!({ "url": rx.url, "event_types": ["message.created"] })).await;
+    let id = ep["id"].as_str().unwrap();
+    app.inbound(json!({ "from": "+14155550126", "body": "attempts" })).await;
+    let log = wait_deliveries(&app, id, |d| d.len() == 1 && d[0]["status"] == "succeeded").await;
+    assert_eq!(log[0]["attempts"], 2);
+    let did = log[0]["id"].as_str().unwrap();
+
+    let v = attempts(&app, id, did, "").await;
+    assert!(v["next_cursor"].is_null(), "{v}");
+    let list = v["data"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    let (newest, first) = (&list[0], &list[1]);
+    assert_eq!(
+        (
+            newest["attempt"].as_u64(),
+            newest["success"].as_bool(),
+            newest["response_status"].as_u64()
+        ),
+        (Some(2), Some(true), Some(200))
+    );
+    assert!(newest["error"].is_null(), "{newest}");
+    assert_eq!(newest["response_body"], "receiver says hi");
+    assert_eq!(newest["manual_retry"], false);
+    assert_eq!(
+        (
+            first["attempt"].as_u64(),
+            first["success"].as_bool(),
+            first["response_status"].as_u64()
+        ),
+        (Some(1), Some(false), Some(500))
+    );
+    assert_eq!(first["error"], "the endpoint answered HTTP 500");
+    assert_eq!(first["response_body"], "receiver says hi");
+    for a in list {
+        assert!(is_rfc3339(&a["attempted_at"]), "{a}");
+        assert!(a["duration_ms"].as_i64().is_some_and(|d| d >= 0), "{a}");
+    }
+    // The newest attempt is the one the delivery shows.
+    assert_eq!(newest["attempted_at"], log[0]["last_attempt_at"]);
+    assert_eq!(newest["duration_ms"], log[0]["last_duration_ms"]);
+    let t = |a: &Value| chrono::DateTime::parse_from_rfc3339(a["attempted_at"].as_str().unwrap()).unwrap();
+    assert!(t(first) <= t(newest));
+
+    // Pages of one.
+    let p1 = attempts(&app, id, did, "?limit=1").await;
+    assert_eq!(p1["data"][0]["attempt"], 2);
+    let cursor = p1["next_cursor"].as_str().expect("a second page");
+    let p2 = attempts(&app, id, did, &format!("?limit=1&cursor={cursor}")).await;
+    assert_eq!(p2["data"][0]["attempt"], 1);
+    assert!(p2["next_cursor"].is_null(), "{p2}");
+
+    // Unknown deliveries and endpoints, and another endpoint's delivery: 404 with the
+    // envelope; a bad cursor or limit: 422.
+    let other = create_endpoint(&app, json!({ "url": rx.url, "event_types": ["typing"] })).await;
+    let other_id = other["id"].as_str().unwrap();
+    for path in [
+        format!("/api/v1/webhook-endpoints/{id}/deliveries/dlv_01jc0000000000000000000000/attempts"),
+        format!("/api/v1/webhook-endpoints/{id}/deliveries/dlv_nope/attempts"),
+        format!("/api/v1/webhook-endpoints/{other_id}/deliveries/{did}/attempts"),
+        format!("/api/v1/webhook-endpoints/hook_01jc0000000000000000000000/deliveries/{did}/attempts"),
+        format!("/api/v1/webhook-endpoints/nope/deliveries/{did}/attempts"),
+    ] {
+        let (s, v) = app.get(&path).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{path}: {v}"
+        );
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    for q in ["?cursor=zzz", "?limit=0", "?limit=201", "?bogus=1"] {
+        let (s, v) = app
+            .get(&format!("/api/v1/webhook-endpoints/{id}/deliveries/{did}/attempts{q}"))
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")),
+            "{q}: {v}"
+        );
+    }
+    // The API key is required.
+    let r = app
+        .client
+        .get(app.url(&format!("/api/v1/webhook-endpoints/{id}/deliveries/{did}/attempts")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // The log goes with the endpoint.
+    let del = app
+        .client
+        .delete(app.url(&format!("/api/v1/webhook-endpoints/{id}")))
+        .bearer_auth(&app.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    let (s, _) = app
+        .get(&format!("/api/v1/webhook-endpoints/{id}/deliveries/{did}/attempts"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn a_failed_delivery_can_be_retried_by_hand() {
     // No automatic retries: one attempt, then failed.
@@ -343,6 +469,24 @@ async fn a_failed_delivery_can_be_retried_by_hand() {
     let got = rx.received();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    // The attempts log keeps both answers and says which attempt was asked for by hand.
+    let v = attempts(&app, id, did, "").await;
+    let summary: Vec<_> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["attempt"].as_u64(),
+                a["response_status"].as_u64(),
+                a["manual_retry"].as_bool(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![(Some(2), Some(204), Some(true)), (Some(1), Some(503), Some(false))]
+    );
 
     // Unknown deliveries and endpoints: 404 with the envelope.
     let (s, v) = app

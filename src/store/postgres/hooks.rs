@@ -18,7 +18,8 @@ use super::rows::{contact_from_row, pg_text, CONTACT_COLS};
 use super::{cursor_parts, keyset_limit, map_err, PostgresStore, Tx};
 use crate::events::{EventDraft, EventRecord, StreamEvent};
 use crate::store::hooks::{
-    disable_reason, merge_attributes, DeliveryRow, EndpointRow, JobRow, DELIVERY_COLS, ENDPOINT_COLS,
+    disable_reason, merge_attributes, AttemptRow, DeliveryRow, EndpointRow, JobRow, ATTEMPT_COLS, DELIVERY_COLS,
+    ENDPOINT_COLS,
 };
 use crate::store::*;
 
@@ -371,19 +372,23 @@ impl PostgresStore {
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         }
-        let current: Option<(String, i64, Option<String>)> =
-            sqlx::query_as("SELECT status, attempts, lease_owner FROM webhook_deliveries WHERE id = $1 FOR UPDATE")
-                .bind(d.id.as_str())
-                .fetch_optional(&mut *tx.inner)
-                .await
-                .map_err(map_err)?;
-        match current {
-            Some((status, attempts, lease_owner))
+        let current: Option<(String, i64, Option<String>, bool)> = sqlx::query_as(
+            "SELECT status, attempts, lease_owner, retry_requested FROM webhook_deliveries WHERE id = $1 FOR UPDATE",
+        )
+        .bind(d.id.as_str())
+        .fetch_optional(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        let manual_retry = match current {
+            Some((status, attempts, lease_owner, retry_requested))
                 if status == "pending"
                     && attempts == i64::from(d.attempts)
-                    && lease_owner.as_deref() == Some(owner) => {}
+                    && lease_owner.as_deref() == Some(owner) =>
+            {
+                retry_requested
+            }
             _ => return Ok(None),
-        }
+        };
         let status = if a.success {
             DeliveryStatus::Succeeded
         } else if a.next_attempt_at.is_some() {
@@ -394,7 +399,7 @@ impl PostgresStore {
         sqlx::query(
             "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, next_attempt_at = $2, lease_until = NULL, \
              lease_owner = NULL, response_status = $3, response_body = $4, last_error = $5, last_duration_ms = $6, \
-             last_attempt_at = $7, updated_at = $7 WHERE id = $8",
+             last_attempt_at = $7, updated_at = $7, retry_requested = FALSE WHERE id = $8",
         )
         .bind(status.as_str())
         .bind(if a.success { None } else { a.next_attempt_at })
@@ -404,6 +409,23 @@ impl PostgresStore {
         .bind(a.duration_ms)
         .bind(now)
         .bind(d.id.as_str())
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        // The attempt's own row in the log; its number is the count just reached.
+        sqlx::query(
+            "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, attempted_at, success, response_status, \
+             response_body, error, duration_ms, manual_retry) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(d.id.as_str())
+        .bind(i64::from(d.attempts) + 1)
+        .bind(now)
+        .bind(a.success)
+        .bind(a.response_status.map(i64::from))
+        .bind(a.response_body.as_deref().map(pg_text))
+        .bind(a.error.as_deref().map(pg_text))
+        .bind(a.duration_ms)
+        .bind(manual_retry)
         .execute(&mut *tx.inner)
         .await
         .map_err(map_err)?;
@@ -471,6 +493,56 @@ impl PostgresStore {
         }))
     }
 
+    pub(super) async fn hooks_list_attempts(
+        &self,
+        endpoint: &WebhookEndpointId,
+        delivery: &WebhookDeliveryId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookAttemptRecord>> {
+        // One snapshot, so that the ownership check and the rows agree.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(map_err)?;
+        let owner: Option<String> = sqlx::query_scalar("SELECT endpoint_id FROM webhook_deliveries WHERE id = $1")
+            .bind(delivery.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if owner.as_deref() != Some(endpoint.as_str()) {
+            let endpoint_exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM webhook_endpoints WHERE id = $1")
+                .bind(endpoint.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            return Err(StoreError::NotFound(if endpoint_exists.is_none() {
+                format!("webhook endpoint {endpoint} not found")
+            } else {
+                format!("delivery {delivery} not found")
+            }));
+        }
+        let limit = keyset_limit(page);
+        // Attempt numbers are unique within a delivery: the key alone orders the pages.
+        let before = page.cursor.as_ref().map(|c| c.key);
+        let rows = sqlx::query_as::<_, AttemptRow>(&format!(
+            "SELECT {ATTEMPT_COLS} FROM webhook_delivery_attempts WHERE delivery_id = $1 \
+             AND ($2::bigint IS NULL OR attempt < $2) ORDER BY attempt DESC LIMIT $3"
+        ))
+        .bind(delivery.as_str())
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.rollback().await.map_err(map_err)?;
+        let items: Vec<WebhookAttemptRecord> = rows.into_iter().map(Into::into).collect();
+        Ok(Page::from_overfetch(items, limit as usize, |a| Cursor {
+            key: i64::from(a.attempt),
+            id: a.delivery_id.to_string(),
+        }))
+    }
+
     pub(super) async fn hooks_retry(
         &self,
         endpoint: &WebhookEndpointId,
@@ -500,7 +572,7 @@ impl PostgresStore {
         }
         sqlx::query(
             "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1, lease_until = NULL, \
-             lease_owner = NULL, updated_at = $1 WHERE id = $2",
+             lease_owner = NULL, retry_requested = TRUE, updated_at = $1 WHERE id = $2",
         )
         .bind(now)
         .bind(id.as_str())

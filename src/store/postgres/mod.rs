@@ -2030,6 +2030,15 @@ impl Store for PostgresStore {
         self.hooks_list_deliveries(endpoint, page).await
     }
 
+    async fn list_webhook_attempts(
+        &self,
+        endpoint: &WebhookEndpointId,
+        delivery: &WebhookDeliveryId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookAttemptRecord>> {
+        self.hooks_list_attempts(endpoint, delivery, page).await
+    }
+
     async fn retry_webhook_delivery(
         &self,
         endpoint: &WebhookEndpointId,

@@ -4,7 +4,8 @@
 use super::{keyset_limit, map_err, SqliteStore, Tx};
 use crate::events::{EventDraft, EventRecord, StreamEvent};
 use crate::store::hooks::{
-    disable_reason, merge_attributes, DeliveryRow, EndpointRow, JobRow, DELIVERY_COLS, ENDPOINT_COLS,
+    disable_reason, merge_attributes, AttemptRow, DeliveryRow, EndpointRow, JobRow, ATTEMPT_COLS, DELIVERY_COLS,
+    ENDPOINT_COLS,
 };
 use crate::store::*;
 
@@ -346,18 +347,21 @@ impl SqliteStore {
     ) -> StoreResult<Option<AttemptRecorded>> {
         let mut tx = self.begin().await?;
         let d = &claimed.delivery;
-        let current: Option<(String, i64, Option<String>)> = tx.row_opt(
-            "SELECT status, attempts, lease_owner FROM webhook_deliveries WHERE id = ?",
+        let current: Option<(String, i64, Option<String>, bool)> = tx.row_opt(
+            "SELECT status, attempts, lease_owner, retry_requested FROM webhook_deliveries WHERE id = ?",
             [d.id.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
-        match current {
-            Some((status, attempts, lease_owner))
+        let manual_retry = match current {
+            Some((status, attempts, lease_owner, retry_requested))
                 if status == "pending"
                     && attempts == i64::from(d.attempts)
-                    && lease_owner.as_deref() == Some(owner) => {}
+                    && lease_owner.as_deref() == Some(owner) =>
+            {
+                retry_requested
+            }
             _ => return Ok(None),
-        }
+        };
         let status = if a.success {
             DeliveryStatus::Succeeded
         } else if a.next_attempt_at.is_some() {
@@ -368,7 +372,7 @@ impl SqliteStore {
         tx.exec(
             "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_attempt_at = ?, lease_until = NULL, \
              lease_owner = NULL, response_status = ?, response_body = ?, last_error = ?, last_duration_ms = ?, \
-             last_attempt_at = ?, updated_at = ? WHERE id = ?",
+             last_attempt_at = ?, updated_at = ?, retry_requested = 0 WHERE id = ?",
             rusqlite::params![
                 status.as_str(),
                 if a.success { None } else { a.next_attempt_at },
@@ -379,6 +383,22 @@ impl SqliteStore {
                 now,
                 now,
                 d.id.as_str()
+            ],
+        )?;
+        // The attempt's own row in the log; its number is the count just reached.
+        tx.exec(
+            "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, attempted_at, success, response_status, \
+             response_body, error, duration_ms, manual_retry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rusqlite::params![
+                d.id.as_str(),
+                i64::from(d.attempts) + 1,
+                now,
+                a.success,
+                a.response_status,
+                a.response_body,
+                a.error,
+                a.duration_ms,
+                manual_retry
             ],
         )?;
         let mut disabled = None;
@@ -441,6 +461,52 @@ impl SqliteStore {
         }))
     }
 
+    pub(super) async fn hooks_list_attempts(
+        &self,
+        endpoint: &WebhookEndpointId,
+        delivery: &WebhookDeliveryId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WebhookAttemptRecord>> {
+        // One read transaction, so that the ownership check and the rows agree.
+        let mut conn = self.reader.begin().await.map_err(map_err)?;
+        let owner: Option<String> = sqlx::query_scalar("SELECT endpoint_id FROM webhook_deliveries WHERE id = ?")
+            .bind(delivery.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        if owner.as_deref() != Some(endpoint.as_str()) {
+            let endpoint_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM webhook_endpoints WHERE id = ?")
+                .bind(endpoint.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(map_err)?;
+            return Err(StoreError::NotFound(if endpoint_exists.is_none() {
+                format!("webhook endpoint {endpoint} not found")
+            } else {
+                format!("delivery {delivery} not found")
+            }));
+        }
+        let limit = keyset_limit(page);
+        // Attempt numbers are unique within a delivery: the key alone orders the pages.
+        let before = page.cursor.as_ref().map(|c| c.key);
+        let rows = sqlx::query_as::<_, AttemptRow>(&format!(
+            "SELECT {ATTEMPT_COLS} FROM webhook_delivery_attempts WHERE delivery_id = ?1 \
+             AND (?2 IS NULL OR attempt < ?2) ORDER BY attempt DESC LIMIT ?3"
+        ))
+        .bind(delivery.as_str())
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        conn.rollback().await.map_err(map_err)?;
+        let items: Vec<WebhookAttemptRecord> = rows.into_iter().map(Into::into).collect();
+        Ok(Page::from_overfetch(items, limit as usize, |a| Cursor {
+            key: i64::from(a.attempt),
+            id: a.delivery_id.to_string(),
+        }))
+    }
+
     pub(super) async fn hooks_retry(
         &self,
         endpoint: &WebhookEndpointId,
@@ -467,7 +533,7 @@ impl SqliteStore {
         }
         tx.exec(
             "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, lease_owner = NULL, \
-             updated_at = ? WHERE id = ?",
+             retry_requested = 1, updated_at = ? WHERE id = ?",
             rusqlite::params![now, now, id.as_str()],
         )?;
         let rec = delivery_tx(&tx, id.as_str())?;
