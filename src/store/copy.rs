@@ -362,8 +362,9 @@ const TABLES: &[Table] = &[
 /// `sign_in_failures`) are not copied either: sessions and throttle windows are short-lived, and
 /// a PostgreSQL gateway creates its own first admin at its first start (its email would clash
 /// with the copied one); agents are added again there (docs/scaling.md).
-/// The full-text indexes (`*_fts` and FTS5's shadow tables) are derived from the copied
-/// rows; PostgreSQL computes its own (generated `search_tsv` columns).
+/// The full-text indexes (`*_fts` and FTS5's shadow tables, and `search_indexed`, how far they
+/// go) are derived from the copied rows; PostgreSQL computes its own (generated `search_tsv`
+/// columns).
 const SQLITE_NOT_COPIED: &[&str] = &[
     "counters",
     "_sqlx_migrations",
@@ -380,6 +381,7 @@ const SQLITE_NOT_COPIED: &[&str] = &[
     "contacts_fts_idx",
     "contacts_fts_docsize",
     "contacts_fts_config",
+    "search_indexed",
     "agents",
     "agent_sessions",
     "sign_in_failures",
