@@ -189,9 +189,9 @@ struct Fixture {
     leased: MessageId,
     /// A callback for this SID arrived before any message held it.
     orphan_sid: String,
-    /// (scope, key, request hash, what `idempotency_begin` answers) for a finished key.
-    replay: (String, String, String, IdempotencyBegin),
-    /// (scope, key, request hash) of a key still in progress.
+    /// (scope, key, request hash, the stored response body) for a finished key.
+    replay: (String, String, String, String),
+    /// (scope, key, request hash) of a key left in progress by an older version.
     in_progress: (String, String, String),
     /// Numbers opted out, by channel.
     opted_out: Vec<(Channel, String)>,
@@ -200,7 +200,9 @@ struct Fixture {
 }
 
 /// Builds a database with every kind of row the gateway writes.
-async fn populate(store: &Arc<dyn Store>) -> Fixture {
+/// Builds the source database through `store`; `db` is its file (for the one row only an
+/// older version could write).
+async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
     // A webhook endpoint that sees every event below.
     let hook = store
         .create_webhook_endpoint(NewWebhookEndpoint {
@@ -245,54 +247,45 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
 
     // Every optional field of an outbound message set.
     let rich = store
-        .insert_outbound(
-            NewOutbound {
-                media: vec![
-                    Media {
-                        url: "https://example.com/a.png".into(),
-                        content_type: Some("image/png".into()),
-                        ..Default::default()
-                    },
-                    Media {
-                        url: "https://example.com/b".into(),
-                        content_type: None,
-                        ..Default::default()
-                    },
-                ],
-                segments: 2,
-                encoding: "UCS-2".into(),
-                smart_encoding: true,
-                messaging_service_sid: Some("MG00000000000000000000000000000001".into()),
-                content_sid: Some("HX00000000000000000000000000000001".into()),
-                content_variables: Some(r#"{"1":"Ada","2":"12:00"}"#.into()),
-                priority: Priority::High,
-                validity_period: Some(3600),
-                rate_cost: 2,
-                ..outbound(&phone(1), "Your order ☕ is ready", T0 + 10)
-            },
-            None,
-        )
+        .insert_outbound(NewOutbound {
+            media: vec![
+                Media {
+                    url: "https://example.com/a.png".into(),
+                    content_type: Some("image/png".into()),
+                    ..Default::default()
+                },
+                Media {
+                    url: "https://example.com/b".into(),
+                    content_type: None,
+                    ..Default::default()
+                },
+            ],
+            segments: 2,
+            encoding: "UCS-2".into(),
+            smart_encoding: true,
+            messaging_service_sid: Some("MG00000000000000000000000000000001".into()),
+            content_sid: Some("HX00000000000000000000000000000001".into()),
+            content_variables: Some(r#"{"1":"Ada","2":"12:00"}"#.into()),
+            priority: Priority::High,
+            validity_period: Some(3600),
+            rate_cost: 2,
+            ..outbound(&phone(1), "Your order ☕ is ready", T0 + 10)
+        })
         .await
         .unwrap();
     let scheduled = outbound(&phone(2), "later", T0 + 11);
     store
-        .insert_outbound(
-            NewOutbound {
-                send_at: Some(T0 + 3_600_000),
-                ..scheduled
-            },
-            None,
-        )
+        .insert_outbound(NewOutbound {
+            send_at: Some(T0 + 3_600_000),
+            ..scheduled
+        })
         .await
         .unwrap();
     let to_cancel = store
-        .insert_outbound(
-            NewOutbound {
-                send_at: Some(T0 + 3_600_000),
-                ..outbound(&phone(2), "never mind", T0 + 12)
-            },
-            None,
-        )
+        .insert_outbound(NewOutbound {
+            send_at: Some(T0 + 3_600_000),
+            ..outbound(&phone(2), "never mind", T0 + 12)
+        })
         .await
         .unwrap();
     store.cancel_message(&to_cancel.id, T0 + 13).await.unwrap();
@@ -301,51 +294,56 @@ async fn populate(store: &Arc<dyn Store>) -> Fixture {
         .await
         .unwrap();
     let fail_me = store
-        .insert_outbound(outbound(&phone(8), "to a landline", T0 + 15), None)
+        .insert_outbound(outbound(&phone(8), "to a landline", T0 + 15))
         .await
         .unwrap();
     let leased = store
-        .insert_outbound(outbound(&phone(9), "in flight", T0 + 16), None)
+        .insert_outbound(outbound(&phone(9), "in flight", T0 + 16))
         .await
         .unwrap();
 
-    // An API request with an Idempotency-Key, finished, and another still in progress.
+    // An API request with an Idempotency-Key, finished, and one left in progress by an
+    // older version (which recorded keys in a transaction of their own).
     let (scope, key, hash) = ("key_x".to_string(), "idem-1".to_string(), "req-hash-1".to_string());
-    assert_eq!(
-        store
-            .idempotency_begin(&scope, &key, &hash, T0 + 20, IDEM_TTL, IDEM_STALE)
-            .await
-            .unwrap(),
-        IdempotencyBegin::Started
-    );
     let render = |m: &MessageRecord| format!(r#"{{"id":"{}","status":"{}"}}"#, m.id, m.status);
-    let retried = store
-        .insert_outbound(
-            outbound(&phone(5), "idempotent", T0 + 21),
-            Some(IdempotencyCompletion {
-                scope: &scope,
-                key: &key,
-                status: 202,
-                render: &render,
-            }),
-        )
+    let keyed = |now: i64| IdempotentSend {
+        scope: &scope,
+        key: &key,
+        request_hash: &hash,
+        now,
+        ttl_ms: IDEM_TTL,
+        stale_ms: IDEM_STALE,
+        status: 202,
+        render: &render,
+    };
+    let IdempotentInsert::Created(retried) = store
+        .insert_outbound_idempotent(outbound(&phone(5), "idempotent", T0 + 21), keyed(T0 + 21))
+        .await
+        .unwrap()
+    else {
+        panic!("a new key stores the message")
+    };
+    let replay = match store
+        .insert_outbound_idempotent(outbound(&phone(5), "idempotent", T0 + 22), keyed(T0 + 22))
+        .await
+        .unwrap()
+    {
+        IdempotentInsert::Replay { status: 202, body } => body,
+        other => panic!("{other:?}"),
+    };
+    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
         .await
         .unwrap();
-    let replay = store
-        .idempotency_begin(&scope, &key, &hash, T0 + 22, IDEM_TTL, IDEM_STALE)
-        .await
-        .unwrap();
-    assert!(
-        matches!(replay, IdempotencyBegin::Replay { status: 202, .. }),
-        "{replay:?}"
-    );
-    assert_eq!(
-        store
-            .idempotency_begin(&scope, "idem-2", "req-hash-2", T0 + 23, IDEM_TTL, IDEM_STALE)
-            .await
-            .unwrap(),
-        IdempotencyBegin::Started
-    );
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) \
+         VALUES (?, 'idem-2', 'req-hash-2', 'in_progress', ?)",
+    )
+    .bind(&scope)
+    .bind(T0 + 23)
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    raw.close().await.unwrap();
 
     // Inbound: a plain one with media and Twilio's parameters, and STOPs on both channels.
     let hello_sid = sid();
@@ -676,7 +674,7 @@ async fn copies_everything_and_the_target_behaves_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let from = sqlite_url(dir.path());
     let source = open_store(&from, 4).await.unwrap();
-    let fx = populate(&source).await;
+    let fx = populate(&source, &dir.path().join("switchboard.db")).await;
     let before = snapshot(&source).await;
     let source_keys = source.count_api_keys().await.unwrap();
     let initial = source.find_api_key("hash-initial").await.unwrap().unwrap();
@@ -811,22 +809,37 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         assert!(!target.is_opted_out(Channel::Sms, &phone(1)).await.unwrap());
 
         // Idempotency: the finished request replays, the unfinished one is still in progress.
+        let send = |(scope, key, hash): (&str, &str, &str)| {
+            let target = target.clone();
+            let (scope, key, hash) = (scope.to_string(), key.to_string(), hash.to_string());
+            async move {
+                let render = |m: &MessageRecord| m.id.to_string();
+                target
+                    .insert_outbound_idempotent(
+                        outbound(&phone(5), "idempotent", T0 + 200),
+                        IdempotentSend {
+                            scope: &scope,
+                            key: &key,
+                            request_hash: &hash,
+                            now: T0 + 200,
+                            ttl_ms: IDEM_TTL,
+                            stale_ms: IDEM_STALE,
+                            status: 202,
+                            render: &render,
+                        },
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
         let (scope, key, hash, replay) = &fx.replay;
-        assert_eq!(
-            target
-                .idempotency_begin(scope, key, hash, T0 + 200, IDEM_TTL, IDEM_STALE)
-                .await
-                .unwrap(),
-            *replay
-        );
+        match send((scope, key, hash)).await {
+            IdempotentInsert::Replay { status: 202, body } => assert_eq!(&body, replay),
+            other => panic!("{other:?}"),
+        }
         let (scope, key, hash) = &fx.in_progress;
-        assert_eq!(
-            target
-                .idempotency_begin(scope, key, hash, T0 + 200, IDEM_TTL, IDEM_STALE)
-                .await
-                .unwrap(),
-            IdempotencyBegin::InProgress
-        );
+        let r = send((scope, key, hash)).await;
+        assert!(matches!(r, IdempotentInsert::InProgress), "{r:?}");
 
         // The message in flight when SQLite stopped: its lease is over and it is reconciled
         // before any resend. In SQLite its lease was still running.
@@ -863,7 +876,7 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         let max_copied = all_changes(&source).await.iter().map(|m| m.change_seq).max().unwrap();
         assert_eq!(report.max_change_seq, max_copied);
         let new = target
-            .insert_outbound(outbound(&phone(10), "first from PostgreSQL", T0 + 300), None)
+            .insert_outbound(outbound(&phone(10), "first from PostgreSQL", T0 + 300))
             .await
             .unwrap();
         assert!(new.change_seq > max_copied, "{} <= {max_copied}", new.change_seq);
@@ -901,10 +914,7 @@ async fn refuses_a_target_with_data_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let from = sqlite_url(dir.path());
     let source = open_store(&from, 2).await.unwrap();
-    source
-        .insert_outbound(outbound(&phone(1), "hello", T0), None)
-        .await
-        .unwrap();
+    source.insert_outbound(outbound(&phone(1), "hello", T0)).await.unwrap();
 
     with_postgres_db(|to| async move {
         let target = open_store(&to, 2).await.unwrap();
@@ -936,7 +946,7 @@ async fn a_failure_midway_leaves_the_target_empty() {
     let dir = tempfile::tempdir().unwrap();
     let from = sqlite_url(dir.path());
     let source = open_store(&from, 2).await.unwrap();
-    populate(&source).await;
+    populate(&source, &dir.path().join("switchboard.db")).await;
     // Damage one status event's payload (status_events are copied after api_keys, contacts,
     // conversations and messages), so the copy fails well into its transaction.
     let path = dir.path().join("switchboard.db");
@@ -1051,7 +1061,7 @@ async fn copy_speed() {
                         .await
                         .unwrap();
                     store
-                        .insert_outbound(outbound(&who, "Yes, it ships today. Reply STOP to opt out.", now), None)
+                        .insert_outbound(outbound(&who, "Yes, it ships today. Reply STOP to opt out.", now))
                         .await
                         .unwrap();
                 }

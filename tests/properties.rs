@@ -466,7 +466,7 @@ fn fast_rate(_: &str) -> f64 {
 /// Sends one message through the store up to Twilio's acceptance, then records `words` as
 /// status callbacks in that order. Returns the message's status and `applied` after each.
 async fn record_callbacks(store: &Arc<dyn Store>, n: usize, words: &[&str]) -> (MessageId, Vec<(MessageStatus, bool)>) {
-    let m = store.insert_outbound(outbound(n), None).await.unwrap();
+    let m = store.insert_outbound(outbound(n)).await.unwrap();
     let claimed = store
         .claim_due(ClaimRequest {
             now: T0,

@@ -100,7 +100,7 @@ conformance!(
     inbound_is_idempotent,
     status_moves_forward_and_orphans_apply_on_accept,
     idempotency_lifecycle,
-    idempotency_concurrent_begins,
+    idempotency_concurrent_duplicates,
     claim_leases_are_exclusive,
     expired_lease_is_reclaimed_with_reconcile,
     rate_slots_never_overlap,
@@ -339,7 +339,7 @@ async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
     first.content_variables = Some(r#"{"1":"x"}"#.into());
     first.validity_period = Some(600);
     first.priority = Priority::High;
-    let rec = store.insert_outbound(first.clone(), None).await.unwrap();
+    let rec = store.insert_outbound(first.clone()).await.unwrap();
     assert_eq!(rec.id, first.id);
     assert_eq!(rec.status, MessageStatus::Queued);
     assert_eq!(rec.direction, Direction::Outbound);
@@ -370,7 +370,7 @@ async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
     assert!(!conv.opted_out && conv.contact.is_none());
 
     let second = store
-        .insert_outbound(outbound(&to, "  again  ", T0 + 10), None)
+        .insert_outbound(outbound(&to, "  again  ", T0 + 10))
         .await
         .unwrap();
     assert_eq!(second.conversation_id, rec.conversation_id);
@@ -387,7 +387,7 @@ async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
         content_type: None,
         ..Default::default()
     }];
-    let scheduled = store.insert_outbound(later, None).await.unwrap();
+    let scheduled = store.insert_outbound(later).await.unwrap();
     assert_eq!(scheduled.status, MessageStatus::Scheduled);
     assert_eq!(scheduled.send_at, Some(T0 + 60_000));
     assert_eq!(scheduled.next_attempt_at, Some(T0 + 60_000));
@@ -395,10 +395,7 @@ async fn outbound_insert_and_summary(store: Arc<dyn Store>) {
     assert_eq!(conv.last_preview.as_deref(), Some("[1 attachment]"));
 
     let other = store
-        .insert_outbound(
-            from_sender(outbound(&to, "other sender", T0 + 30), "+15005550007"),
-            None,
-        )
+        .insert_outbound(from_sender(outbound(&to, "other sender", T0 + 30), "+15005550007"))
         .await
         .unwrap();
     assert_ne!(other.conversation_id, rec.conversation_id);
@@ -441,37 +438,17 @@ async fn opt_out_blocks_insert(store: Arc<dyn Store>) {
 
     let blocked = outbound(&p, "promo", T0 + 1);
     let blocked_id = blocked.id.clone();
-    let r = store.insert_outbound(blocked, None).await;
+    let r = store.insert_outbound(blocked).await;
     assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
 
-    // The idempotency key stays in progress: the completion is part of the failed transaction.
-    assert_eq!(
-        store
-            .idempotency_begin("key_a", "k", "h", T0, 86_400_000, 60_000)
-            .await
-            .unwrap(),
-        IdempotencyBegin::Started
-    );
-    let render = |m: &MessageRecord| m.id.to_string();
-    let r = store
-        .insert_outbound(
-            outbound(&p, "promo", T0 + 2),
-            Some(IdempotencyCompletion {
-                scope: "key_a",
-                key: "k",
-                status: 202,
-                render: &render,
-            }),
-        )
-        .await;
-    assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
-    assert_eq!(
-        store
-            .idempotency_begin("key_a", "k", "h", T0 + 3, 86_400_000, 60_000)
-            .await
-            .unwrap(),
-        IdempotencyBegin::InProgress
-    );
+    // A keyed send is refused the same way and leaves no key behind: the same key with
+    // another body is refused for the opt-out again, not as a reused key.
+    for hash in ["h", "h2"] {
+        let r = store
+            .insert_outbound_idempotent(outbound(&p, "promo", T0 + 2), keyed("key_a", "k", hash, T0 + 2))
+            .await;
+        assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
+    }
 
     let group = MessageId::new();
     let parts: Vec<NewOutbound> = (0..2)
@@ -505,7 +482,7 @@ async fn opt_out_blocks_insert(store: Arc<dyn Store>) {
     // Opt-outs are per channel.
     let mut wa = outbound(&p, "on whatsapp", T0 + 5);
     wa.channel = Channel::Whatsapp;
-    store.insert_outbound(wa, None).await.unwrap();
+    store.insert_outbound(wa).await.unwrap();
 
     let opt_outs = collect_pages(10, |page| {
         let s = store.clone();
@@ -533,7 +510,7 @@ async fn opt_out_blocks_insert(store: Arc<dyn Store>) {
     store.insert_inbound(start).await.unwrap();
     assert!(!store.is_opted_out(Channel::Sms, &p).await.unwrap());
     store
-        .insert_outbound(outbound(&p, "welcome back", T0 + 7), None)
+        .insert_outbound(outbound(&p, "welcome back", T0 + 7))
         .await
         .unwrap();
 }
@@ -615,7 +592,7 @@ async fn inbound_is_idempotent(store: Arc<dyn Store>) {
 
 async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>) {
     let to = phone(4);
-    let m = store.insert_outbound(outbound(&to, "tracked", T0), None).await.unwrap();
+    let m = store.insert_outbound(outbound(&to, "tracked", T0)).await.unwrap();
     assert_eq!(claim(&store, T0, 10).await.len(), 1);
     let s = sid();
     let rec = store.record_attempt(&m.id, accepted(&s), T0 + 1).await.unwrap();
@@ -669,10 +646,7 @@ async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>)
     );
 
     // Callbacks that outrun the worker's record of the SID wait as orphans.
-    let m2 = store
-        .insert_outbound(outbound(&to, "fast", T0 + 20), None)
-        .await
-        .unwrap();
+    let m2 = store.insert_outbound(outbound(&to, "fast", T0 + 20)).await.unwrap();
     claim(&store, T0 + 20, 10).await;
     let s2 = sid();
     for raw in ["sent", "delivered"] {
@@ -699,7 +673,7 @@ async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>)
 
     // An error code 21610 on a callback records the opt-out.
     let m3 = store
-        .insert_outbound(outbound(&phone(44), "blocked", T0 + 30), None)
+        .insert_outbound(outbound(&phone(44), "blocked", T0 + 30))
         .await
         .unwrap();
     claim(&store, T0 + 30, 10).await;
@@ -716,112 +690,196 @@ async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>)
     assert!(store.is_opted_out(Channel::Sms, &phone(44)).await.unwrap());
 }
 
-async fn idempotency_lifecycle(store: Arc<dyn Store>) {
-    const TTL: i64 = 86_400_000;
-    const STALE: i64 = 60_000;
-    let begin = |key: &'static str, hash: &'static str, now: i64| {
-        let store = store.clone();
-        async move {
-            store
-                .idempotency_begin("key_a", key, hash, now, TTL, STALE)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(begin("k1", "h1", T0).await, IdempotencyBegin::Started);
-    assert_eq!(begin("k1", "h1", T0 + 1).await, IdempotencyBegin::InProgress);
-    assert_eq!(begin("k1", "h2", T0 + 1).await, IdempotencyBegin::Mismatch);
-    // Keys are per scope.
-    assert_eq!(
-        store
-            .idempotency_begin("key_b", "k1", "h9", T0 + 1, TTL, STALE)
-            .await
-            .unwrap(),
-        IdempotencyBegin::Started
-    );
+const IDEM_TTL: i64 = 86_400_000;
+const IDEM_STALE: i64 = 60_000;
 
-    let render = |m: &MessageRecord| format!("{{\"id\":\"{}\"}}", m.id);
-    let rec = store
-        .insert_outbound(
-            outbound(&phone(5), "idempotent", T0 + 2),
-            Some(IdempotencyCompletion {
-                scope: "key_a",
-                key: "k1",
-                status: 202,
-                render: &render,
-            }),
-        )
-        .await
-        .unwrap();
-    let replay = IdempotencyBegin::Replay {
-        status: 202,
-        body: format!("{{\"id\":\"{}\"}}", rec.id),
-    };
-    assert_eq!(begin("k1", "h1", T0 + 3).await, replay);
-    assert_eq!(begin("k1", "h2", T0 + 3).await, IdempotencyBegin::Mismatch);
-    // Abandoning only forgets keys still in progress.
-    store.idempotency_abandon("key_a", "k1").await.unwrap();
-    assert_eq!(begin("k1", "h1", T0 + 4).await, replay);
-
-    assert_eq!(begin("k2", "h1", T0).await, IdempotencyBegin::Started);
-    store.idempotency_abandon("key_a", "k2").await.unwrap();
-    assert_eq!(begin("k2", "h2", T0).await, IdempotencyBegin::Started);
-
-    // A request that crashed leaves its key in progress; after `stale` it may be taken over.
-    assert_eq!(begin("k3", "h1", T0).await, IdempotencyBegin::Started);
-    assert_eq!(begin("k3", "h1", T0 + STALE).await, IdempotencyBegin::InProgress);
-    assert_eq!(begin("k3", "h1", T0 + STALE + 1).await, IdempotencyBegin::Started);
-    assert_eq!(begin("k3", "h1", T0 + STALE + 2).await, IdempotencyBegin::InProgress);
-
-    // After the TTL a finished key is new again, even with another body.
-    assert_eq!(begin("k1", "h3", T0 + TTL + 1).await, IdempotencyBegin::Started);
-
-    // k2 (T0) and key_b/k1 (T0 + 1) are older than T0 + 2; k1 and k3 were renewed later.
-    assert_eq!(store.idempotency_purge(T0 + 2).await.unwrap(), 2);
-    assert_eq!(begin("k2", "h1", T0 + 5).await, IdempotencyBegin::Started);
-    assert_eq!(store.idempotency_purge(i64::MAX).await.unwrap(), 3);
+/// The response body stored with a keyed send: the message's ID.
+fn render_id(m: &MessageRecord) -> String {
+    format!("{{\"id\":\"{}\"}}", m.id)
 }
 
-async fn idempotency_concurrent_begins(store: Arc<dyn Store>) {
-    const TTL: i64 = 86_400_000;
+/// A keyed send's idempotency part (24 h TTL, 60 s stale limit, 202, [`render_id`]).
+fn keyed<'a>(scope: &'a str, key: &'a str, hash: &'a str, now: i64) -> IdempotentSend<'a> {
+    IdempotentSend {
+        scope,
+        key,
+        request_hash: hash,
+        now,
+        ttl_ms: IDEM_TTL,
+        stale_ms: IDEM_STALE,
+        status: 202,
+        render: &render_id,
+    }
+}
+
+/// Sends `body` to `to` under a key, unwrapping the store result.
+async fn send_keyed(
+    store: &Arc<dyn Store>,
+    (scope, key, hash): (&str, &str, &str),
+    to: &str,
+    body: &str,
+    now: i64,
+) -> IdempotentInsert {
+    store
+        .insert_outbound_idempotent(outbound(to, body, now), keyed(scope, key, hash, now))
+        .await
+        .unwrap()
+}
+
+/// The replayed body, panicking on anything but a 202 replay.
+fn replayed(r: &IdempotentInsert) -> String {
+    match r {
+        IdempotentInsert::Replay { status: 202, body } => body.clone(),
+        other => panic!("expected a 202 replay, got {other:?}"),
+    }
+}
+
+/// The created message, panicking on anything else.
+fn created(r: IdempotentInsert) -> MessageRecord {
+    match r {
+        IdempotentInsert::Created(m) => *m,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+async fn idempotency_lifecycle(store: Arc<dyn Store>) {
+    let to = phone(5);
+    let first = created(send_keyed(&store, ("key_a", "k1", "h1"), &to, "idempotent", T0).await);
+    assert_eq!(first.body, "idempotent");
+    let messages = all_changes(&store).await.len();
+    // Repeats replay the stored response, identically, and store nothing.
+    for now in [T0 + 1, T0 + 2, T0 + IDEM_TTL] {
+        let r = send_keyed(&store, ("key_a", "k1", "h1"), &to, "idempotent", now).await;
+        assert_eq!(replayed(&r), render_id(&first), "at {now}");
+    }
+    // Another request body under the key is refused.
+    let r = send_keyed(&store, ("key_a", "k1", "h2"), &to, "other", T0 + 3).await;
+    assert!(matches!(r, IdempotentInsert::Mismatch), "{r:?}");
+    assert_eq!(all_changes(&store).await.len(), messages);
+
+    // Keys are per scope: another API key's k1 is a new request.
+    let other = created(send_keyed(&store, ("key_b", "k1", "h9"), &to, "other scope", T0 + 1).await);
+    assert_ne!(other.id, first.id);
+    let r = send_keyed(&store, ("key_b", "k1", "h9"), &to, "other scope", T0 + 4).await;
+    assert_eq!(replayed(&r), render_id(&other));
+
+    // After the TTL the key is new again, even with another body; then it replays that.
+    let renewed = created(send_keyed(&store, ("key_a", "k1", "h3"), &to, "renewed", T0 + IDEM_TTL + 1).await);
+    let r = send_keyed(&store, ("key_a", "k1", "h3"), &to, "renewed", T0 + IDEM_TTL + 2).await;
+    assert_eq!(replayed(&r), render_id(&renewed));
+    let r = send_keyed(&store, ("key_a", "k1", "h1"), &to, "idempotent", T0 + IDEM_TTL + 2).await;
+    assert!(matches!(r, IdempotentInsert::Mismatch), "{r:?}");
+
+    // A refused insert (the recipient opted out) leaves no key: the next attempt, corrected
+    // to another recipient, proceeds.
+    let blocked = phone(6);
+    store
+        .insert_inbound(stop(&sid(), Channel::Sms, &blocked, T0))
+        .await
+        .unwrap();
+    let r = store
+        .insert_outbound_idempotent(outbound(&blocked, "x", T0 + 5), keyed("key_a", "k2", "h1", T0 + 5))
+        .await;
+    assert!(matches!(r, Err(StoreError::OptedOut(_))), "{r:?}");
+    let fixed = created(send_keyed(&store, ("key_a", "k2", "h2"), &to, "y", T0 + 6).await);
+    assert_eq!(fixed.to, to);
+
+    // Purging drops keys created before the limit: key_b/k1 (T0 + 1) and key_a/k2 (T0 + 6).
+    assert_eq!(store.idempotency_purge(T0 + 7).await.unwrap(), 2);
+    created(send_keyed(&store, ("key_b", "k1", "h9"), &to, "other scope", T0 + 8).await);
+    assert_eq!(store.idempotency_purge(i64::MAX).await.unwrap(), 2);
+}
+
+async fn idempotency_concurrent_duplicates(store: Arc<dyn Store>) {
     let run = |key: &'static str, now: i64| {
-        let tasks: Vec<_> = (0..16)
+        let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let store = store.clone();
-                tokio::spawn(async move { store.idempotency_begin("key_a", key, "h", now, TTL, 60_000).await })
+                tokio::spawn(async move { send_keyed(&store, ("key_a", key, "h"), &phone(7), "same", now).await })
             })
             .collect();
         async move {
-            let mut out: HashMap<String, usize> = HashMap::new();
+            let mut created_ids = Vec::new();
+            let mut replays = Vec::new();
             for t in tasks {
-                let r = t.await.unwrap().unwrap();
-                *out.entry(format!("{r:?}")).or_default() += 1;
+                match t.await.unwrap() {
+                    IdempotentInsert::Created(m) => created_ids.push(render_id(&m)),
+                    r @ IdempotentInsert::Replay { .. } => replays.push(replayed(&r)),
+                    other => panic!("{key}: a concurrent duplicate got {other:?}"),
+                }
             }
-            out
+            assert_eq!(created_ids.len(), 1, "{key}: {created_ids:?}");
+            assert_eq!(replays.len(), 19, "{key}");
+            assert!(replays.iter().all(|b| *b == created_ids[0]), "{key}: {replays:?}");
         }
     };
-    let fresh = run("fresh", T0).await;
-    assert_eq!(fresh.get("Started"), Some(&1), "{fresh:?}");
-    assert_eq!(fresh.get("InProgress"), Some(&15), "{fresh:?}");
+    let before = all_changes(&store).await.len();
+    run("fresh", T0).await;
+    assert_eq!(all_changes(&store).await.len(), before + 1);
 
-    // Concurrent takeovers of an expired key: one wins.
-    assert_eq!(
-        store
-            .idempotency_begin("key_a", "old", "h", T0, TTL, 60_000)
-            .await
-            .unwrap(),
-        IdempotencyBegin::Started
-    );
-    let takeover = run("old", T0 + TTL + 10).await;
-    assert_eq!(takeover.get("Started"), Some(&1), "{takeover:?}");
-    assert_eq!(takeover.get("InProgress"), Some(&15), "{takeover:?}");
+    // Concurrent renewals of an expired key: one stores, the others replay it.
+    created(send_keyed(&store, ("key_a", "old", "h"), &phone(7), "same", T0).await);
+    let before = all_changes(&store).await.len();
+    run("old", T0 + IDEM_TTL + 10).await;
+    assert_eq!(all_changes(&store).await.len(), before + 1);
+}
+
+/// Keys an older gateway left `in_progress` (it recorded the key and stored the message in
+/// two transactions, so a crash in between left the row behind): while younger than the
+/// stale limit the request may still be running (`InProgress`; another body is a
+/// `Mismatch`), afterwards it is taken as crashed and the send proceeds. `leave` writes such
+/// a row directly, as the old version did.
+async fn legacy_in_progress_keys<F, Fut>(store: Arc<dyn Store>, leave: F)
+where
+    F: FnOnce(i64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    leave(T0).await;
+    let to = phone(8);
+    let r = send_keyed(&store, ("key_a", "legacy", "h"), &to, "legacy", T0 + IDEM_STALE).await;
+    assert!(matches!(r, IdempotentInsert::InProgress), "{r:?}");
+    let r = send_keyed(&store, ("key_a", "legacy", "h2"), &to, "legacy", T0 + IDEM_STALE).await;
+    assert!(matches!(r, IdempotentInsert::Mismatch), "{r:?}");
+    assert!(all_changes(&store).await.is_empty());
+    let m = created(send_keyed(&store, ("key_a", "legacy", "h"), &to, "legacy", T0 + IDEM_STALE + 1).await);
+    let r = send_keyed(&store, ("key_a", "legacy", "h"), &to, "legacy", T0 + IDEM_STALE + 2).await;
+    assert_eq!(replayed(&r), render_id(&m));
+}
+
+const LEGACY_ROW: &str = "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) \
+                          VALUES ('key_a', 'legacy', 'h', 'in_progress', $1)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_legacy_in_progress_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path, 4).await.unwrap();
+    legacy_in_progress_keys(Arc::new(store), |now| async move {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        conn.execute(LEGACY_ROW, [now]).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_legacy_in_progress_keys() {
+    with_postgres_db(|url| async move {
+        let store = PostgresStore::connect(&url, 4).await.unwrap();
+        let pool = store.pool().clone();
+        legacy_in_progress_keys(Arc::new(store), |now| async move {
+            sqlx::query(LEGACY_ROW).bind(now).execute(&pool).await.unwrap();
+        })
+        .await;
+    })
+    .await;
 }
 
 async fn claim_leases_are_exclusive(store: Arc<dyn Store>) {
     let mut all = HashSet::new();
     for i in 0..60 {
         let m = from_sender(outbound(&phone(100 + i), "job", T0), &phone(900 + i % 6));
-        all.insert(store.insert_outbound(m, None).await.unwrap().id);
+        all.insert(store.insert_outbound(m).await.unwrap().id);
     }
     let now = T0 + 1000;
     let claimers: Vec<_> = (0..8)
@@ -870,10 +928,7 @@ async fn claim_leases_are_exclusive(store: Arc<dyn Store>) {
 }
 
 async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
-    let m = store
-        .insert_outbound(outbound(&phone(6), "lease", T0), None)
-        .await
-        .unwrap();
+    let m = store.insert_outbound(outbound(&phone(6), "lease", T0)).await.unwrap();
     let lease = |now: i64, lease_ms: i64| {
         let store = store.clone();
         async move {
@@ -924,10 +979,7 @@ async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
     assert!(c[0].reconcile);
 
     // expire_all_leases makes every current lease claimable now, for reconciliation.
-    let m2 = store
-        .insert_outbound(outbound(&phone(7), "crash", T0), None)
-        .await
-        .unwrap();
+    let m2 = store.insert_outbound(outbound(&phone(7), "crash", T0)).await.unwrap();
     let c = lease(T0 + 7000, 60_000).await;
     assert!(c.iter().any(|c| c.message.id == m2.id));
     assert!(store.expire_all_leases().await.unwrap() >= 2);
@@ -947,9 +999,9 @@ async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
         let mut m = from_sender(outbound(&phone(200 + i), "rate", T0), a);
         m.rate_cost = 2;
         m.segments = 2;
-        cost.insert(store.insert_outbound(m, None).await.unwrap().id, (a, 2));
+        cost.insert(store.insert_outbound(m).await.unwrap().id, (a, 2));
         let m = from_sender(outbound(&phone(300 + i), "rate", T0), b);
-        cost.insert(store.insert_outbound(m, None).await.unwrap().id, (b, 1));
+        cost.insert(store.insert_outbound(m).await.unwrap().id, (b, 1));
     }
     fn rate(key: &str) -> f64 {
         if key == "+15005550100" {
@@ -1019,7 +1071,7 @@ async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
     let c = "+15005550300";
     for i in 0..4 {
         let m = from_sender(outbound(&phone(400 + i), "slow", T0), c);
-        store.insert_outbound(m, None).await.unwrap();
+        store.insert_outbound(m).await.unwrap();
     }
     let slow = |_: &str| 1.0;
     let req = |now: i64| ClaimRequest {
@@ -1052,9 +1104,9 @@ async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
     let d = "+15005550400";
     let mut expired = from_sender(outbound(&phone(500), "expired", T0), d);
     expired.validity_period = Some(10);
-    let expired = store.insert_outbound(expired, None).await.unwrap();
+    let expired = store.insert_outbound(expired).await.unwrap();
     let fresh = from_sender(outbound(&phone(501), "fresh", T0 + 1), d);
-    let fresh = store.insert_outbound(fresh, None).await.unwrap();
+    let fresh = store.insert_outbound(fresh).await.unwrap();
     let now = T0 + 40_000;
     // (The earlier claims' leases have run out by now, so those messages come back too.)
     let got: HashMap<MessageId, i64> = store
@@ -1069,21 +1121,15 @@ async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
 }
 
 async fn claim_priority_order(store: Arc<dyn Store>) {
-    let n1 = store
-        .insert_outbound(outbound(&phone(8), "n1", T0), None)
-        .await
-        .unwrap();
-    let n2 = store
-        .insert_outbound(outbound(&phone(9), "n2", T0 + 1), None)
-        .await
-        .unwrap();
+    let n1 = store.insert_outbound(outbound(&phone(8), "n1", T0)).await.unwrap();
+    let n2 = store.insert_outbound(outbound(&phone(9), "n2", T0 + 1)).await.unwrap();
     let mut h = outbound(&phone(10), "h1", T0 + 2);
     h.priority = Priority::High;
-    let h1 = store.insert_outbound(h, None).await.unwrap();
+    let h1 = store.insert_outbound(h).await.unwrap();
     let mut later = outbound(&phone(11), "later", T0);
     later.send_at = Some(T0 + 60_000);
     later.priority = Priority::High;
-    let scheduled = store.insert_outbound(later, None).await.unwrap();
+    let scheduled = store.insert_outbound(later).await.unwrap();
 
     let mut order = Vec::new();
     for _ in 0..4 {
@@ -1101,10 +1147,7 @@ async fn claim_priority_order(store: Arc<dyn Store>) {
 
 async fn record_attempt_outcomes(store: Arc<dyn Store>) {
     let to = phone(12);
-    let m = store
-        .insert_outbound(outbound(&to, "retry me", T0), None)
-        .await
-        .unwrap();
+    let m = store.insert_outbound(outbound(&to, "retry me", T0)).await.unwrap();
     claim(&store, T0, 10).await;
     let r = store
         .record_attempt(
@@ -1142,7 +1185,7 @@ async fn record_attempt_outcomes(store: Arc<dyn Store>) {
     assert_eq!((r.error_code, r.error_message.as_deref()), (None, None));
     assert!(store.provider_sid_known(&s).await.unwrap());
 
-    let f = store.insert_outbound(outbound(&to, "fail me", T0), None).await.unwrap();
+    let f = store.insert_outbound(outbound(&to, "fail me", T0)).await.unwrap();
     claim(&store, T0 + 3000, 10).await;
     let r = store
         .record_attempt(
@@ -1163,10 +1206,7 @@ async fn record_attempt_outcomes(store: Arc<dyn Store>) {
     assert_eq!((r.attempts, r.next_attempt_at), (1, None));
     assert!(!store.is_opted_out(Channel::Sms, &to).await.unwrap());
 
-    let o = store
-        .insert_outbound(outbound(&phone(13), "opted", T0), None)
-        .await
-        .unwrap();
+    let o = store.insert_outbound(outbound(&phone(13), "opted", T0)).await.unwrap();
     claim(&store, T0 + 4000, 10).await;
     store
         .record_attempt(
@@ -1195,7 +1235,7 @@ async fn record_attempt_outcomes(store: Arc<dyn Store>) {
     );
 
     // A SID already held by another message is a conflict, and changes nothing.
-    let d = store.insert_outbound(outbound(&to, "dup sid", T0), None).await.unwrap();
+    let d = store.insert_outbound(outbound(&to, "dup sid", T0)).await.unwrap();
     claim(&store, T0 + 5000, 10).await;
     let r = store.record_attempt(&d.id, accepted(&s), T0 + 5001).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
@@ -1222,10 +1262,7 @@ fn parts_of(to: &str, n: u32, now: i64) -> Vec<NewOutbound> {
 
 async fn split_parts_chain(store: Arc<dyn Store>) {
     let to = phone(14);
-    let single = store
-        .insert_outbound(outbound(&to, "single", T0 - 10), None)
-        .await
-        .unwrap();
+    let single = store.insert_outbound(outbound(&to, "single", T0 - 10)).await.unwrap();
     let parts = store.insert_outbound_parts(parts_of(&to, 3, T0)).await.unwrap();
     assert_eq!(parts.len(), 3);
     assert!(parts.iter().all(|p| p.status == MessageStatus::Queued));
@@ -1325,10 +1362,7 @@ async fn split_parts_chain(store: Arc<dyn Store>) {
 
 async fn cancel(store: Arc<dyn Store>) {
     let to = phone(15);
-    let m = store
-        .insert_outbound(outbound(&to, "cancel me", T0), None)
-        .await
-        .unwrap();
+    let m = store.insert_outbound(outbound(&to, "cancel me", T0)).await.unwrap();
     let c = store.cancel_message(&m.id, T0 + 1).await.unwrap();
     assert_eq!(c.status, MessageStatus::Canceled);
     assert_eq!((c.next_attempt_at, c.updated_at), (None, T0 + 1));
@@ -1341,14 +1375,14 @@ async fn cancel(store: Arc<dyn Store>) {
 
     let mut s = outbound(&to, "scheduled", T0);
     s.send_at = Some(T0 + 60_000);
-    let s = store.insert_outbound(s, None).await.unwrap();
+    let s = store.insert_outbound(s).await.unwrap();
     assert_eq!(
         store.cancel_message(&s.id, T0 + 1).await.unwrap().status,
         MessageStatus::Canceled
     );
 
     // Leased: being handed to Twilio right now.
-    let l = store.insert_outbound(outbound(&to, "leased", T0), None).await.unwrap();
+    let l = store.insert_outbound(outbound(&to, "leased", T0)).await.unwrap();
     assert_eq!(claim(&store, T0, 10).await.len(), 1);
     let r = store.cancel_message(&l.id, T0 + 1).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
@@ -1359,10 +1393,7 @@ async fn cancel(store: Arc<dyn Store>) {
     );
 
     // An earlier attempt may have reached Twilio: canceling our copy would not stop it.
-    let amb = store
-        .insert_outbound(outbound(&to, "ambiguous", T0), None)
-        .await
-        .unwrap();
+    let amb = store.insert_outbound(outbound(&to, "ambiguous", T0)).await.unwrap();
     claim(&store, T0 + 45_000, 10).await;
     let retry = AttemptOutcome::Retry {
         next_at: T0 + 46_000,
@@ -1376,7 +1407,7 @@ async fn cancel(store: Arc<dyn Store>) {
     assert_eq!(message(&store, &amb.id).await.status, MessageStatus::Queued);
 
     // With Twilio already.
-    let a = store.insert_outbound(outbound(&to, "sent", T0), None).await.unwrap();
+    let a = store.insert_outbound(outbound(&to, "sent", T0)).await.unwrap();
     claim(&store, T0 + 50_000, 10).await;
     store
         .record_attempt(&a.id, accepted(&sid()), T0 + 50_001)
@@ -1413,7 +1444,7 @@ async fn keyset_pagination(store: Arc<dyn Store>) {
     let mut conv_ids = HashSet::new();
     for i in 0..23 {
         let m = store
-            .insert_outbound(outbound(&phone(500 + i), "page", T0 + (i / 3) as i64), None)
+            .insert_outbound(outbound(&phone(500 + i), "page", T0 + (i / 3) as i64))
             .await
             .unwrap();
         conv_ids.insert(m.conversation_id);
@@ -1421,7 +1452,7 @@ async fn keyset_pagination(store: Arc<dyn Store>) {
     for i in 0..4 {
         let mut m = outbound(&phone(600 + i), "wa", T0);
         m.channel = Channel::Whatsapp;
-        store.insert_outbound(m, None).await.unwrap();
+        store.insert_outbound(m).await.unwrap();
     }
     for i in 0..2 {
         store
@@ -1478,7 +1509,7 @@ async fn keyset_pagination(store: Arc<dyn Store>) {
     let mut conv = None;
     for i in 0..17 {
         let m = store
-            .insert_outbound(outbound(&to, "m", T0 + (i / 4) as i64), None)
+            .insert_outbound(outbound(&to, "m", T0 + (i / 4) as i64))
             .await
             .unwrap();
         conv = Some(m.conversation_id);
@@ -1602,7 +1633,7 @@ async fn changed_since_sees_every_change_once(store: Arc<dyn Store>) {
                         }
                     } else {
                         store
-                            .insert_outbound(outbound(&to, "out", T0 + i as i64), None)
+                            .insert_outbound(outbound(&to, "out", T0 + i as i64))
                             .await
                             .unwrap()
                             .id
@@ -1706,10 +1737,7 @@ async fn mark_read(store: Arc<dyn Store>) {
     let r = store.mark_conversation_read(&conv, T0 + 10).await.unwrap();
     assert_eq!((r.unread_count, r.message_count, r.updated_at), (0, 2, T0 + 10));
     assert!(store.list_conversations(&unread, &page).await.unwrap().items.is_empty());
-    store
-        .insert_outbound(outbound(&from, "reply", T0 + 11), None)
-        .await
-        .unwrap();
+    store.insert_outbound(outbound(&from, "reply", T0 + 11)).await.unwrap();
     assert_eq!(conversation(&store, &conv).await.unread_count, 0);
     let r = store.mark_conversation_read(&ConversationId::new(), T0).await;
     assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
@@ -1737,17 +1765,11 @@ async fn contacts_by_phone_and_updated_since(store: Arc<dyn Store>) {
     );
     assert!(store.contacts_by_phone(&[]).await.unwrap().is_empty());
 
-    let a = store
-        .insert_outbound(outbound(&phone(18), "a", T0), None)
-        .await
-        .unwrap();
-    let b = store
-        .insert_outbound(outbound(&phone(19), "b", T0 + 10), None)
-        .await
-        .unwrap();
+    let a = store.insert_outbound(outbound(&phone(18), "a", T0)).await.unwrap();
+    let b = store.insert_outbound(outbound(&phone(19), "b", T0 + 10)).await.unwrap();
     let mut w = outbound(&phone(18), "w", T0 + 5);
     w.channel = Channel::Whatsapp;
-    let w = store.insert_outbound(w, None).await.unwrap();
+    let w = store.insert_outbound(w).await.unwrap();
     let ids = |v: Vec<MessageRecord>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
     assert_eq!(
         ids(store.messages_updated_since(Channel::Sms, T0 - 1, 100).await.unwrap()),
@@ -1788,7 +1810,7 @@ async fn callbacks_racing_the_accept_are_never_lost(store: Arc<dyn Store>) {
     for i in 0..40 {
         msgs.push(
             store
-                .insert_outbound(outbound(&phone(1200 + i), "race", T0), None)
+                .insert_outbound(outbound(&phone(1200 + i), "race", T0))
                 .await
                 .unwrap(),
         );
@@ -1835,7 +1857,7 @@ async fn concurrent_callbacks_end_at_the_furthest_status(store: Arc<dyn Store>) 
     let mut sids = Vec::new();
     for i in 0..20 {
         let m = store
-            .insert_outbound(outbound(&phone(1300 + i), "cb", T0), None)
+            .insert_outbound(outbound(&phone(1300 + i), "cb", T0))
             .await
             .unwrap();
         sids.push((m.id, sid()));
@@ -1871,7 +1893,7 @@ async fn cancel_racing_claims(store: Arc<dyn Store>) {
     let mut all = HashSet::new();
     for i in 0..30 {
         let m = from_sender(outbound(&phone(1400 + i), "race", T0), &phone(1500 + i % 3));
-        all.insert(store.insert_outbound(m, None).await.unwrap().id);
+        all.insert(store.insert_outbound(m).await.unwrap().id);
     }
     let claimers: Vec<_> = (0..4)
         .map(|_| {
@@ -1931,10 +1953,7 @@ async fn postgres_pool_recovers_after_connections_are_killed() {
     with_postgres_db(|url| async move {
         let store = PostgresStore::connect(&url, 4).await.unwrap();
         store.ping().await.unwrap();
-        store
-            .insert_outbound(outbound(&phone(20), "before", T0), None)
-            .await
-            .unwrap();
+        store.insert_outbound(outbound(&phone(20), "before", T0)).await.unwrap();
         let name = url::Url::parse(&url)
             .unwrap()
             .path()
@@ -1951,7 +1970,7 @@ async fn postgres_pool_recovers_after_connections_are_killed() {
         assert!(!killed.is_empty(), "the store held connections");
         store.ping().await.unwrap();
         store
-            .insert_outbound(outbound(&phone(20), "after", T0 + 1), None)
+            .insert_outbound(outbound(&phone(20), "after", T0 + 1))
             .await
             .unwrap();
         assert_eq!(all_changes(&(Arc::new(store.clone()) as Arc<dyn Store>)).await.len(), 2);
@@ -2011,7 +2030,7 @@ async fn events_follow_every_change(store: Arc<dyn Store>) {
     use switchboard::events::EventDraft;
     assert_eq!(store.event_bounds().await.unwrap().latest, 0);
     let to = phone(40);
-    let m = store.insert_outbound(outbound(&to, "hello", T0), None).await.unwrap();
+    let m = store.insert_outbound(outbound(&to, "hello", T0)).await.unwrap();
     let conv = m.conversation_id.to_string();
     let ev = all_events(&store, 0).await;
     assert_eq!(kinds(&ev), ["message.created", "conversation.updated"]);
@@ -2199,14 +2218,8 @@ async fn next_event(
 async fn event_stream_resumes_and_filters(store: Arc<dyn Store>) {
     use switchboard::events::{EventDraft, EventHub};
     let stop = tokio_util::sync::CancellationToken::new();
-    let a = store
-        .insert_outbound(outbound(&phone(50), "a", T0), None)
-        .await
-        .unwrap();
-    let b = store
-        .insert_outbound(outbound(&phone(51), "b", T0), None)
-        .await
-        .unwrap();
+    let a = store.insert_outbound(outbound(&phone(50), "a", T0)).await.unwrap();
+    let b = store.insert_outbound(outbound(&phone(51), "b", T0)).await.unwrap();
     let hub = EventHub::start(store.clone(), 64, stop.clone()).await.unwrap();
     let (conv_a, conv_b) = (a.conversation_id.to_string(), b.conversation_id.to_string());
 
@@ -2639,10 +2652,7 @@ fn ok_attempt() -> DeliveryAttempt {
 
 async fn webhook_fan_out_filters_and_never_repeats(store: Arc<dyn Store>) {
     // Events before an endpoint exists are not delivered to it.
-    store
-        .insert_outbound(outbound(&phone(60), "before", T0), None)
-        .await
-        .unwrap();
+    store.insert_outbound(outbound(&phone(60), "before", T0)).await.unwrap();
     let all = store
         .create_webhook_endpoint(endpoint("https://a.example/hook", &[], T0))
         .await
@@ -2665,7 +2675,7 @@ async fn webhook_fan_out_filters_and_never_repeats(store: Arc<dyn Store>) {
 
     let before = store.event_bounds().await.unwrap().latest;
     let m = store
-        .insert_outbound(outbound(&phone(61), "after", T0 + 1), None)
+        .insert_outbound(outbound(&phone(61), "after", T0 + 1))
         .await
         .unwrap();
     store
@@ -3689,7 +3699,7 @@ async fn search_ranks_by_relevance_then_newest(store: Arc<dyn Store>) {
 async fn search_filters_messages(store: Arc<dyn Store>) {
     let sms_in = receive(&store, inbound(&sid(), &phone(310), "invoice paid", T0 + 10)).await;
     let sms_out = store
-        .insert_outbound(outbound(&phone(310), "invoice sent", T0 + 20), None)
+        .insert_outbound(outbound(&phone(310), "invoice sent", T0 + 20))
         .await
         .unwrap();
     let wa_in = receive(
@@ -3701,13 +3711,10 @@ async fn search_filters_messages(store: Arc<dyn Store>) {
     )
     .await;
     let wa_out = store
-        .insert_outbound(
-            NewOutbound {
-                channel: Channel::Whatsapp,
-                ..outbound(&phone(311), "invoice answer", T0 + 40)
-            },
-            None,
-        )
+        .insert_outbound(NewOutbound {
+            channel: Channel::Whatsapp,
+            ..outbound(&phone(311), "invoice answer", T0 + 40)
+        })
         .await
         .unwrap();
     store.cancel_message(&wa_out.id, T0 + 41).await.unwrap();
@@ -3876,10 +3883,7 @@ async fn search_ranks_only_the_newest_window(store: Arc<dyn Store>) {
         };
         let t = T0 + i as i64;
         m.push(if i >= 6 {
-            store
-                .insert_outbound(outbound(&phone(380 + i), body, t), None)
-                .await
-                .unwrap()
+            store.insert_outbound(outbound(&phone(380 + i), body, t)).await.unwrap()
         } else {
             receive(&store, inbound(&sid(), &phone(380 + i), body, t)).await
         });
@@ -4174,7 +4178,7 @@ async fn inbound_language_is_stored_with_the_conversation(store: Arc<dyn Store>)
     let ok = receive(&store, inbound(&sid(), &p, "ok", T0 + 1)).await;
     assert_eq!(ok.language, None);
     let out = store
-        .insert_outbound(outbound(&p, "Abrimos a las 9", T0 + 2), None)
+        .insert_outbound(outbound(&p, "Abrimos a las 9", T0 + 2))
         .await
         .unwrap();
     assert_eq!(out.language, None);
@@ -4255,7 +4259,7 @@ fn wa_free_form(to: &str, now: i64) -> NewOutbound {
 async fn whatsapp_window_follows_the_last_inbound(store: Arc<dyn Store>) {
     let who = phone(70);
     // Never wrote: closed, and nothing is written.
-    let r = store.insert_outbound(wa_free_form(&who, T0), None).await;
+    let r = store.insert_outbound(wa_free_form(&who, T0)).await;
     assert!(
         matches!(&r, Err(StoreError::WhatsappWindowClosed(m)) if m.contains("content_sid")),
         "{r:?}"
@@ -4267,7 +4271,7 @@ async fn whatsapp_window_follows_the_last_inbound(store: Arc<dyn Store>) {
         whatsapp_window_required: false,
         ..wa_free_form(&who, T0)
     };
-    let t = store.insert_outbound(tpl, None).await.unwrap();
+    let t = store.insert_outbound(tpl).await.unwrap();
     assert_eq!(conversation(&store, &t.conversation_id).await.last_inbound_at, None);
 
     // They write at T0 + 1 h: open for exactly 24 hours from then.
@@ -4283,10 +4287,10 @@ async fn whatsapp_window_follows_the_last_inbound(store: Arc<dyn Store>) {
     assert_eq!(c.last_inbound_at, Some(T0 + HOUR));
     assert_eq!(c.whatsapp_window_expires_at(), Some(T0 + 25 * HOUR));
     store
-        .insert_outbound(wa_free_form(&who, T0 + 25 * HOUR - 1), None)
+        .insert_outbound(wa_free_form(&who, T0 + 25 * HOUR - 1))
         .await
         .unwrap();
-    let r = store.insert_outbound(wa_free_form(&who, T0 + 25 * HOUR), None).await;
+    let r = store.insert_outbound(wa_free_form(&who, T0 + 25 * HOUR)).await;
     assert!(
         matches!(&r, Err(StoreError::WhatsappWindowClosed(m)) if m.contains("closed at")),
         "{r:?}"
@@ -4304,28 +4308,25 @@ async fn whatsapp_window_follows_the_last_inbound(store: Arc<dyn Store>) {
         conversation(&store, &m.conversation_id).await.last_inbound_at,
         Some(T0 + 30 * HOUR)
     );
-    store
-        .insert_outbound(wa_free_form(&who, T0 + 53 * HOUR), None)
-        .await
-        .unwrap();
+    store.insert_outbound(wa_free_form(&who, T0 + 53 * HOUR)).await.unwrap();
 
     // The window belongs to the sender they wrote to; a Messaging Service (which picks the
     // sender itself) counts their latest message to any of our WhatsApp senders.
     let other = from_sender(wa_free_form(&who, T0 + 31 * HOUR), "+14155238887");
-    let r = store.insert_outbound(other, None).await;
+    let r = store.insert_outbound(other).await;
     assert!(matches!(r, Err(StoreError::WhatsappWindowClosed(_))), "{r:?}");
     let mg = "MG00000000000000000000000000000001";
     let service = NewOutbound {
         messaging_service_sid: Some(mg.into()),
         ..from_sender(wa_free_form(&who, T0 + 31 * HOUR), mg)
     };
-    store.insert_outbound(service, None).await.unwrap();
+    store.insert_outbound(service).await.unwrap();
     let late = NewOutbound {
         messaging_service_sid: Some(mg.into()),
         ..from_sender(wa_free_form(&who, T0 + 54 * HOUR), mg)
     };
     assert!(matches!(
-        store.insert_outbound(late, None).await,
+        store.insert_outbound(late).await,
         Err(StoreError::WhatsappWindowClosed(_))
     ));
 

@@ -45,7 +45,7 @@ fn render(m: &crate::store::MessageRecord) -> String {
         (status = 202, description = "queued", body = MessageOut),
         (status = 400, description = "unreadable JSON", body = crate::error::ErrorEnvelope),
         (status = 401, description = "missing or wrong API key", body = crate::error::ErrorEnvelope),
-        (status = 409, description = "same Idempotency-Key still in progress", body = crate::error::ErrorEnvelope),
+        (status = 409, description = "Idempotency-Key left in progress by an older gateway version (under a minute old); a concurrent duplicate waits and gets the replay instead", body = crate::error::ErrorEnvelope),
         (status = 413, description = "body too large", body = crate::error::ErrorEnvelope),
         (status = 422, description = "invalid field, opted_out, whatsapp_window_closed (a free-form WhatsApp message outside the 24-hour window: send a template with content_sid), idempotency_key_reused", body = crate::error::ErrorEnvelope),
     ), security(("api_key" = [])))]

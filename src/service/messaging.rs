@@ -12,8 +12,8 @@ use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, Message
 use crate::error::{Error, Result};
 use crate::provider::twilio::client::describe_error;
 use crate::store::{
-    ContactRecord, IdempotencyBegin, IdempotencyCompletion, InboundOutcome, Media, MediaStatus, MessageRecord,
-    NewContact, NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
+    ContactRecord, IdempotentInsert, IdempotentSend, InboundOutcome, Media, MediaStatus, MessageRecord, NewContact,
+    NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
 };
 use crate::util::now_ms;
 
@@ -23,7 +23,8 @@ const SEND_AT_MIN_MS: i64 = 15 * 60 * 1000;
 const SEND_AT_MAX_MS: i64 = 35 * 24 * 3600 * 1000;
 /// How long idempotency keys are kept.
 pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
-/// A key left `in_progress` this long belongs to a request that died; it may be taken over.
+/// Only gateways before the one-transaction idempotent send committed keys `in_progress`;
+/// one left this long belongs to a request that died and is taken over.
 const IDEMPOTENCY_STALE_MS: i64 = 60 * 1000;
 
 /// Opt-out keywords (twilio.md §3.7): the whole trimmed body, case-insensitive.
@@ -185,55 +186,39 @@ impl Messaging {
 
     /// Validates a send and queues it. Errors: `invalid_request` (422) naming the field,
     /// `opted_out`, `whatsapp_window_closed` (a free-form WhatsApp send outside the 24-hour
-    /// window), idempotency errors (`idempotency_key_reused` 422, `conflict` 409).
+    /// window), idempotency errors (`idempotency_key_reused` 422; `conflict` 409 only for a key
+    /// an older version left in progress under `IDEMPOTENCY_STALE_MS` ago).
     pub async fn send(&self, input: SendInput, idem: Option<IdempotencyRequest<'_>>) -> Result<SendOutcome> {
         let draft = self.parse_send(input, now_ms())?;
         metrics::histogram!("switchboard_message_segments", "direction" => "outbound")
             .record(f64::from(draft.segments));
         let Some(idem) = idem else {
-            let rec = self.store.insert_outbound(draft, None).await?;
+            let rec = self.store.insert_outbound(draft).await?;
             self.delivery.wake();
             return Ok(SendOutcome::Created(Box::new(rec)));
         };
-        match self
-            .store
-            .idempotency_begin(
-                idem.scope,
-                idem.key,
-                &idem.request_hash,
-                now_ms(),
-                IDEMPOTENCY_TTL_MS,
-                IDEMPOTENCY_STALE_MS,
-            )
-            .await?
-        {
-            IdempotencyBegin::Replay { status, body } => return Ok(SendOutcome::Replay { status, body }),
-            IdempotencyBegin::Mismatch => return Err(Error::IdempotencyKeyReused),
-            IdempotencyBegin::InProgress => {
-                return Err(Error::Conflict(
-                    "a request with this Idempotency-Key is still being processed; retry shortly".into(),
-                ))
-            }
-            IdempotencyBegin::Started => {}
-        }
-        let completion = IdempotencyCompletion {
+        // One transaction decides about the key and stores the message with it: a crash
+        // leaves either both or neither, and a concurrent duplicate waits and replays.
+        let send = IdempotentSend {
             scope: idem.scope,
             key: idem.key,
+            request_hash: &idem.request_hash,
+            now: now_ms(),
+            ttl_ms: IDEMPOTENCY_TTL_MS,
+            stale_ms: IDEMPOTENCY_STALE_MS,
             status: 202,
             render: idem.render,
         };
-        match self.store.insert_outbound(draft, Some(completion)).await {
-            Ok(rec) => {
+        match self.store.insert_outbound_idempotent(draft, send).await? {
+            IdempotentInsert::Created(rec) => {
                 self.delivery.wake();
-                Ok(SendOutcome::Created(Box::new(rec)))
+                Ok(SendOutcome::Created(rec))
             }
-            Err(e) => {
-                // The request did not take effect: free the key so a corrected retry can use it.
-                if let Err(e2) = self.store.idempotency_abandon(idem.scope, idem.key).await {
-                    tracing::warn!(error = %e2, "could not release idempotency key");
-                }
-                Err(e.into())
-            }
+            IdempotentInsert::Replay { status, body } => Ok(SendOutcome::Replay { status, body }),
+            IdempotentInsert::Mismatch => Err(Error::IdempotencyKeyReused),
+            IdempotentInsert::InProgress => Err(Error::Conflict(
+                "a request with this Idempotency-Key is still being processed; retry shortly".into(),
+            )),
         }
     }
 
@@ -408,10 +393,7 @@ impl Messaging {
         }
         let bodies = crate::domain::message::split_body(&body, crate::domain::message::MAX_BODY_CHARS);
         if bodies.len() == 1 {
-            let rec = self
-                .store
-                .insert_outbound(self.parse_send(input, now_ms())?, None)
-                .await?;
+            let rec = self.store.insert_outbound(self.parse_send(input, now_ms())?).await?;
             self.delivery.wake();
             return Ok(vec![rec]);
         }

@@ -425,34 +425,83 @@ pub struct NewOutbound {
     pub now: i64,
 }
 
-/// Completing an idempotency key in the same transaction as the insert.
-pub struct IdempotencyCompletion<'a> {
-    /// Whose key (the API key ID).
+/// An outbound send made under an `Idempotency-Key`
+/// ([`Store::insert_outbound_idempotent`]): the key, the request's fingerprint and the
+/// response to store with the message.
+pub struct IdempotentSend<'a> {
+    /// Whose key (the API key's or the agent's ID): keys are unique per scope.
     pub scope: &'a str,
     /// The client's key.
     pub key: &'a str,
+    /// Fingerprint of the request (the service hashes the canonical JSON body): the same
+    /// key with another hash is [`IdempotentInsert::Mismatch`].
+    pub request_hash: &'a str,
+    /// Now (ms); the key row is stamped with it.
+    pub now: i64,
+    /// How long (ms) a completed key replays; an older one counts as new and is replaced.
+    pub ttl_ms: i64,
+    /// How long (ms) a row left `in_progress` by an older version of the gateway (which
+    /// recorded the key and stored the message in two transactions) counts as in progress;
+    /// an older one is taken as the trace of a crashed request and replaced.
+    pub stale_ms: i64,
     /// HTTP status of the response to replay.
     pub status: u16,
-    /// Renders the response body from the stored message.
+    /// Renders the response body from the stored message (inside the transaction).
     pub render: &'a (dyn Fn(&MessageRecord) -> String + Send + Sync),
 }
 
-/// What starting an idempotent request found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdempotencyBegin {
-    /// The key is new (or expired): proceed, then complete or abandon it.
-    Started,
-    /// The same request finished before: replay this response.
+/// What [`Store::insert_outbound_idempotent`] did.
+#[derive(Debug, Clone)]
+pub enum IdempotentInsert {
+    /// The key was new (or expired, or left by a crashed request of an older version): the
+    /// message was stored and the key completed with its response, in one transaction.
+    Created(Box<MessageRecord>),
+    /// The same request was stored before: replay this response. Nothing was written.
     Replay {
         /// HTTP status.
         status: u16,
         /// JSON body.
         body: String,
     },
-    /// The same key is being processed right now.
-    InProgress,
-    /// The key was used with a different request body.
+    /// The key was used with a different request body. Nothing was written.
     Mismatch,
+    /// The key was recorded `in_progress` by an older version of the gateway less than
+    /// `stale_ms` ago (its request may still be running). Nothing was written.
+    InProgress,
+}
+
+/// A stored `idempotency_keys` row, as both backends read it to apply the rules of
+/// [`Store::insert_outbound_idempotent`].
+pub(crate) struct StoredIdempotencyKey {
+    pub(crate) request_hash: String,
+    /// `done`, or `in_progress` (only ever committed by older versions).
+    pub(crate) state: String,
+    pub(crate) response_status: Option<i64>,
+    pub(crate) response_body: Option<String>,
+    /// ms.
+    pub(crate) created_at: i64,
+}
+
+impl StoredIdempotencyKey {
+    /// The answer this row gives `idem`, or `None` when the row is to be replaced (expired
+    /// after `ttl_ms`, or left `in_progress` longer than `stale_ms`) and the send proceeds.
+    pub(crate) fn answer(&self, idem: &IdempotentSend<'_>) -> Option<IdempotentInsert> {
+        let age = idem.now - self.created_at;
+        let in_progress = self.state == "in_progress";
+        if age > idem.ttl_ms || (in_progress && age > idem.stale_ms) {
+            return None;
+        }
+        Some(if self.request_hash != idem.request_hash {
+            IdempotentInsert::Mismatch
+        } else if in_progress {
+            IdempotentInsert::InProgress
+        } else {
+            IdempotentInsert::Replay {
+                status: self.response_status.unwrap_or(200) as u16,
+                body: self.response_body.clone().unwrap_or_default(),
+            }
+        })
+    }
 }
 
 /// An inbound message to insert (idempotent on `provider_sid`).
@@ -1193,29 +1242,36 @@ pub trait Store: Send + Sync + 'static {
     /// Number of API keys.
     async fn count_api_keys(&self) -> StoreResult<i64>;
 
-    /// Starts an idempotent request. A key older than `ttl_ms` counts as new; one left
-    /// in progress longer than `stale_ms` (a crashed request) may be taken over.
-    async fn idempotency_begin(
-        &self,
-        scope: &str,
-        key: &str,
-        request_hash: &str,
-        now: i64,
-        ttl_ms: i64,
-        stale_ms: i64,
-    ) -> StoreResult<IdempotencyBegin>;
-    /// Forgets a started key whose request failed, so the client may retry.
-    async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()>;
     /// Deletes keys created before `before` (ms). Returns how many.
     async fn idempotency_purge(&self, before: i64) -> StoreResult<u64>;
 
-    /// Inserts an outbound message and its conversation summary (and completes the
-    /// idempotency key) in one transaction. `OptedOut` if the recipient opted out.
-    async fn insert_outbound(
+    /// Inserts an outbound message and its conversation summary in one transaction.
+    /// `OptedOut` if the recipient opted out.
+    async fn insert_outbound(&self, msg: NewOutbound) -> StoreResult<MessageRecord>;
+    /// Inserts an outbound message under an `Idempotency-Key`, deciding about the key and
+    /// storing the message in ONE transaction, so that a crash can never leave a key
+    /// without its message (or the reverse). The rules, for the key `(scope, key)`:
+    /// - a completed key at most `ttl_ms` old with the same `request_hash` →
+    ///   [`IdempotentInsert::Replay`] of the stored status and body; with another hash →
+    ///   [`IdempotentInsert::Mismatch`];
+    /// - a row left `in_progress` by an older version at most `stale_ms` old → `Mismatch`
+    ///   for another hash, else [`IdempotentInsert::InProgress`];
+    /// - otherwise (no row, an expired one, a stale `in_progress` one) the message is
+    ///   inserted exactly as [`Store::insert_outbound`] does and the key row is written
+    ///   completed (`done`, `created_at = now`, the status and `render`ed body) in the same
+    ///   transaction → [`IdempotentInsert::Created`]. Any error (`OptedOut`,
+    ///   `WhatsappWindowClosed`, …) rolls everything back and leaves no key behind, so a
+    ///   corrected retry proceeds.
+    ///
+    /// Concurrent calls with one key: exactly one creates, the others wait for it and
+    /// replay its response (or proceed if it failed); none answers `InProgress`. SQLite
+    /// gets this from its single writer; PostgreSQL from the key's unique index (see the
+    /// backend's notes).
+    async fn insert_outbound_idempotent(
         &self,
         msg: NewOutbound,
-        idem: Option<IdempotencyCompletion<'_>>,
-    ) -> StoreResult<MessageRecord>;
+        idem: IdempotentSend<'_>,
+    ) -> StoreResult<IdempotentInsert>;
     /// Inserts the parts of a split body in one transaction (one conversation entry). Only
     /// the first part is due at once; each later part is released when the one before it is
     /// accepted by Twilio, and ended with it if it fails. `OptedOut` as `insert_outbound`.

@@ -23,9 +23,11 @@
 //! the reasoning above relies on each statement seeing the latest committed rows and on
 //! locking reads returning the newest row version).
 //!
-//! Lock order, to keep transactions from deadlocking: SID advisory lock → existing message
-//! rows (a group's parts in part order) → conversation row, then the new message's unique
-//! keys → opt-out / idempotency rows → the `change_seq` lock last. Claims never wait on
+//! Lock order, to keep transactions from deadlocking: an idempotent send's key row (taken
+//! first, before anything else; no transaction waits for a key row while holding another
+//! lock) → SID advisory lock → existing message rows (a group's parts in part order) →
+//! conversation row, then the new message's unique keys → opt-out rows → the `change_seq`
+//! lock last. Claims never wait on
 //! message rows (SKIP LOCKED) and lock throttle rows in key order. The holder of the
 //! `change_seq` lock only touches rows it has already locked, so it never waits on another
 //! transaction.
@@ -912,98 +914,6 @@ impl Store for PostgresStore {
             .map_err(map_err)
     }
 
-    async fn idempotency_begin(
-        &self,
-        scope: &str,
-        key: &str,
-        request_hash: &str,
-        now: i64,
-        ttl_ms: i64,
-        stale_ms: i64,
-    ) -> StoreResult<IdempotencyBegin> {
-        let key = pg_text(key);
-        // A key deleted (abandoned, purged) between our failed insert and our read makes us
-        // start over; a few rounds are plenty, since each needs a concurrent delete.
-        for _ in 0..5 {
-            let mut tx = self.begin().await?;
-            // Concurrent first uses: one insert wins, the others wait for it to commit and
-            // then find its row.
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) \
-                 VALUES ($1, $2, $3, 'in_progress', $4) ON CONFLICT (scope, key) DO NOTHING",
-            )
-            .bind(scope)
-            .bind(&*key)
-            .bind(request_hash)
-            .bind(now)
-            .execute(&mut *tx.inner)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
-            if inserted == 1 {
-                tx.commit().await?;
-                return Ok(IdempotencyBegin::Started);
-            }
-            // Locked, so that of two requests taking over an expired or stale key only the
-            // first does; the second then sees a fresh in-progress key.
-            let Some(r) = sqlx::query(
-                "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys \
-                 WHERE scope = $1 AND key = $2 FOR UPDATE",
-            )
-            .bind(scope)
-            .bind(&*key)
-            .fetch_optional(&mut *tx.inner)
-            .await
-            .map_err(map_err)?
-            else {
-                continue;
-            };
-            let created: i64 = r.get("created_at");
-            let state: String = r.get("state");
-            let expired = now - created > ttl_ms;
-            let abandoned = state == "in_progress" && now - created > stale_ms;
-            if !expired && !abandoned {
-                let hash: String = r.get("request_hash");
-                if hash != request_hash {
-                    return Ok(IdempotencyBegin::Mismatch);
-                }
-                if state == "done" {
-                    return Ok(IdempotencyBegin::Replay {
-                        status: r.get::<Option<i64>, _>("response_status").unwrap_or(200) as u16,
-                        body: r.get::<Option<String>, _>("response_body").unwrap_or_default(),
-                    });
-                }
-                return Ok(IdempotencyBegin::InProgress);
-            }
-            sqlx::query(
-                "UPDATE idempotency_keys SET request_hash = $3, state = 'in_progress', response_status = NULL, \
-                 response_body = NULL, created_at = $4 WHERE scope = $1 AND key = $2",
-            )
-            .bind(scope)
-            .bind(&*key)
-            .bind(request_hash)
-            .bind(now)
-            .execute(&mut *tx.inner)
-            .await
-            .map_err(map_err)?;
-            tx.commit().await?;
-            return Ok(IdempotencyBegin::Started);
-        }
-        Err(StoreError::Unavailable(
-            "idempotency key kept changing under concurrent requests; retry".into(),
-        ))
-    }
-
-    async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'in_progress'")
-            .bind(scope)
-            .bind(pg_text(key))
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-
     async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
         let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
             .bind(before)
@@ -1013,41 +923,100 @@ impl Store for PostgresStore {
         Ok(r.rows_affected())
     }
 
-    async fn insert_outbound(
-        &self,
-        m: NewOutbound,
-        idem: Option<IdempotencyCompletion<'_>>,
-    ) -> StoreResult<MessageRecord> {
+    async fn insert_outbound(&self, m: NewOutbound) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
         insert_outbound_tx(&mut tx, &m, None).await?;
-        if let Some(c) = &idem {
-            // Locked before the change_seq lock (see Tx::stamp), so that the update below,
-            // made while holding it, cannot wait.
-            sqlx::query("SELECT 1 FROM idempotency_keys WHERE scope = $1 AND key = $2 FOR UPDATE")
-                .bind(c.scope)
-                .bind(pg_text(c.key))
-                .execute(&mut *tx.inner)
-                .await
-                .map_err(map_err)?;
-        }
         let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
         let seqs = tx.stamp().await?;
         patch_seq(&mut record, &seqs);
-        if let Some(c) = idem {
-            sqlx::query(
-                "UPDATE idempotency_keys SET state = 'done', response_status = $1, response_body = $2 \
-                 WHERE scope = $3 AND key = $4",
-            )
-            .bind(i64::from(c.status))
-            .bind(pg_text(&(c.render)(&record)))
-            .bind(c.scope)
-            .bind(pg_text(c.key))
-            .execute(&mut *tx.inner)
-            .await
-            .map_err(map_err)?;
-        }
         tx.commit().await?;
         Ok(record)
+    }
+
+    async fn insert_outbound_idempotent(
+        &self,
+        m: NewOutbound,
+        idem: IdempotentSend<'_>,
+    ) -> StoreResult<IdempotentInsert> {
+        let key = pg_text(idem.key);
+        let mut tx = self.begin().await?;
+        // The key row first (see the lock order). Our uncommitted row holds the unique
+        // index: a concurrent duplicate's insert waits on it until we commit (it then finds
+        // our completed row and replays it) or roll back (it then inserts and proceeds).
+        // The row is completed before commit, so `in_progress` is never seen by others.
+        // A row deleted (purged) between a failed insert and the read is inserted again;
+        // each round needs a concurrent delete, so a few are plenty.
+        let mut rounds = 0;
+        loop {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) \
+                 VALUES ($1, $2, $3, 'in_progress', $4) ON CONFLICT (scope, key) DO NOTHING",
+            )
+            .bind(idem.scope)
+            .bind(&*key)
+            .bind(idem.request_hash)
+            .bind(idem.now)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+            if inserted == 1 {
+                break;
+            }
+            // Locked, so that of two requests replacing an expired or stale key only the
+            // first does; the second reads the row it completed and replays it.
+            let found = sqlx::query(
+                "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys \
+                 WHERE scope = $1 AND key = $2 FOR UPDATE",
+            )
+            .bind(idem.scope)
+            .bind(&*key)
+            .fetch_optional(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+            let Some(r) = found else {
+                rounds += 1;
+                if rounds == 5 {
+                    return Err(StoreError::Unavailable(
+                        "idempotency key kept changing under concurrent requests; retry".into(),
+                    ));
+                }
+                continue;
+            };
+            let stored = StoredIdempotencyKey {
+                request_hash: r.get("request_hash"),
+                state: r.get("state"),
+                response_status: r.get("response_status"),
+                response_body: r.get("response_body"),
+                created_at: r.get("created_at"),
+            };
+            match stored.answer(&idem) {
+                Some(answer) => return Ok(answer),
+                None => break,
+            }
+        }
+        // Any error from here on rolls back the message and the key row alike.
+        insert_outbound_tx(&mut tx, &m, None).await?;
+        let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
+        let seqs = tx.stamp().await?;
+        patch_seq(&mut record, &seqs);
+        // The row is ours (inserted or locked above), so this cannot wait while we hold
+        // the change_seq lock.
+        sqlx::query(
+            "UPDATE idempotency_keys SET request_hash = $3, state = 'done', response_status = $4, \
+             response_body = $5, created_at = $6 WHERE scope = $1 AND key = $2",
+        )
+        .bind(idem.scope)
+        .bind(&*key)
+        .bind(idem.request_hash)
+        .bind(i64::from(idem.status))
+        .bind(pg_text(&(idem.render)(&record)))
+        .bind(idem.now)
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(IdempotentInsert::Created(Box::new(record)))
     }
 
     async fn insert_outbound_parts(&self, parts: Vec<NewOutbound>) -> StoreResult<Vec<MessageRecord>> {

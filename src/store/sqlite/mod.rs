@@ -903,62 +903,6 @@ impl Store for SqliteStore {
             .map_err(map_err)
     }
 
-    async fn idempotency_begin(
-        &self,
-        scope: &str,
-        key: &str,
-        request_hash: &str,
-        now: i64,
-        ttl_ms: i64,
-        stale_ms: i64,
-    ) -> StoreResult<IdempotencyBegin> {
-        let tx = self.begin().await?;
-        let found = tx.row_opt(
-            "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys WHERE scope = ? AND key = ?",
-            [scope, key],
-            |r| {
-                let created: i64 = r.get("created_at")?;
-                let state: String = r.get("state")?;
-                let expired = now - created > ttl_ms;
-                let abandoned = state == "in_progress" && now - created > stale_ms;
-                if expired || abandoned {
-                    return Ok(None);
-                }
-                let hash: String = r.get("request_hash")?;
-                Ok(Some(if hash != request_hash {
-                    IdempotencyBegin::Mismatch
-                } else if state == "done" {
-                    IdempotencyBegin::Replay {
-                        status: r.get::<_, i64>("response_status")? as u16,
-                        body: r.get("response_body")?,
-                    }
-                } else {
-                    IdempotencyBegin::InProgress
-                }))
-            },
-        )?;
-        if let Some(Some(answer)) = found {
-            return Ok(answer);
-        }
-        tx.exec(
-            "INSERT INTO idempotency_keys (scope, key, request_hash, state, created_at) VALUES (?, ?, ?, 'in_progress', ?) \
-             ON CONFLICT (scope, key) DO UPDATE SET request_hash = excluded.request_hash, state = 'in_progress', \
-             response_status = NULL, response_body = NULL, created_at = excluded.created_at",
-            rusqlite::params![scope, key, request_hash, now],
-        )?;
-        tx.commit().await?;
-        Ok(IdempotencyBegin::Started)
-    }
-
-    async fn idempotency_abandon(&self, scope: &str, key: &str) -> StoreResult<()> {
-        let tx = self.begin().await?;
-        tx.exec(
-            "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_progress'",
-            [scope, key],
-        )?;
-        tx.commit().await
-    }
-
     async fn idempotency_purge(&self, before: i64) -> StoreResult<u64> {
         let tx = self.begin().await?;
         let n = tx.exec("DELETE FROM idempotency_keys WHERE created_at < ?", [before])?;
@@ -966,21 +910,59 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
-    async fn insert_outbound(
-        &self,
-        m: NewOutbound,
-        idem: Option<IdempotencyCompletion<'_>>,
-    ) -> StoreResult<MessageRecord> {
+    async fn insert_outbound(&self, m: NewOutbound) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
         let record = insert_outbound_tx(&mut tx, m, None)?;
-        if let Some(c) = idem {
-            tx.exec(
-                "UPDATE idempotency_keys SET state = 'done', response_status = ?, response_body = ? WHERE scope = ? AND key = ?",
-                rusqlite::params![c.status, (c.render)(&record), c.scope, c.key],
-            )?;
-        }
         tx.commit().await?;
         Ok(record)
+    }
+
+    async fn insert_outbound_idempotent(
+        &self,
+        m: NewOutbound,
+        idem: IdempotentSend<'_>,
+    ) -> StoreResult<IdempotentInsert> {
+        // One writer: nothing can change the key between this read and the commit, so
+        // concurrent duplicates are served one after the other (the later ones replay).
+        let mut tx = self.begin().await?;
+        let found = tx.row_opt(
+            "SELECT request_hash, state, response_status, response_body, created_at FROM idempotency_keys \
+             WHERE scope = ? AND key = ?",
+            [idem.scope, idem.key],
+            |r| {
+                Ok(StoredIdempotencyKey {
+                    request_hash: r.get("request_hash")?,
+                    state: r.get("state")?,
+                    response_status: r.get("response_status")?,
+                    response_body: r.get("response_body")?,
+                    created_at: r.get("created_at")?,
+                })
+            },
+        )?;
+        if let Some(answer) = found.and_then(|k| k.answer(&idem)) {
+            // The row may belong to the shared transaction still open (group commit):
+            // answer only once that is durable, as its own writer does.
+            tx.commit().await?;
+            return Ok(answer);
+        }
+        // An error here drops the transaction: neither the message nor the key is stored.
+        let record = insert_outbound_tx(&mut tx, m, None)?;
+        tx.exec(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, state, response_status, response_body, created_at) \
+             VALUES (?, ?, ?, 'done', ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET request_hash = excluded.request_hash, \
+             state = 'done', response_status = excluded.response_status, response_body = excluded.response_body, \
+             created_at = excluded.created_at",
+            rusqlite::params![
+                idem.scope,
+                idem.key,
+                idem.request_hash,
+                idem.status,
+                (idem.render)(&record),
+                idem.now
+            ],
+        )?;
+        tx.commit().await?;
+        Ok(IdempotentInsert::Created(Box::new(record)))
     }
 
     async fn insert_outbound_parts(&self, parts: Vec<NewOutbound>) -> StoreResult<Vec<MessageRecord>> {
