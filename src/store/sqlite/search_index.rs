@@ -29,15 +29,19 @@ const STEPS: [(&str, &str); 2] = [
 ];
 
 /// Indexes the messages and contacts written since the last call, inside the caller's open
-/// transaction. Costs two index lookups when there is nothing new.
+/// transaction, and returns how many rows it indexed. Costs two index lookups when there is
+/// nothing new.
 ///
 /// # Errors
 /// The database error of a statement; the caller rolls the transaction back.
-pub(super) fn index_pending(conn: &Connection) -> rusqlite::Result<()> {
+pub(super) fn index_pending(conn: &Connection) -> rusqlite::Result<usize> {
+    let mut indexed = 0;
     for (index, mark) in STEPS {
-        if conn.prepare_cached(index)?.execute([])? > 0 {
+        let n = conn.prepare_cached(index)?.execute([])?;
+        if n > 0 {
             conn.prepare_cached(mark)?.execute([])?;
         }
+        indexed += n;
     }
-    Ok(())
+    Ok(indexed)
 }
