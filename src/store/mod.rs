@@ -807,6 +807,34 @@ pub struct SearchRequest {
     pub rank_window: u32,
 }
 
+/// Appends the message filters of a search (`m` is `messages`) to a query whose WHERE clause
+/// is open. The same SQL on both backends; each writes its own placeholders.
+pub(crate) fn push_search_filters<'a, DB: sqlx::Database>(q: &mut sqlx::QueryBuilder<'a, DB>, req: &SearchRequest)
+where
+    &'static str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(c) = req.channel {
+        q.push(" AND m.channel = ").push_bind(c.as_str());
+    }
+    if let Some(d) = req.direction {
+        q.push(" AND m.direction = ").push_bind(d.as_str());
+    }
+    if let Some(st) = req.status {
+        q.push(" AND m.status = ").push_bind(st.as_str());
+    }
+    if let Some(t) = req.since {
+        q.push(" AND m.created_at >= ").push_bind(t);
+    }
+    if let Some(t) = req.until {
+        q.push(" AND m.created_at < ").push_bind(t);
+    }
+    if let Some(c) = &req.conversation_id {
+        q.push(" AND m.conversation_id = ").push_bind(c.to_string());
+    }
+}
+
 /// How many of the newest matching messages a search ranks by relevance (docs/search.md,
 /// "The ranking window"). Ranking costs in proportion to the messages it scores, so a word
 /// found in 5 % of a million messages would otherwise mean scoring 50,000 of them for every

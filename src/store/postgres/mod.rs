@@ -2506,26 +2506,3 @@ impl Store for PostgresStore {
         row.as_ref().map(media_from_row).transpose()
     }
 }
-
-/// Appends the message filters of a search (`m` is `messages`) to a query whose WHERE clause
-/// is open.
-fn push_search_filters(q: &mut QueryBuilder<'_, Postgres>, req: &SearchRequest) {
-    if let Some(c) = req.channel {
-        q.push(" AND m.channel = ").push_bind(c.as_str());
-    }
-    if let Some(d) = req.direction {
-        q.push(" AND m.direction = ").push_bind(d.as_str());
-    }
-    if let Some(st) = req.status {
-        q.push(" AND m.status = ").push_bind(st.as_str());
-    }
-    if let Some(t) = req.since {
-        q.push(" AND m.created_at >= ").push_bind(t);
-    }
-    if let Some(t) = req.until {
-        q.push(" AND m.created_at < ").push_bind(t);
-    }
-    if let Some(c) = &req.conversation_id {
-        q.push(" AND m.conversation_id = ").push_bind(c.to_string());
-    }
-}
