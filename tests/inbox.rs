@@ -234,11 +234,16 @@ async fn js(c: &Client, script: &str) -> Value {
     c.execute(script, vec![]).await.unwrap()
 }
 
+/// The rendered text of the first element matching `css` ("" when there is none), read in
+/// one script so that a re-render between finding and reading cannot make it stale.
 async fn text_of(c: &Client, css: &str) -> String {
-    match c.find(Locator::Css(css)).await {
-        Ok(e) => e.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
+    let script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''";
+    c.execute(script, vec![Value::from(css)])
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn screenshot(c: &Client, name: &str) {
@@ -353,8 +358,17 @@ async fn agents_answer_customers_live_in_chromium() {
     let compose = find(&a, "#compose").await;
     compose.send_keys("Hi Maria, let me check that for you.").await.unwrap();
     compose.send_keys(ENTER).await.unwrap();
-    let sent = find(&a, "#messages li.msg.outbound").await;
-    let sent_id = sent.attr("data-message-id").await.unwrap().unwrap();
+    // Each status update re-renders the item, so an element handle can go stale: the id is
+    // read from the live document instead.
+    find(&a, "#messages li.msg.outbound").await;
+    let sent_id = js(
+        &a,
+        "return document.querySelector('#messages li.msg.outbound').dataset.messageId",
+    )
+    .await
+    .as_str()
+    .expect("the outbound message has an id")
+    .to_string();
     let mut seen = Vec::<String>::new();
     let started = Instant::now();
     loop {
@@ -553,13 +567,12 @@ async fn agents_answer_customers_live_in_chromium() {
     })
     .await;
     assert_eq!(
-        find(&a, &format!("#m-{failed_id} .ticks"))
-            .await
-            .attr("data-status")
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("undelivered")
+        js(
+            &a,
+            &format!("return document.querySelector('#m-{failed_id} .ticks').dataset.status")
+        )
+        .await,
+        "undelivered"
     );
 
     // --- Contacts: add one, rename it, see opt-out states
