@@ -3,6 +3,7 @@
 
 pub mod ids;
 pub mod language;
+pub mod media_type;
 pub mod message;
 pub mod phone;
 pub mod search;

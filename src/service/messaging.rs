@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::delivery::Delivery;
 use crate::domain::language::LanguageDetector;
 use crate::domain::phone::{split_channel_prefix, wire_address};
-use crate::domain::segments;
+use crate::domain::{media_type, segments};
 use crate::domain::{Address, Channel, ContactId, MessageBody, MessageId, MessageStatus, PhoneNumber, Priority};
 use crate::error::{Error, Result};
 use crate::provider::twilio::client::describe_error;
@@ -69,9 +69,10 @@ pub struct SendInput {
     /// Sender number or Messaging Service SID; defaults to the configured sender.
     #[serde(default)]
     pub from: Option<String>,
-    /// Media URLs (up to 10 for MMS, 1 for WhatsApp).
+    /// Media (up to 10 for MMS, 1 for WhatsApp): each a URL, or `{url, content_type}` to
+    /// declare its type so that one Twilio would refuse is refused before queueing.
     #[serde(default)]
-    pub media_urls: Option<Vec<String>>,
+    pub media_urls: Option<Vec<MediaUrlInput>>,
     /// WhatsApp template SID (`HX…`).
     #[serde(default)]
     pub content_sid: Option<String>,
@@ -93,6 +94,66 @@ pub struct SendInput {
     #[serde(default)]
     pub priority: Option<Priority>,
 }
+
+/// One entry of a send's `media_urls`: a bare URL, or a URL with its declared MIME type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaUrlInput {
+    /// `"https://…/photo.jpg"`: Twilio judges the type by its own fetch.
+    Url(String),
+    /// `{"url": "https://…", "content_type": "image/jpeg"}`: the type is checked against
+    /// what Twilio accepts on the channel ([`crate::domain::media_type`]).
+    Declared(DeclaredMedia),
+}
+
+/// A media URL with the MIME type the caller declares for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredMedia {
+    /// An http(s) URL Twilio can fetch.
+    #[schema(example = "https://example.com/menu.pdf")]
+    pub url: String,
+    /// Its MIME type, e.g. `image/jpeg` or `application/pdf`.
+    #[schema(example = "application/pdf")]
+    pub content_type: String,
+}
+
+impl<'de> serde::Deserialize<'de> for MediaUrlInput {
+    /// A string, or an object with exactly `url` and `content_type` (strings); anything else
+    /// is refused with a message that says so (serde's untagged enums name no field).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match Value::deserialize(d)? {
+            Value::String(url) => Ok(MediaUrlInput::Url(url)),
+            v @ Value::Object(_) => serde_json::from_value(v).map(MediaUrlInput::Declared).map_err(|e| {
+                D::Error::custom(format!(
+                    "a media_urls object has exactly 'url' and 'content_type' strings: {e}"
+                ))
+            }),
+            _ => Err(D::Error::custom(
+                "each media_urls entry is a URL string or {\"url\", \"content_type\"}",
+            )),
+        }
+    }
+}
+
+impl utoipa::PartialSchema for MediaUrlInput {
+    /// `oneOf`: a URL string, or a [`DeclaredMedia`] object (what the Deserialize impl takes).
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("An http(s) URL; Twilio judges the type by its own fetch."))
+                    .examples([Value::from("https://example.com/photo.jpg")]),
+            )
+            .item(<DeclaredMedia as utoipa::PartialSchema>::schema())
+            .description(Some("A media URL, or a URL with its declared MIME type."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for MediaUrlInput {}
 
 /// What a send produced.
 pub enum SendOutcome {
@@ -267,6 +328,20 @@ impl Messaging {
                 Some(parse_content_variables(v)?)
             }
         };
+        if channel == Channel::Whatsapp && !body.is_blank() {
+            // WhatsApp drops the body of a message whose media is not an image (twilio.md
+            // §1.4); refuse it rather than lose the text silently.
+            if let Some(t) = media
+                .iter()
+                .filter_map(|m| m.content_type.as_deref())
+                .find(|t| !media_type::whatsapp_takes_a_caption(t))
+            {
+                return Err(Error::invalid(
+                    "body",
+                    format!("WhatsApp shows no text with {t} media: send the body as a message of its own"),
+                ));
+            }
+        }
         if body.is_blank() && media.is_empty() && content_sid.is_none() {
             return Err(Error::invalid(
                 "body",
@@ -687,8 +762,11 @@ enum SenderChoice {
     Service(String),
 }
 
-fn parse_media(channel: Channel, urls: Vec<String>) -> Result<Vec<Media>> {
-    if urls.len() > channel.max_media() {
+/// Validates a send's media: the count for the channel (twilio.md §1.4, §6), each URL
+/// (http(s) with a host) and each declared type ([`media_type::check`]). Errors name
+/// `media_urls`.
+fn parse_media(channel: Channel, items: Vec<MediaUrlInput>) -> Result<Vec<Media>> {
+    if items.len() > channel.max_media() {
         return Err(Error::invalid(
             "media_urls",
             format!(
@@ -697,13 +775,26 @@ fn parse_media(channel: Channel, urls: Vec<String>) -> Result<Vec<Media>> {
             ),
         ));
     }
-    urls.into_iter()
-        .map(|u| match url::Url::parse(u.trim()) {
-            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() => Ok(Media {
-                url: parsed.to_string(),
+    items
+        .into_iter()
+        .map(|item| {
+            let (u, declared) = match item {
+                MediaUrlInput::Url(u) => (u, None),
+                MediaUrlInput::Declared(d) => (d.url, Some(d.content_type)),
+            };
+            let url = match url::Url::parse(u.trim()) {
+                Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => p.to_string(),
+                _ => return Err(Error::invalid("media_urls", format!("'{u}' is not an http(s) URL"))),
+            };
+            let content_type = declared
+                .map(|t| media_type::check(channel, &t))
+                .transpose()
+                .map_err(|e| Error::invalid("media_urls", format!("{e} (media '{url}')")))?;
+            Ok(Media {
+                url,
+                content_type,
                 ..Media::default()
-            }),
-            _ => Err(Error::invalid("media_urls", format!("'{u}' is not an http(s) URL"))),
+            })
         })
         .collect()
 }

@@ -265,22 +265,103 @@ async fn channel_and_media_rules_are_enforced() {
             "2 media for a whatsapp: address",
             json!({"to": format!("whatsapp:{TO}"), "body": "hi", "media_urls": urls(2)}),
         ),
+        (
+            "a declared type MMS does not carry",
+            json!({"to": TO, "media_urls": [{"url": "https://media.example.com/a.svg", "content_type": "image/svg+xml"}]}),
+        ),
+        (
+            "a declared type WhatsApp does not carry",
+            json!({"to": TO, "channel": "whatsapp", "media_urls": [{"url": "https://media.example.com/a.gif", "content_type": "image/gif"}]}),
+        ),
+        (
+            "a declared type that is not a MIME type",
+            json!({"to": TO, "media_urls": [{"url": "https://media.example.com/a", "content_type": "jpeg"}]}),
+        ),
+        (
+            "a declared type with a bad URL",
+            json!({"to": TO, "media_urls": [{"url": "file:///etc/passwd", "content_type": "image/png"}]}),
+        ),
+        (
+            "one bad declared type among good ones",
+            json!({"to": TO, "body": "hi", "media_urls": [
+                "https://media.example.com/1.jpg",
+                {"url": "https://media.example.com/2.zip", "content_type": "application/zip"},
+            ]}),
+        ),
     ] {
         assert_invalid_field(what, send(&app, body).await, "media_urls");
     }
-    assert_nothing_stored(&app).await;
+    // Entries of another shape are unreadable requests (422, not a 500), and say what fits.
+    for (what, entry) in [
+        ("a number", json!(5)),
+        (
+            "an object without content_type",
+            json!({"url": "https://media.example.com/a.jpg"}),
+        ),
+        (
+            "an object with an unknown field",
+            json!({"url": "https://m.example/a.jpg", "content_type": "image/png", "size": 3}),
+        ),
+        ("a null", Value::Null),
+    ] {
+        let got = send(&app, json!({"to": TO, "body": "hi", "media_urls": [entry]})).await;
+        let v = assert_error(what, got, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+        assert!(
+            v.to_string().contains("media_urls"),
+            "{what}: the error names media_urls: {v}"
+        );
+    }
+    // WhatsApp would drop the text of a message whose media is a document: refused, naming body.
+    app.inbound(json!({"from": "+14155550101", "body": "send me the menu please", "channel": "whatsapp"}))
+        .await;
+    assert_invalid_field(
+        "a WhatsApp caption on a PDF",
+        send(
+            &app,
+            json!({"to": "+14155550101", "channel": "whatsapp", "body": "Our menu",
+                   "media_urls": [{"url": "https://media.example.com/menu.pdf", "content_type": "application/pdf"}]}),
+        )
+        .await,
+        "body",
+    );
+    assert!(app.sent().is_empty(), "sent to Twilio: {:?}", app.sent());
 
     // The limits themselves are fine.
     let m = app
         .send_ok(json!({"to": TO, "body": "ten", "media_urls": urls(10)}))
         .await;
     assert_eq!(m["media"].as_array().unwrap().len(), 10, "{m}");
-    app.inbound(json!({"from": "+14155550101", "body": "send me the picture", "channel": "whatsapp"}))
-        .await;
     let m = app
         .send_ok(json!({"to": "+14155550101", "channel": "whatsapp", "media_urls": urls(1)}))
         .await;
     assert_eq!(m["channel"], "whatsapp", "{m}");
+    // Declared types are kept on the message in canonical form; a PDF goes without a body,
+    // an image with its caption.
+    let m = app
+        .send_ok(json!({"to": "+14155550101", "channel": "whatsapp",
+                        "media_urls": [{"url": "https://media.example.com/menu.pdf", "content_type": "Application/PDF"}]}))
+        .await;
+    assert_eq!(m["media"][0]["content_type"], "application/pdf", "{m}");
+    let m = app
+        .send_ok(json!({"to": TO, "body": "a voice note and a photo", "media_urls": [
+            {"url": "https://media.example.com/note.ogg", "content_type": "audio/ogg;codecs=opus"},
+            "https://media.example.com/1.jpg",
+        ]}))
+        .await;
+    assert_eq!(m["media"][0]["content_type"], "audio/ogg; codecs=opus", "{m}");
+    assert_eq!(m["media"][1]["url"], "https://media.example.com/1.jpg", "{m}");
+    assert!(m["media"][1]["content_type"].is_null(), "{m}");
+    let id = m["id"].as_str().unwrap();
+    app.wait_status(id, "delivered").await;
+    let at_twilio = app
+        .sent()
+        .into_iter()
+        .find(|s| s.body == "a voice note and a photo")
+        .unwrap();
+    assert_eq!(
+        at_twilio.media_urls,
+        ["https://media.example.com/note.ogg", "https://media.example.com/1.jpg"]
+    );
 }
 
 #[tokio::test]
