@@ -336,10 +336,13 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
     let router = build_router(state, simulator.clone());
     let server_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
-            .context("HTTP server failed")?;
+        axum::serve(
+            crate::util::nodelay(listener),
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+        .await
+        .context("HTTP server failed")?;
         let _ = worker.await;
         // Fetches cut short give their items back before the process may exit.
         let _ = media_task.await;

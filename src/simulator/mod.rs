@@ -597,8 +597,11 @@ pub async fn serve_standalone(
         .twilio_router()
         .nest("/simulator", control)
         .fallback(twilio_api::not_found_fallback);
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(
+        crate::util::nodelay(listener),
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server);
     tokio::select! {
