@@ -104,6 +104,7 @@ conformance!(
     claim_leases_are_exclusive,
     expired_lease_is_reclaimed_with_reconcile,
     rate_slots_never_overlap,
+    fast_senders_keep_their_rate,
     claim_priority_order,
     record_attempt_outcomes,
     split_parts_chain,
@@ -1118,6 +1119,40 @@ async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
         .collect();
     assert_eq!(got.get(&expired.id), Some(&now));
     assert_eq!(got.get(&fresh.id), Some(&now), "the expired message used no slot");
+}
+
+/// A sender faster than one message per millisecond keeps its rate: slots are kept in µs,
+/// also across claims (the stored TAT). With whole milliseconds, 4,000/s was 1,000/s.
+async fn fast_senders_keep_their_rate(store: Arc<dyn Store>) {
+    let sender = "+15005550500";
+    for i in 0..400 {
+        let m = from_sender(outbound(&phone(600 + i), "fast", T0), sender);
+        store.insert_outbound(m).await.unwrap();
+    }
+    let rate = |_: &str| 4000.0;
+    let claim_at = |now: i64| ClaimRequest {
+        now,
+        limit: 200,
+        lookahead_ms: 1000,
+        lease_ms: 30_000,
+        owner: "fast",
+        rate_for: &rate,
+    };
+    let mut slots: Vec<i64> = Vec::new();
+    for _ in 0..2 {
+        let got = store.claim_due(claim_at(T0)).await.unwrap();
+        assert_eq!(got.len(), 200);
+        assert!(got.iter().all(|c| c.hold_us == 250), "4,000/s holds the sender 250 µs");
+        slots.extend(got.iter().map(|c| c.slot_at));
+    }
+    slots.sort_unstable();
+    // 400 messages at 4,000/s: a tenth of a second, never more than 4 in one millisecond.
+    assert_eq!(slots[0], T0);
+    assert_eq!(*slots.last().unwrap(), T0 + 100, "{slots:?}");
+    for ms in T0..=T0 + 100 {
+        let n = slots.iter().filter(|s| **s == ms).count();
+        assert!(n <= 4, "{n} slots at {ms}");
+    }
 }
 
 async fn claim_priority_order(store: Arc<dyn Store>) {

@@ -66,7 +66,7 @@ struct Inner {
     permits: Arc<Semaphore>,
     attempted: tokio::sync::broadcast::Sender<crate::domain::MessageId>,
     drain_timeout: Duration,
-    /// Per sender (rate key), the earliest time this process may hand it the next message.
+    /// Per sender (rate key), the earliest time this process may hand it the next message (µs).
     pacing: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
@@ -206,17 +206,19 @@ impl Delivery {
     /// Slots are computed when the claim runs, and the claim is answered only once it is
     /// durable (SQLite group commit); a message whose answer came late is sent late, and
     /// this keeps the next one from following it too closely.
+    /// Returns ms; the pacing itself is kept in µs, like the database slots, so a sender
+    /// faster than 1,000 messages a second is not slowed to one per millisecond.
     fn pace(&self, c: &ClaimedMessage) -> i64 {
         let mut pacing = self.inner.pacing.lock().unwrap_or_else(|e| e.into_inner());
-        let now = now_ms();
-        let free = pacing.get(&c.rate_key).copied().unwrap_or(0);
-        let at = c.slot_at.max(free).max(now);
-        pacing.insert(c.rate_key.clone(), at + c.hold_ms);
+        let now_us = now_ms() * 1000;
+        let free_us = pacing.get(&c.rate_key).copied().unwrap_or(0);
+        let at_us = (c.slot_at * 1000).max(free_us).max(now_us);
+        pacing.insert(c.rate_key.clone(), at_us + c.hold_us);
         // Forget senders that have been idle for a while.
         if pacing.len() > 1024 {
-            pacing.retain(|_, t| *t > now);
+            pacing.retain(|_, t| *t > now_us);
         }
-        at
+        (at_us + 999).div_euclid(1000)
     }
 
     /// Processes one claimed message: waits for its rate slot, reconciles if needed, sends,

@@ -351,7 +351,7 @@ const TABLES: &[Table] = &[
     Table {
         name: "sender_throttle",
         key: &["rate_key"],
-        columns: &[("rate_key", Text), ("tat", Int)],
+        columns: &[("rate_key", Text), ("tat_us", Int)],
     },
 ];
 

@@ -615,9 +615,9 @@ pub struct ClaimedMessage {
     pub previous_claim_at: Option<i64>,
     /// The sender whose rate it counts against (number or Messaging Service SID).
     pub rate_key: String,
-    /// How long it holds that sender (ms): its cost divided by the sender's rate; 0 for a
+    /// How long it holds that sender (µs): its cost divided by the sender's rate; 0 for a
     /// message that will fail without being sent.
-    pub hold_ms: i64,
+    pub hold_us: i64,
 }
 
 /// The outcome of an attempt, to record.

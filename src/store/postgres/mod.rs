@@ -1202,7 +1202,7 @@ impl Store for PostgresStore {
              FROM messages m LEFT JOIN sender_throttle t ON t.rate_key = m.rate_key \
              WHERE m.next_attempt_at IS NOT NULL AND m.next_attempt_at <= $1 \
                AND (m.lease_until IS NULL OR m.lease_until <= $1) \
-               AND (t.tat IS NULL OR t.tat <= $1 + $2) \
+               AND (t.tat_us IS NULL OR t.tat_us <= ($1 + $2) * 1000) \
              ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT $3 \
              FOR UPDATE OF m SKIP LOCKED"
         ))
@@ -1226,7 +1226,7 @@ impl Store for PostgresStore {
             .into_iter()
             .collect();
         sqlx::query(
-            "INSERT INTO sender_throttle (rate_key, tat) SELECT k, 0 FROM unnest($1::text[]) AS u(k) ORDER BY k \
+            "INSERT INTO sender_throttle (rate_key, tat_us) SELECT k, 0 FROM unnest($1::text[]) AS u(k) ORDER BY k \
              ON CONFLICT (rate_key) DO NOTHING",
         )
         .bind(&keys)
@@ -1234,7 +1234,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         let locked = sqlx::query(
-            "SELECT rate_key, tat FROM sender_throttle WHERE rate_key = ANY($1) ORDER BY rate_key FOR UPDATE",
+            "SELECT rate_key, tat_us FROM sender_throttle WHERE rate_key = ANY($1) ORDER BY rate_key FOR UPDATE",
         )
         .bind(&keys)
         .fetch_all(&mut *tx.inner)
@@ -1246,7 +1246,7 @@ impl Store for PostgresStore {
         let now = scan_now.max(crate::util::now_ms());
         let mut tats: HashMap<String, Option<i64>> = locked
             .iter()
-            .map(|r| (r.get::<String, _>("rate_key"), Some(r.get::<i64, _>("tat"))))
+            .map(|r| (r.get::<String, _>("rate_key"), Some(r.get::<i64, _>("tat_us"))))
             .collect();
         let mut moved: HashMap<String, i64> = HashMap::new();
         let mut claimed = Vec::new();
@@ -1259,24 +1259,17 @@ impl Store for PostgresStore {
             let message = message_from_row(r)?;
             let rate_key = key.clone();
             let expired = message.validity_expired(now);
-            let hold_ms = if expired {
-                0
-            } else {
-                (f64::from(cost.max(1) as u32) / (req.rate_for)(&key) * 1000.0).ceil() as i64
-            };
-            let slot = if expired {
+            let (slot, hold_us) = if expired {
                 // It will fail without being sent: it must not use up the sender's rate.
-                now
+                (now, 0)
             } else {
                 let tat = tats.get(&key).copied().flatten();
-                let Some((slot, new_tat)) =
-                    take_slot(tat, now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms)
-                else {
+                let Some(s) = take_slot(tat, now, cost.max(1) as u32, (req.rate_for)(&key), req.lookahead_ms) else {
                     continue;
                 };
-                tats.insert(key.clone(), Some(new_tat));
-                moved.insert(key, new_tat);
-                slot
+                tats.insert(key.clone(), Some(s.tat_us));
+                moved.insert(key, s.tat_us);
+                (s.at_ms, s.hold_us)
             };
             let had_lease = r.get::<Option<i64>, _>("lease_until").is_some();
             let reconcile = had_lease || r.get::<bool, _>("reconcile");
@@ -1286,7 +1279,7 @@ impl Store for PostgresStore {
                 reconcile,
                 previous_claim_at: r.get("claimed_at"),
                 rate_key,
-                hold_ms,
+                hold_us,
             });
         }
         if !claimed.is_empty() {
@@ -1306,8 +1299,8 @@ impl Store for PostgresStore {
             .map_err(map_err)?;
             let (keys, new_tats): (Vec<String>, Vec<i64>) = moved.into_iter().unzip();
             sqlx::query(
-                "UPDATE sender_throttle t SET tat = GREATEST(t.tat, u.tat) \
-                 FROM unnest($1::text[], $2::bigint[]) AS u(rate_key, tat) WHERE t.rate_key = u.rate_key",
+                "UPDATE sender_throttle t SET tat_us = GREATEST(t.tat_us, u.tat_us) \
+                 FROM unnest($1::text[], $2::bigint[]) AS u(rate_key, tat_us) WHERE t.rate_key = u.rate_key",
             )
             .bind(&keys)
             .bind(&new_tats)

@@ -1120,11 +1120,11 @@ impl Store for SqliteStore {
         }
         let candidates = tx.rows(
             &format!(
-                "SELECT {MESSAGE_COLS}, m.rate_key, m.rate_cost, m.lease_until, m.claimed_at, m.reconcile, t.tat \
+                "SELECT {MESSAGE_COLS}, m.rate_key, m.rate_cost, m.lease_until, m.claimed_at, m.reconcile, t.tat_us \
                  FROM messages m LEFT JOIN sender_throttle t ON t.rate_key = m.rate_key \
                  WHERE m.next_attempt_at IS NOT NULL AND m.next_attempt_at <= ?1 \
                    AND (m.lease_until IS NULL OR m.lease_until <= ?1) \
-                   AND (t.tat IS NULL OR t.tat <= ?1 + ?2) \
+                   AND (t.tat_us IS NULL OR t.tat_us <= (?1 + ?2) * 1000) \
                  ORDER BY m.priority DESC, m.next_attempt_at, m.created_at LIMIT ?3"
             ),
             [now, req.lookahead_ms, scan],
@@ -1136,7 +1136,7 @@ impl Store for SqliteStore {
                     had_lease: r.get::<_, Option<i64>>("lease_until")?.is_some(),
                     claimed_at: r.get("claimed_at")?,
                     reconcile: r.get::<_, i64>("reconcile")? != 0,
-                    tat: r.get("tat")?,
+                    tat: r.get("tat_us")?,
                 })
             },
         )?;
@@ -1148,16 +1148,11 @@ impl Store for SqliteStore {
             }
             let tat = *tats.entry(c.rate_key.clone()).or_insert(c.tat);
             let expired = c.message.validity_expired(now);
-            let hold_ms = if expired {
-                0
-            } else {
-                (f64::from(c.cost.max(1) as u32) / (req.rate_for)(&c.rate_key) * 1000.0).ceil() as i64
-            };
-            let slot = if expired {
+            let (slot, hold_us) = if expired {
                 // It will fail without being sent: it must not use up the sender's rate.
-                now
+                (now, 0)
             } else {
-                let Some((slot, new_tat)) = take_slot(
+                let Some(s) = take_slot(
                     tat,
                     now,
                     c.cost.max(1) as u32,
@@ -1166,8 +1161,8 @@ impl Store for SqliteStore {
                 ) else {
                     continue;
                 };
-                tats.insert(c.rate_key.clone(), Some(new_tat));
-                slot
+                tats.insert(c.rate_key.clone(), Some(s.tat_us));
+                (s.at_ms, s.hold_us)
             };
             claimed.push(ClaimedMessage {
                 message: c.message,
@@ -1175,7 +1170,7 @@ impl Store for SqliteStore {
                 reconcile: c.had_lease || c.reconcile,
                 previous_claim_at: c.claimed_at,
                 rate_key: c.rate_key,
-                hold_ms,
+                hold_us,
             });
         }
         for c in &claimed {
@@ -1187,7 +1182,7 @@ impl Store for SqliteStore {
         for (key, tat) in &tats {
             if let Some(tat) = tat {
                 tx.exec(
-                    "INSERT INTO sender_throttle (rate_key, tat) VALUES (?, ?) ON CONFLICT (rate_key) DO UPDATE SET tat = MAX(sender_throttle.tat, excluded.tat)",
+                    "INSERT INTO sender_throttle (rate_key, tat_us) VALUES (?, ?) ON CONFLICT (rate_key) DO UPDATE SET tat_us = MAX(sender_throttle.tat_us, excluded.tat_us)",
                     rusqlite::params![key, tat],
                 )?;
             }

@@ -82,12 +82,15 @@ impl WriterState {
             self.abort("nothing to commit");
             return;
         }
-        // The full-text indexes take the batch's new rows in one go (search_index.rs).
-        if let Err(e) = super::search_index::index_pending(&self.conn) {
-            self.abort(&format!("indexing the batch for search failed: {e}"));
-            return;
-        }
-        match off_the_runtime(|| self.run("COMMIT")) {
+        // The full-text indexes take the batch's new rows in one go (search_index.rs); FTS5
+        // may merge index segments then, which can take milliseconds, so this leaves the
+        // async worker together with the COMMIT.
+        let committed = off_the_runtime(|| {
+            super::search_index::index_pending(&self.conn)
+                .map_err(|e| format!("indexing the batch for search failed: {e}"))?;
+            self.run("COMMIT").map_err(|e| format!("commit failed: {e}"))
+        });
+        match committed {
             Ok(()) => {
                 self.open = false;
                 metrics::histogram!("switchboard_db_group_commit_size").record(self.members.len() as f64);
@@ -98,7 +101,7 @@ impl WriterState {
                     signal.send_modify(|v| *v = v.wrapping_add(1));
                 }
             }
-            Err(e) => self.abort(&format!("commit failed: {e}")),
+            Err(why) => self.abort(&why),
         }
     }
 }
