@@ -253,12 +253,14 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         config.delivery.clone(),
         format!("{public_url}/webhooks/twilio/status"),
         Duration::from_secs(config.shutdown_timeout_secs),
+        config.clock.clone(),
     );
     let language = config.language.detector().map_err(|e| anyhow::anyhow!(e))?;
     warm_up_language_models(&language);
     let mut messaging = Messaging::new(store.clone(), delivery.clone(), senders, config.default_region.clone())
         .with_language(language)
-        .with_whatsapp_window(config.whatsapp.enforce_window);
+        .with_whatsapp_window(config.whatsapp.enforce_window)
+        .with_clock(config.clock.clone());
     let enricher = crate::enrichment::Enricher::new(store.clone(), config.enrichment.clone())?;
     if let Some(e) = &enricher {
         messaging = messaging.with_enrichment(e.waker());

@@ -76,6 +76,10 @@ pub struct Config {
     pub media: MediaConfig,
     /// WhatsApp rules (`SWITCHBOARD_WHATSAPP__*`; docs/whatsapp.md).
     pub whatsapp: WhatsappConfig,
+    /// The clock scheduling, validity periods and delivery read (not configurable: the
+    /// system clock; tests move it forward, see [`crate::util::Clock`]).
+    #[serde(skip)]
+    pub clock: crate::util::Clock,
 }
 
 /// Settings shared by every outbound call (see [`crate::outbound`]).
@@ -494,6 +498,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             media: MediaConfig::default(),
             whatsapp: WhatsappConfig::default(),
+            clock: Default::default(),
         }
     }
 }

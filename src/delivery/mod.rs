@@ -31,7 +31,7 @@ use crate::domain::MessageStatus;
 use crate::provider::twilio::error_codes::{self, RetryClass};
 use crate::provider::{OutboundRequest, Provider, ProviderError};
 use crate::store::{AttemptOutcome, ClaimRequest, ClaimedMessage, MessageRecord, Store, StoreError, StoreResult};
-use crate::util::now_ms;
+use crate::util::Clock;
 
 /// How far ahead a sender's next rate slot may be for a message to be claimed now.
 const LOOKAHEAD_MS: i64 = 1000;
@@ -68,6 +68,8 @@ struct Inner {
     drain_timeout: Duration,
     /// Per sender (rate key), the earliest time this process may hand it the next message (µs).
     pacing: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// What "now" is for claims, rate slots and validity periods.
+    clock: Clock,
 }
 
 impl Delivery {
@@ -78,6 +80,7 @@ impl Delivery {
         config: DeliveryConfig,
         status_callback: String,
         drain_timeout: Duration,
+        clock: Clock,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.concurrency));
         Self {
@@ -92,6 +95,7 @@ impl Delivery {
                 attempted: tokio::sync::broadcast::channel(1024).0,
                 drain_timeout,
                 pacing: Default::default(),
+                clock,
             }),
         }
     }
@@ -125,7 +129,7 @@ impl Delivery {
         self.inner
             .store
             .claim_due(ClaimRequest {
-                now: now_ms(),
+                now: self.inner.clock.now_ms(),
                 limit,
                 lookahead_ms: LOOKAHEAD_MS,
                 lease_ms: (cfg.lease_secs * 1000) as i64,
@@ -210,7 +214,7 @@ impl Delivery {
     /// faster than 1,000 messages a second is not slowed to one per millisecond.
     fn pace(&self, c: &ClaimedMessage) -> i64 {
         let mut pacing = self.inner.pacing.lock().unwrap_or_else(|e| e.into_inner());
-        let now_us = now_ms() * 1000;
+        let now_us = self.inner.clock.now_ms() * 1000;
         let free_us = pacing.get(&c.rate_key).copied().unwrap_or(0);
         let at_us = (c.slot_at * 1000).max(free_us).max(now_us);
         pacing.insert(c.rate_key.clone(), at_us + c.hold_us);
@@ -226,7 +230,7 @@ impl Delivery {
     /// expire and the message will be reconciled and retried).
     async fn process(&self, c: ClaimedMessage) {
         let id = c.message.id.clone();
-        let wait = c.slot_at - now_ms();
+        let wait = c.slot_at - self.inner.clock.now_ms();
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
@@ -249,19 +253,27 @@ impl Delivery {
                 ..
             }
         );
-        let recorded = match self.inner.store.record_attempt(&id, outcome, now_ms()).await {
+        let recorded = match self
+            .inner
+            .store
+            .record_attempt(&id, outcome, self.inner.clock.now_ms())
+            .await
+        {
             // Two messages with the same body and recipient reconciled at once and chose the
             // same Twilio message: this one lost the race, and looks again at once (the SID
             // the other took is now known, so it finds its own or sends).
             Err(StoreError::Conflict(_)) if adopted => {
                 info!(message_id = %id, "reconciled SID was taken by another message; reconciling again");
                 let retry = AttemptOutcome::Retry {
-                    next_at: now_ms(),
+                    next_at: self.inner.clock.now_ms(),
                     code: None,
                     message: "the Twilio message found was claimed by another message; looking again".into(),
                     reconcile: true,
                 };
-                self.inner.store.record_attempt(&id, retry, now_ms()).await
+                self.inner
+                    .store
+                    .record_attempt(&id, retry, self.inner.clock.now_ms())
+                    .await
             }
             other => other,
         };
@@ -278,7 +290,7 @@ impl Delivery {
 
     async fn attempt(&self, c: &ClaimedMessage) -> AttemptOutcome {
         let m = &c.message;
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         if m.validity_expired(now) {
             return AttemptOutcome::Failed {
                 code: Some(VALIDITY_EXPIRED),
@@ -391,7 +403,7 @@ impl Delivery {
         let delay = backoff_delay(attempts, cfg.backoff_base_ms, cfg.backoff_max_ms).max(at_least.unwrap_or_default());
         info!(message_id = %m.id, attempts, ?code, delay_ms = delay.as_millis() as u64, reconcile, "transient failure; retrying");
         AttemptOutcome::Retry {
-            next_at: now_ms() + delay.as_millis() as i64,
+            next_at: self.inner.clock.now_ms() + delay.as_millis() as i64,
             code,
             message,
             reconcile,

@@ -15,7 +15,7 @@ use crate::store::{
     ContactRecord, IdempotentInsert, IdempotentSend, InboundOutcome, Media, MediaStatus, MessageRecord, NewContact,
     NewInbound, NewOutbound, OptChange, StatusOutcome, StatusUpdate, Store,
 };
-use crate::util::now_ms;
+use crate::util::Clock;
 
 /// Twilio's scheduling window for `send_at` (twilio.md §1.4): at least 15 minutes and at
 /// most 35 days ahead.
@@ -192,6 +192,7 @@ pub struct Messaging {
     language: LanguageDetector,
     enforce_whatsapp_window: bool,
     media_wake: Arc<tokio::sync::Notify>,
+    clock: Clock,
 }
 
 impl Messaging {
@@ -206,7 +207,15 @@ impl Messaging {
             language: LanguageDetector::default(),
             enforce_whatsapp_window: true,
             media_wake: Arc::new(tokio::sync::Notify::new()),
+            clock: Clock::default(),
         }
+    }
+
+    /// Reads "now" (message times, the scheduling window, the WhatsApp window) from `clock`
+    /// (default: the system clock).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Turns contact enrichment on: the first message from a number without a contact
@@ -216,8 +225,8 @@ impl Messaging {
         self
     }
 
-    /// Detects inbound messages' languages with `detector` (default: every language
-    /// whatlang knows).
+    /// Detects inbound messages' languages with `detector` (default: English, Spanish and
+    /// Portuguese, with lingua).
     pub fn with_language(mut self, detector: LanguageDetector) -> Self {
         self.language = detector;
         self
@@ -250,7 +259,7 @@ impl Messaging {
     /// window), idempotency errors (`idempotency_key_reused` 422; `conflict` 409 only for a key
     /// an older version left in progress under `IDEMPOTENCY_STALE_MS` ago).
     pub async fn send(&self, input: SendInput, idem: Option<IdempotencyRequest<'_>>) -> Result<SendOutcome> {
-        let draft = self.parse_send(input, now_ms())?;
+        let draft = self.parse_send(input, self.clock.now_ms())?;
         metrics::histogram!("switchboard_message_segments", "direction" => "outbound")
             .record(f64::from(draft.segments));
         let Some(idem) = idem else {
@@ -264,7 +273,7 @@ impl Messaging {
             scope: idem.scope,
             key: idem.key,
             request_hash: &idem.request_hash,
-            now: now_ms(),
+            now: self.clock.now_ms(),
             ttl_ms: IDEMPOTENCY_TTL_MS,
             stale_ms: IDEMPOTENCY_STALE_MS,
             status: 202,
@@ -468,11 +477,14 @@ impl Messaging {
         }
         let bodies = crate::domain::message::split_body(&body, crate::domain::message::MAX_BODY_CHARS);
         if bodies.len() == 1 {
-            let rec = self.store.insert_outbound(self.parse_send(input, now_ms())?).await?;
+            let rec = self
+                .store
+                .insert_outbound(self.parse_send(input, self.clock.now_ms())?)
+                .await?;
             self.delivery.wake();
             return Ok(vec![rec]);
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let group_id = MessageId::new();
         let count = bodies.len() as u32;
         let mut parts = Vec::with_capacity(bodies.len());
@@ -542,7 +554,7 @@ impl Messaging {
             id: ContactId::new(),
             phone_number: phone.as_str().to_string(),
             display_name: name,
-            now: now_ms(),
+            now: self.clock.now_ms(),
         };
         Ok(self.store.create_contact(contact).await?)
     }
@@ -550,12 +562,12 @@ impl Messaging {
     /// Renames a contact. Errors: `invalid_request` for the name, `not_found`.
     pub async fn rename_contact(&self, id: &ContactId, display_name: &str) -> Result<ContactRecord> {
         let name = parse_display_name(display_name)?;
-        Ok(self.store.update_contact(id, &name, now_ms()).await?)
+        Ok(self.store.update_contact(id, &name, self.clock.now_ms()).await?)
     }
 
     /// Cancels a message not yet handed to Twilio. Errors: `not_found`, `conflict`.
     pub async fn cancel(&self, id: &MessageId) -> Result<MessageRecord> {
-        Ok(self.store.cancel_message(id, now_ms()).await?)
+        Ok(self.store.cancel_message(id, self.clock.now_ms()).await?)
     }
 
     /// Stores an inbound message from Twilio's webhook parameters, idempotently on
@@ -638,8 +650,8 @@ impl Messaging {
         for (k, v) in params {
             raw.insert(k.clone(), Value::String(v.clone()));
         }
-        // Inline: whatlang takes microseconds, and the language is then stored with the
-        // message and its conversation in one transaction.
+        // Inline, so that the language is stored with the message and its conversation in
+        // one transaction.
         let language = self.language.detect(&body);
         let outcome = self
             .store
@@ -657,7 +669,7 @@ impl Messaging {
                 opt_change,
                 enrichment,
                 language,
-                now: now_ms(),
+                now: self.clock.now_ms(),
             })
             .await?;
         let (result, label) = match outcome {
@@ -726,7 +738,7 @@ impl Messaging {
                 error_code,
                 error_message,
                 raw_payload: Value::Object(raw),
-                now: now_ms(),
+                now: self.clock.now_ms(),
             })
             .await?;
         metrics::counter!(

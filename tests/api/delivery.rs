@@ -798,6 +798,69 @@ async fn a_scheduled_message_waits_and_can_be_canceled_once() {
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
 }
 
+/// `send_at` `minutes` ahead of the gateway's clock, as RFC 3339.
+fn send_at_in(app: &TestApp, minutes: i64) -> String {
+    let at = chrono::DateTime::from_timestamp_millis(app.config.clock.now_ms() + minutes * 60_000).unwrap();
+    at.to_rfc3339()
+}
+
+#[tokio::test]
+async fn a_scheduled_message_goes_out_once_its_time_comes() {
+    let app = TestApp::spawn().await;
+    let m = app
+        .send_ok(json!({"to": "+14155550143", "body": "at twenty", "send_at": send_at_in(&app, 20)}))
+        .await;
+    assert_eq!(m["status"], "scheduled", "{m}");
+    let id = m["id"].as_str().unwrap();
+
+    // Nineteen minutes on it is still held, while a message sent now goes out.
+    app.config.clock.advance(Duration::from_secs(19 * 60));
+    let now_msg = app
+        .send_ok(json!({"to": "+14155550143", "body": "straight away"}))
+        .await;
+    app.wait_status(now_msg["id"].as_str().unwrap(), "delivered").await;
+    assert!(sent_with_body(&app, "at twenty").is_empty());
+    assert_eq!(app.message(id).await["status"], "scheduled");
+
+    // Past its time it is handed to Twilio, once, and its history shows the way there.
+    app.config.clock.advance(Duration::from_secs(2 * 60));
+    let got = app.wait_status(id, "delivered").await;
+    assert_eq!(sent_with_body(&app, "at twenty").len(), 1);
+    let h = history(&got);
+    assert_eq!(h.first().map(String::as_str), Some("scheduled"), "{h:?}");
+    for step in ["sent", "delivered"] {
+        assert!(h.iter().any(|s| s == step), "no {step} in {h:?}");
+    }
+    // Handed to Twilio: too late to cancel.
+    let (s, v) = app.post_json(&format!("/api/v1/messages/{id}/cancel"), json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(error_code(&v), "conflict");
+}
+
+#[tokio::test]
+async fn a_scheduled_message_counts_its_validity_period_from_send_at() {
+    let app = TestApp::spawn().await;
+    // Both fall due at +20 min; the gateway's clock then jumps to +22 min, as if it had been
+    // down: one minute of validity has run out, ten minutes have not.
+    let short = app
+        .send_ok(
+            json!({"to": "+14155550144", "body": "one minute", "send_at": send_at_in(&app, 20), "validity_period": 60}),
+        )
+        .await;
+    let long = app
+        .send_ok(json!({"to": "+14155550144", "body": "ten minutes", "send_at": send_at_in(&app, 20), "validity_period": 600}))
+        .await;
+    assert_eq!(short["status"], "scheduled", "{short}");
+    app.config.clock.advance(Duration::from_secs(22 * 60));
+
+    let failed = app.wait_status(short["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(failed["error_code"], 30036, "{failed}");
+    assert!(failed["provider_sid"].is_null(), "{failed}");
+    app.wait_status(long["id"].as_str().unwrap(), "delivered").await;
+    assert!(sent_with_body(&app, "one minute").is_empty());
+    assert_eq!(sent_with_body(&app, "ten minutes").len(), 1);
+}
+
 #[tokio::test]
 async fn send_at_outside_the_scheduling_window_is_refused() {
     let app = TestApp::spawn().await;
