@@ -256,16 +256,25 @@
     failed: ['!', 'Failed'], undelivered: ['!', 'Not delivered'], canceled: ['×', 'Canceled'],
   };
 
+  // An attachment: inbound media is shown from the gateway's copy (/api/v1/media/{id}, which
+  // the session cookie opens) once fetched, with its state until then; outbound media from
+  // the sender's own URL.
+  function mediaItem(x) {
+    const type = x.content_type || 'file';
+    if (x.id && x.status !== 'stored') {
+      return x.status === 'failed'
+        ? el('span', { class: 'media-state failed', 'data-media-status': 'failed', text: `Attachment (${type}) could not be fetched${x.error ? ': ' + x.error : ''}` })
+        : el('span', { class: 'media-state', 'data-media-status': 'pending', text: `Fetching attachment (${type})…` });
+    }
+    const href = x.download_url || x.url;
+    return type.startsWith('image/')
+      ? el('a', { href, target: '_blank', rel: 'noopener noreferrer' }, el('img', { src: href, alt: 'Image attachment', loading: 'lazy' }))
+      : el('a', { href, target: '_blank', rel: 'noopener noreferrer', text: `Attachment (${type})` });
+  }
+
   function messageItem(m) {
     const li = el('li', { class: `msg ${m.direction}`, 'data-message-id': m.id, id: 'm-' + m.id });
-    const images = (m.media || []).filter((x) => (x.content_type || '').startsWith('image/'));
-    const others = (m.media || []).filter((x) => !(x.content_type || '').startsWith('image/'));
-    if (m.media && m.media.length) {
-      li.append(el('div', { class: 'media' },
-        ...images.map((x) => el('a', { href: x.url, target: '_blank', rel: 'noopener noreferrer' },
-          el('img', { src: x.url, alt: 'Image attachment', loading: 'lazy' }))),
-        ...others.map((x) => el('a', { href: x.url, target: '_blank', rel: 'noopener noreferrer', text: `Attachment (${x.content_type || 'file'})` }))));
-    }
+    if (m.media && m.media.length) li.append(el('div', { class: 'media' }, ...m.media.map(mediaItem)));
     if (m.body) li.append(el('div', { class: 'msg-body', text: m.body }));
     const meta = el('div', { class: 'msg-meta' }, el('time', { datetime: m.created_at, title: fullTime(m.created_at), text: shortTime(m.created_at) }));
     if (m.language) {

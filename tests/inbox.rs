@@ -433,6 +433,35 @@ async fn agents_answer_customers_live_in_chromium() {
     .await;
     screenshot(&a, "inbox").await;
 
+    // --- An MMS: the picture is shown from the gateway's stored copy (the session cookie
+    // opens /api/v1/media/{id}), an attachment Twilio would not hand over says so.
+    let resp = gw
+        .http
+        .post(gw.url("/simulator/inbound"))
+        .json(&json!({
+            "from": MARIA,
+            "body": "Here is the photo",
+            "media_urls": [gw.url("/simulator/media/parcel.png"), gw.url("/simulator/media/gone.png?status=404")],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    wait_for("the stored picture to show", Duration::from_secs(15), || async {
+        js(
+            &a,
+            "const i = document.querySelector('#messages .media img[src^=\"/api/v1/media/med_\"]'); \
+             return !!i && i.complete && i.naturalWidth > 0",
+        )
+        .await
+            == json!(true)
+    })
+    .await;
+    wait_for("the failed attachment to say so", Duration::from_secs(15), || async {
+        text_of(&a, "#messages .media-state.failed").await.contains("HTTP 404")
+    })
+    .await;
+
     // --- A second agent sees the first one typing
     let b = driver.browser(1280, 800).await;
     sign_in(&b, &gw, "bea@example.com", "bea's long password").await;
