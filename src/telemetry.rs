@@ -100,6 +100,11 @@ pub mod metrics {
             "Twilio webhook handling time"
         );
         describe_histogram!(
+            "switchboard_db_wal_sync_seconds",
+            Unit::Seconds,
+            "SQLite: time of one fdatasync of the WAL, which makes the batches committed before it durable"
+        );
+        describe_histogram!(
             "switchboard_message_segments",
             Unit::Count,
             "Segments per message by direction"

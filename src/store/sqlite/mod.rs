@@ -185,7 +185,7 @@ impl SqliteStore {
             .await?;
         let signal = watch::Sender::new(0);
         Ok(Self {
-            writer: Writer::start(writer, path, signal.clone()),
+            writer: Writer::start(writer, path, signal.clone())?,
             reader,
             signal,
         })
@@ -216,7 +216,8 @@ fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
-    // FULL: a commit is on disk before we acknowledge anything (API 202, webhook 200).
+    // FULL for the start-up indexing below; the writer then commits with NORMAL and syncs the
+    // WAL itself before it acknowledges anything (API 202, webhook 200; see writer.rs).
     conn.execute_batch(
         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = memory; \
          PRAGMA cache_size = -16000;",
