@@ -105,6 +105,11 @@ fn flavor_router(state: AppState, flavor: Flavor) -> Router<AppState> {
 /// An error in the seeds' shape: `{"success": false, "error": "...", "code": "..."}`.
 pub struct CompatError(pub Error);
 
+/// The `error` of a WhatsApp send refused by the 24-hour window (docs/messenger.md).
+const WHATSAPP_WINDOW_CLOSED: &str = "Twilio error 63016: whatsapp_window_closed: the customer has not written in \
+     the last 24 hours, so WhatsApp only accepts an approved template, which the messenger API cannot send; send \
+     the template with POST /api/v1/messages (content_sid), or reply once the customer writes again";
+
 impl<E: Into<Error>> From<E> for CompatError {
     fn from(e: E) -> Self {
         CompatError(e.into())
@@ -129,10 +134,11 @@ impl IntoResponse for CompatError {
                 return (StatusCode::BAD_GATEWAY, Json(body)).into_response();
             }
             // Twilio fails a free-form WhatsApp message outside the 24-hour window with 63016;
-            // we refuse it before sending (nothing is stored), reported the same way.
-            Error::WhatsappWindowClosed(m) => {
-                let body =
-                    json!({"success": false, "error": format!("Twilio error 63016: {m}"), "code": "TWILIO_ERROR"});
+            // we refuse it before sending (nothing is stored), reported the same way. The
+            // store's own message suggests `content_sid`, which this API has no field for:
+            // the only way out from here is a template through `/api/v1/messages`.
+            Error::WhatsappWindowClosed(_) => {
+                let body = json!({"success": false, "error": WHATSAPP_WINDOW_CLOSED, "code": "TWILIO_ERROR"});
                 return (StatusCode::BAD_GATEWAY, Json(body)).into_response();
             }
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "INTERNAL_ERROR"),

@@ -411,6 +411,26 @@ async fn scheduling_validity_and_template_rules_are_enforced() {
         .await,
         "content_variables",
     );
+    for (what, vars) in [
+        ("a non-string value", json!({"1": 5})),
+        ("a value over 1,600 characters", json!({"1": "x".repeat(1601)})),
+        ("a string that is not JSON", json!("{\"1\": \"Alice\"")),
+        ("a string that is not an object", json!("[\"Alice\"]")),
+    ] {
+        assert_invalid_field(
+            &format!("content_variables {what}"),
+            send(
+                &app,
+                json!({
+                    "to": TO, "channel": "whatsapp",
+                    "content_sid": "HX0123456789abcdef0123456789abcdef",
+                    "content_variables": vars
+                }),
+            )
+            .await,
+            "content_variables",
+        );
+    }
     assert_invalid_field(
         "from not a number",
         send(&app, json!({"to": TO, "body": "hi", "from": "hello"})).await,

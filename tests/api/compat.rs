@@ -758,8 +758,18 @@ async fn a_whatsapp_send_outside_the_window_is_twilio_error_63016() {
         &["message"],
         "free-form WhatsApp send outside the window",
     );
+    // The cause in plain words, and the way out: a template through /api/v1 (the messenger
+    // API has no content_sid to suggest).
     let text = v["error"].as_str().unwrap();
-    assert!(text.contains("63016") && text.contains("template"), "{v}");
+    assert!(
+        text.starts_with(
+            "Twilio error 63016: whatsapp_window_closed: the customer has not written in the last 24 hours"
+        ),
+        "{v}"
+    );
+    let to_v1 = text.find("POST /api/v1/messages").unwrap_or_else(|| panic!("{v}"));
+    assert!(text.find("content_sid").is_none_or(|at| at > to_v1), "{v}");
+    assert!(!text.contains("content_variables"), "{v}");
     assert!(all_messages(&app, WHATSAPP, who).await.is_empty(), "nothing is stored");
     // Once they write, the window is open.
     receive(&app, WHATSAPP, who, "hi there").await;

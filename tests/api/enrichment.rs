@@ -60,12 +60,17 @@ impl Lookup {
 }
 
 async fn app_for(lookup: &Lookup, max_attempts: u32) -> TestApp {
+    app_with_timeout(lookup, max_attempts, 3000).await
+}
+
+/// [`app_for`] with the lookup timeout given (ms).
+async fn app_with_timeout(lookup: &Lookup, max_attempts: u32, timeout_ms: u64) -> TestApp {
     let url = lookup.url.clone();
     TestApp::spawn_with(Options {
         config: Box::new(move |c| {
             c.enrichment.url = Some(url);
             c.enrichment.allow_private_networks = true;
-            c.enrichment.timeout_ms = 3000;
+            c.enrichment.timeout_ms = timeout_ms;
             c.enrichment.max_attempts = max_attempts;
             c.enrichment.backoff_base_ms = 50;
             c.enrichment.backoff_max_ms = 100;
@@ -226,6 +231,50 @@ async fn whatsapp_numbers_are_sent_as_received_and_unknown_numbers_attach_nothin
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(lookup.calls().len(), 1);
     assert!(contact_of(&app, "+14155550143").await["enrichment"].is_null());
+}
+
+#[tokio::test]
+async fn a_lookup_slower_than_the_timeout_is_retried_then_failed_with_a_timeout_error() {
+    // The service would find the number, but only after 1 s; the timeout is 200 ms.
+    let lookup = Lookup::start(
+        Duration::from_secs(1),
+        0,
+        (200, json!({ "display_name": "Too Late", "external_id": "cust-late" })),
+    )
+    .await;
+    let app = app_with_timeout(&lookup, 2, 200).await;
+    let number = "+14155550146";
+    let started = Instant::now();
+    app.inbound(json!({ "from": number, "body": "anyone there?" })).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(600),
+        "the webhook waited for the lookup: {took:?}"
+    );
+    let (_, convs) = app.get("/api/v1/conversations").await;
+    assert_eq!(convs["data"][0]["counterpart"], number, "{convs}");
+    assert_eq!(convs["data"][0]["last_message"]["preview"], "anyone there?", "{convs}");
+
+    // Wait for the lookup to settle, whatever it settles on.
+    let end = Instant::now() + Duration::from_secs(15);
+    let c = loop {
+        let c = contact_of(&app, number).await;
+        if c["enrichment"]["status"] != "pending" {
+            break c;
+        }
+        assert!(Instant::now() < end, "the lookup never settled: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(c["enrichment"]["status"], "failed", "{c}");
+    assert_eq!(c["enrichment"]["attempts"], 2, "{c}");
+    let error = c["enrichment"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("timed out"), "{c}");
+    assert_eq!(
+        (c["display_name"].as_str(), c["external_id"].is_null()),
+        (Some(""), true),
+        "{c}"
+    );
+    assert_eq!(lookup.calls().len(), 2);
 }
 
 #[tokio::test]

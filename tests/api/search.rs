@@ -227,6 +227,58 @@ async fn search_pages_filters_and_follows_writes() {
     assert!(search_ok(&app, &[("q", "front desk")]).await.is_empty());
 }
 
+/// `since`/`until` between two messages' `created_at` pick exactly one of them; `since` is
+/// inclusive and `until` exclusive, in any offset.
+#[tokio::test]
+async fn search_since_and_until_between_two_messages_pick_one() {
+    let app = TestApp::spawn().await;
+    app.inbound(json!({"from": "+14155550220", "body": "ledger earlier"}))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    app.inbound(json!({"from": "+14155550221", "body": "ledger later"}))
+        .await;
+    let found = search_ok(&app, &[("q", "ledger")]).await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    let at = |r: &Value| chrono::DateTime::parse_from_rfc3339(r["message"]["created_at"].as_str().unwrap()).unwrap();
+    let (mut first, mut second) = (found[0].clone(), found[1].clone());
+    if at(&first) > at(&second) {
+        std::mem::swap(&mut first, &mut second);
+    }
+    assert_eq!(first["message"]["body"], "ledger earlier", "{found:?}");
+    let (t1, t2) = (at(&first), at(&second));
+    assert!(t2 - t1 >= chrono::Duration::milliseconds(20), "{t1} {t2}");
+    let mid = t1 + (t2 - t1) / 2;
+    let utc = |t: chrono::DateTime<chrono::FixedOffset>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (first_id, second_id) = (
+        first["id"].as_str().unwrap().to_string(),
+        second["id"].as_str().unwrap().to_string(),
+    );
+
+    let after = search_ok(&app, &[("q", "ledger"), ("since", &utc(mid))]).await;
+    assert_eq!(ids(&after), vec![second_id.clone()], "since {mid}");
+    let before = search_ok(&app, &[("q", "ledger"), ("until", &utc(mid))]).await;
+    assert_eq!(ids(&before), vec![first_id.clone()], "until {mid}");
+    // The same instant written at +02:00.
+    let plus_two = mid
+        .with_timezone(&chrono::FixedOffset::east_opt(2 * 3600).unwrap())
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
+    let after = search_ok(&app, &[("q", "ledger"), ("since", &plus_two)]).await;
+    assert_eq!(ids(&after), vec![second_id.clone()], "since {plus_two}");
+    // since = the first's created_at (included), until = the second's (excluded).
+    let exact = search_ok(&app, &[("q", "ledger"), ("since", &utc(t1)), ("until", &utc(t2))]).await;
+    assert_eq!(ids(&exact), vec![first_id], "[{t1}, {t2})");
+    let exact = search_ok(
+        &app,
+        &[
+            ("q", "ledger"),
+            ("since", &utc(t2)),
+            ("until", &utc(t2 + chrono::Duration::milliseconds(1))),
+        ],
+    )
+    .await;
+    assert_eq!(ids(&exact), vec![second_id], "[{t2}, {t2}+1ms)");
+}
+
 #[tokio::test]
 async fn search_refuses_bad_parameters_with_the_envelope() {
     let app = TestApp::spawn().await;

@@ -1096,3 +1096,57 @@ async fn whatsapp_read_receipt_beats_a_late_delivered() {
         "{m}"
     );
 }
+
+/// A WhatsApp read receipt reported only as `EventType=READ` (no `MessageStatus`) still moves
+/// the message to `read` and is recorded, payload included, in its history.
+#[tokio::test]
+async fn whatsapp_event_type_read_without_message_status_marks_read() {
+    let app = TestApp::spawn_with(no_status_callbacks()).await;
+    app.inbound(json!({"from": "+14155550147", "body": "hi", "channel": "whatsapp"}))
+        .await;
+    let m = app
+        .send_ok(json!({"to": "+14155550147", "body": "seen?", "channel": "whatsapp"}))
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let id = id.clone();
+        let app = &app;
+        async move { app.message(&id).await["provider_sid"].is_string() }
+    })
+    .await;
+    assert!(ok, "no provider_sid");
+    let sid = app.message(&id).await["provider_sid"].as_str().unwrap().to_string();
+    let account = app.sim.account_sid().to_string();
+    let common = |extra: &[(&'static str, &'static str)]| {
+        let mut p: Vec<(&str, &str)> = vec![
+            ("MessageSid", sid.as_str()),
+            ("SmsSid", sid.as_str()),
+            ("AccountSid", account.as_str()),
+            ("From", "whatsapp:+14155238886"),
+            ("To", "whatsapp:+14155550147"),
+            ("ApiVersion", "2010-04-01"),
+            ("ChannelPrefix", "whatsapp"),
+            ("ChannelToAddress", "+14155550147"),
+            ("StructuredMessage", "false"),
+        ];
+        p.extend_from_slice(extra);
+        p
+    };
+    let sent = common(&[("MessageStatus", "sent"), ("SmsStatus", "sent")]);
+    assert_eq!(post_signed_status(&app, &sent).await, StatusCode::OK);
+    // The post-delivery event alone: no MessageStatus / SmsStatus at all.
+    let read = common(&[("EventType", "READ")]);
+    assert_eq!(post_signed_status(&app, &read).await, StatusCode::OK);
+
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "read", "{m}");
+    let history = callback_history(&m);
+    let applied: Vec<(&str, bool)> = history
+        .iter()
+        .map(|e| (e["status"].as_str().unwrap(), e["applied"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(applied, [("sent", true), ("read", true)], "{m}");
+    let payload = &history[1]["payload"];
+    assert_eq!(payload["EventType"], "READ", "{m}");
+    assert!(payload.get("MessageStatus").is_none(), "{m}");
+}

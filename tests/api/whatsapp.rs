@@ -84,6 +84,8 @@ async fn free_form_needs_the_window_and_templates_go_any_time() {
     let sent = app.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].content_sid.as_deref(), Some(TEMPLATE));
+    let vars: Value = serde_json::from_str(sent[0].content_variables.as_deref().expect("no ContentVariables")).unwrap();
+    assert_eq!(vars, json!({"1": "Alice", "2": "12/1"}));
     assert_eq!(sent[0].to, format!("whatsapp:{who}"));
     let c = whatsapp_conversation(&app, who).await.unwrap();
     assert_eq!(c["whatsapp_window"], json!({"open": false, "expires_at": null}), "{c}");
