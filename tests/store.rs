@@ -863,6 +863,32 @@ async fn sqlite_legacy_in_progress_keys() {
     .await;
 }
 
+/// The writer syncs the WAL itself (writer.rs): it must find it where SQLite put it, next to
+/// the file a symbolic link points at, not next to the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_database_behind_a_symbolic_link_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let real = dir.path().join("data").join("store.db");
+    drop(SqliteStore::open(&real, 2).await.unwrap());
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&link, 2).await.unwrap());
+    let sid = sid();
+    let created = store
+        .insert_inbound(inbound(&sid, &phone(1), "through the link", T0))
+        .await
+        .unwrap();
+    let InboundOutcome::Created(m) = created else {
+        panic!("a new SID is stored")
+    };
+    assert!(dir.path().join("data").join("store.db-wal").exists());
+    assert!(!dir.path().join("link.db-wal").exists());
+    drop(store);
+    let reopened: Arc<dyn Store> = Arc::new(SqliteStore::open(&real, 2).await.unwrap());
+    assert_eq!(message(&reopened, &m.id).await.body, "through the link");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_legacy_in_progress_keys() {
     with_postgres_db(|url| async move {

@@ -45,6 +45,7 @@
 //! Readers stay on sqlx's pool: a read is one or two statements, and concurrent reads need
 //! connections of their own anyway.
 
+use anyhow::Context;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -231,14 +232,26 @@ impl Writer {
     /// wrote events.
     ///
     /// # Errors
-    /// The database error of the pragma, or the I/O error of starting the syncer thread.
+    /// The database error of the pragma; the I/O error of syncing the WAL file once (it must
+    /// exist and accept `fdatasync`) or of starting the syncer thread.
     pub(super) fn start(conn: Connection, path: &Path, signal: watch::Sender<u64>) -> anyhow::Result<Self> {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let poisoned = Arc::new(AtomicBool::new(false));
-        let mut wal = path.as_os_str().to_owned();
+        // The WAL is the database file's name + "-wal", where SQLite resolved that name (it
+        // follows symbolic links); the start-up write in `open_writer` has created it.
+        let mut wal = conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| path.to_path_buf())
+            .into_os_string();
         wal.push("-wal");
-        let syncer = start_syncer(PathBuf::from(wal), signal, poisoned.clone())?;
+        let wal = PathBuf::from(wal);
+        std::fs::File::open(&wal)
+            .and_then(|f| f.sync_data())
+            .with_context(|| format!("syncing the SQLite WAL {}", wal.display()))?;
+        let syncer = start_syncer(wal, signal, poisoned.clone())?;
         // FULL, explicitly: a checkpoint syncs the WAL before it copies frames into the
         // database file, so it never copies a commit the syncer has not made durable yet.
         let checkpoints =
