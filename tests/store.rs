@@ -889,6 +889,72 @@ async fn sqlite_database_behind_a_symbolic_link_commits() {
     assert_eq!(message(&reopened, &m.id).await.body, "through the link");
 }
 
+/// SQLite acknowledges a write only once the WAL is synced, and cursor reads never return a
+/// change that is committed but not yet synced (writer.rs): a power loss could take it back
+/// and the change counter would hand its number out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Holding the syncer's gate across awaits is the point: the write must wait for it.
+#[allow(clippy::await_holding_lock)]
+async fn sqlite_unsynced_writes_are_neither_acknowledged_nor_passed_by_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Arc::new(SqliteStore::open(&path, 2).await.unwrap());
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let before = dyn_store.messages_changed_since(0, 200).await.unwrap().messages.len();
+    let events_before = dyn_store.event_bounds().await.unwrap().latest;
+
+    let hold = store.hold_wal_syncs();
+    let writer = {
+        let s = dyn_store.clone();
+        tokio::spawn(async move {
+            s.insert_inbound(inbound(&sid(), &phone(7), "not yet on disk", T0))
+                .await
+        })
+    };
+    // Committed: another connection reads the row…
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let mut committed = false;
+    for _ in 0..200 {
+        let n: i64 = raw
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE body = 'not yet on disk'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if n == 1 {
+            committed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(committed, "the write never committed");
+    // …but it is not acknowledged, and neither cursor shows it.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!writer.is_finished(), "acknowledged before the WAL was synced");
+    assert_eq!(
+        dyn_store.messages_changed_since(0, 200).await.unwrap().messages.len(),
+        before
+    );
+    assert_eq!(dyn_store.event_bounds().await.unwrap().latest, events_before);
+    assert!(dyn_store
+        .events_after(events_before, &[], 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    drop(hold);
+    assert!(matches!(writer.await.unwrap().unwrap(), InboundOutcome::Created(_)));
+    let changed = dyn_store.messages_changed_since(0, 200).await.unwrap().messages;
+    assert_eq!(changed.len(), before + 1);
+    assert!(dyn_store.event_bounds().await.unwrap().latest > events_before);
+    assert!(!dyn_store
+        .events_after(events_before, &[], 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_legacy_in_progress_keys() {
     with_postgres_db(|url| async move {

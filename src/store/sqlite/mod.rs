@@ -191,6 +191,14 @@ impl SqliteStore {
         })
     }
 
+    /// Test support: while the guard lives, no WAL sync finishes, so writes commit but are
+    /// neither acknowledged nor visible to cursor reads (writer.rs, "readers see a commit
+    /// before its sync"). Not for production use.
+    #[doc(hidden)]
+    pub fn hold_wal_syncs(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.durable().gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(Tx {
             inner: self.writer.begin().await?,
@@ -796,7 +804,7 @@ impl Store for SqliteStore {
         let conversations = (!conversations.is_empty())
             .then(|| serde_json::to_string(conversations).map_err(|e| StoreError::Other(e.into())))
             .transpose()?;
-        sqlx::query_as(
+        let mut events: Vec<EventRecord> = sqlx::query_as(
             "SELECT seq, kind, conversation_id, data, created_at FROM events WHERE seq > ?1 \
              AND (?2 IS NULL OR conversation_id IN (SELECT value FROM json_each(?2))) ORDER BY seq LIMIT ?3",
         )
@@ -805,7 +813,20 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await
-        .map_err(map_err)
+        .map_err(map_err)?;
+        // Only events on disk (writer.rs, `Durable`): a cursor never passes one that a power
+        // loss could take back. Events are numbered in commit order, so waiting for the newest
+        // one found covers all of them.
+        if let Some(newest) = events.last().map(|e| e.seq) {
+            let on_disk = self
+                .writer
+                .durable()
+                .wait_for(|m| m.event_seq >= newest)
+                .await
+                .event_seq;
+            events.retain(|e| e.seq <= on_disk);
+        }
+        Ok(events)
     }
 
     async fn event_bounds(&self) -> StoreResult<EventBounds> {
@@ -816,9 +837,16 @@ impl Store for SqliteStore {
         .fetch_one(&self.reader)
         .await
         .map_err(map_err)?;
+        let latest: i64 = row.get("latest");
+        let on_disk = self
+            .writer
+            .durable()
+            .wait_for(|m| m.event_seq >= latest)
+            .await
+            .event_seq;
         Ok(EventBounds {
             pruned_through: row.get("pruned_through"),
-            latest: row.get("latest"),
+            latest: latest.min(on_disk),
         })
     }
 
@@ -1408,7 +1436,18 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let messages = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let mut messages = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        // Only changes on disk (writer.rs, `Durable`): the change counter hands numbers out in
+        // commit order, so waiting for the newest one found covers all of them.
+        if let Some(newest) = messages.last().map(|m| m.change_seq) {
+            let on_disk = self
+                .writer
+                .durable()
+                .wait_for(|m| m.change_seq >= newest)
+                .await
+                .change_seq;
+            messages.retain(|m| m.change_seq <= on_disk);
+        }
         let next_cursor = messages.last().map(|m| m.change_seq).unwrap_or(cursor);
         let mut ids: Vec<&str> = messages.iter().map(|m| m.conversation_id.as_str()).collect();
         ids.sort_unstable();

@@ -37,6 +37,14 @@
 //!   it. A failed `fdatasync` leaves the state of the file unknown (the kernel may drop the
 //!   dirty pages): the batch gets an error and the writer refuses every later write until the
 //!   gateway is restarted, as PostgreSQL does.
+//! - **Readers see a commit before its sync.** Other connections read the WAL as soon as the
+//!   `COMMIT` returns, a millisecond or two before the sync. That is harmless for a plain
+//!   read, but a cursor must never pass a change a power loss could take back (the counter
+//!   would hand its number out again and the poller would skip the new change). So every
+//!   batch notes the newest change cursor and event cursor it committed, and the syncer
+//!   publishes them as [`Durable`] marks after the sync; the cursor reads (`messages?since=`,
+//!   the event stream) return a change only once it is within the marks, waiting for the
+//!   sync (a millisecond or two) when they found one that is not yet.
 //!
 //! An operation that fails (its [`WriteTx`] is dropped without `commit`) is rolled back to
 //! its savepoint at once, so it never leaks into the batch. If even that fails, the whole
@@ -107,15 +115,18 @@ impl WriterState {
         let committed = off_the_runtime(|| {
             super::search_index::index_pending(&self.conn)
                 .map_err(|e| format!("indexing the batch for search failed: {e}"))?;
-            self.run("COMMIT").map_err(|e| format!("commit failed: {e}"))
+            let marks = Marks::read(&self.conn).map_err(|e| format!("reading the batch's cursors failed: {e}"))?;
+            self.run("COMMIT").map_err(|e| format!("commit failed: {e}"))?;
+            Ok::<_, String>(marks)
         });
         match committed {
-            Ok(()) => {
+            Ok(marks) => {
                 self.open = false;
                 metrics::histogram!("switchboard_db_group_commit_size").record(self.members.len() as f64);
                 Some(Batch {
                     members: std::mem::take(&mut self.members),
                     wrote_events: std::mem::take(&mut self.wrote_events),
+                    marks,
                 })
             }
             Err(why) => {
@@ -126,19 +137,88 @@ impl WriterState {
     }
 }
 
-/// A committed batch waiting for the WAL sync: whom to answer, and whether to wake the event hub.
+/// A committed batch waiting for the WAL sync: whom to answer, whether to wake the event hub,
+/// and the newest cursors it committed.
 struct Batch {
     members: Vec<oneshot::Sender<Outcome>>,
     wrote_events: bool,
+    marks: Marks,
+}
+
+/// The newest message change cursor (`counters.change_seq`) and event cursor (`events.seq`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Marks {
+    pub change_seq: i64,
+    pub event_seq: i64,
+}
+
+impl Marks {
+    /// The cursors as the connection sees them now.
+    fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached(
+            "SELECT (SELECT value FROM counters WHERE name = 'change_seq'), \
+             COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
+        )?
+        .query_row([], |r| {
+            Ok(Marks {
+                change_seq: r.get(0)?,
+                event_seq: r.get(1)?,
+            })
+        })
+    }
+}
+
+/// The newest cursors known to be on disk: what a cursor read may return (module docs).
+#[derive(Debug)]
+pub(super) struct Durable {
+    marks: watch::Sender<Marks>,
+    /// Taken by the syncer around each sync; the test suite holds it to look at a batch that
+    /// is committed but not yet synced ([`super::SqliteStore::hold_wal_syncs`]).
+    pub(super) gate: std::sync::Mutex<()>,
+}
+
+/// How long a cursor read waits for the sync of a change it found (normally one sync, about
+/// 2 ms) before it leaves that change for the next read.
+const SYNC_WAIT: Duration = Duration::from_millis(500);
+
+impl Durable {
+    fn new(marks: Marks) -> Self {
+        Self {
+            marks: watch::Sender::new(marks),
+            gate: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn advance(&self, m: Marks) {
+        self.marks.send_if_modified(|cur| {
+            let next = Marks {
+                change_seq: cur.change_seq.max(m.change_seq),
+                event_seq: cur.event_seq.max(m.event_seq),
+            };
+            let moved = next.change_seq != cur.change_seq || next.event_seq != cur.event_seq;
+            *cur = next;
+            moved
+        });
+    }
+
+    /// The newest cursors on disk once `ready` holds for them, or after [`SYNC_WAIT`]: a
+    /// reader that found a change waits for it to be synced rather than leave it out.
+    pub(super) async fn wait_for(&self, ready: impl Fn(&Marks) -> bool) -> Marks {
+        let mut marks = self.marks.subscribe();
+        let _ = tokio::time::timeout(SYNC_WAIT, marks.wait_for(|m| ready(m))).await;
+        *self.marks.borrow()
+    }
 }
 
 /// Starts the thread that makes committed batches durable (module docs): it takes every batch
-/// queued, calls `fdatasync` on the WAL once for all of them, then answers their members and
-/// bumps `signal` if any wrote events. On a failed sync it sets `poisoned`.
+/// queued, calls `fdatasync` on the WAL once for all of them, then advances `durable`,
+/// answers their members and bumps `signal` if any wrote events. On a failed sync it sets
+/// `poisoned`.
 fn start_syncer(
     wal: PathBuf,
     signal: watch::Sender<u64>,
     poisoned: Arc<AtomicBool>,
+    durable: Arc<Durable>,
 ) -> std::io::Result<std::sync::mpsc::Sender<Batch>> {
     let (queue, batches) = std::sync::mpsc::channel::<Batch>();
     std::thread::Builder::new()
@@ -147,8 +227,10 @@ fn start_syncer(
             while let Ok(first) = batches.recv() {
                 let mut due = vec![first];
                 due.extend(batches.try_iter());
+                let gate = durable.gate.lock().unwrap_or_else(|e| e.into_inner());
                 let started = std::time::Instant::now();
                 let synced = std::fs::File::open(&wal).and_then(|f| f.sync_data());
+                drop(gate);
                 metrics::histogram!("switchboard_db_wal_sync_seconds").record(started.elapsed().as_secs_f64());
                 let outcome = synced.map_err(|e| {
                     poisoned.store(true, Ordering::SeqCst);
@@ -156,6 +238,11 @@ fn start_syncer(
                     format!("syncing the database to disk failed: {e}")
                 });
                 let wake = outcome.is_ok() && due.iter().any(|b| b.wrote_events);
+                if outcome.is_ok() {
+                    for b in &due {
+                        durable.advance(b.marks);
+                    }
+                }
                 for m in due.into_iter().flat_map(|b| b.members) {
                     let _ = m.send(outcome.clone());
                 }
@@ -216,6 +303,8 @@ pub(super) struct Writer {
     flush: mpsc::Sender<()>,
     /// Set when a WAL sync failed: every later write is refused.
     poisoned: Arc<AtomicBool>,
+    /// The newest cursors on disk.
+    durable: Arc<Durable>,
 }
 
 /// One write operation's hold on the writer connection, inside its own savepoint. Derefs to
@@ -248,10 +337,12 @@ impl Writer {
             .into_os_string();
         wal.push("-wal");
         let wal = PathBuf::from(wal);
+        // Whatever an earlier process left in the WAL is made durable before it counts as such.
         std::fs::File::open(&wal)
             .and_then(|f| f.sync_data())
             .with_context(|| format!("syncing the SQLite WAL {}", wal.display()))?;
-        let syncer = start_syncer(wal, signal, poisoned.clone())?;
+        let durable = Arc::new(Durable::new(Marks::read(&conn)?));
+        let syncer = start_syncer(wal, signal, poisoned.clone(), durable.clone())?;
         // FULL, explicitly: a checkpoint syncs the WAL before it copies frames into the
         // database file, so it never copies a commit the syncer has not made durable yet.
         let checkpoints =
@@ -295,7 +386,12 @@ impl Writer {
                 }
             }
         }
-        Ok(Self { state, flush, poisoned })
+        Ok(Self {
+            state,
+            flush,
+            poisoned,
+            durable,
+        })
     }
 
     /// Starts a write operation: waits for the connection (first come, first served), opens
@@ -320,6 +416,11 @@ impl Writer {
             guard: Some(guard),
             flush: self.flush.clone(),
         })
+    }
+
+    /// The newest cursors known to be on disk (what cursor reads may return).
+    pub(super) fn durable(&self) -> &Durable {
+        &self.durable
     }
 
     /// Whether an operation holds the connection now (for the pool gauge).
