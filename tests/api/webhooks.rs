@@ -1034,25 +1034,29 @@ async fn post_signed_status(app: &TestApp, params: &[(&str, &str)]) -> StatusCod
     app.post_webhook(STATUS, params, Some(&sig)).await.status()
 }
 
-#[tokio::test]
-async fn whatsapp_read_receipt_beats_a_late_delivered() {
-    let app = TestApp::spawn_with(no_status_callbacks()).await;
-    // They wrote first: the 24-hour window is open for a free-form reply.
-    app.inbound(json!({"from": "+14155550146", "body": "hello?", "channel": "whatsapp"}))
+/// A customer at `to` writes on WhatsApp (opening the 24-hour window) and gets a free-form
+/// reply `body`; waits until Twilio took the reply. Returns the reply's ID and MessageSid.
+async fn whatsapp_reply_handed_to_twilio(app: &TestApp, to: &str, body: &str) -> (String, String) {
+    app.inbound(json!({"from": to, "body": "hello?", "channel": "whatsapp"}))
         .await;
     let m = app
-        .send_ok(json!({"to": "+14155550146", "body": "read me", "channel": "whatsapp"}))
+        .send_ok(json!({"to": to, "body": body, "channel": "whatsapp"}))
         .await;
     let id = m["id"].as_str().unwrap().to_string();
     let ok = wait_until(Duration::from_secs(10), || {
         let id = id.clone();
-        let app = &app;
         async move { app.message(&id).await["provider_sid"].is_string() }
     })
     .await;
     assert!(ok, "no provider_sid");
-    let m = app.message(&id).await;
-    let sid = m["provider_sid"].as_str().unwrap().to_string();
+    let sid = app.message(&id).await["provider_sid"].as_str().unwrap().to_string();
+    (id, sid)
+}
+
+#[tokio::test]
+async fn whatsapp_read_receipt_beats_a_late_delivered() {
+    let app = TestApp::spawn_with(no_status_callbacks()).await;
+    let (id, sid) = whatsapp_reply_handed_to_twilio(&app, "+14155550146", "read me").await;
     let base = |status: &'static str| {
         vec![
             ("MessageSid", sid.clone()),
@@ -1102,20 +1106,7 @@ async fn whatsapp_read_receipt_beats_a_late_delivered() {
 #[tokio::test]
 async fn whatsapp_event_type_read_without_message_status_marks_read() {
     let app = TestApp::spawn_with(no_status_callbacks()).await;
-    app.inbound(json!({"from": "+14155550147", "body": "hi", "channel": "whatsapp"}))
-        .await;
-    let m = app
-        .send_ok(json!({"to": "+14155550147", "body": "seen?", "channel": "whatsapp"}))
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
-    let ok = wait_until(Duration::from_secs(10), || {
-        let id = id.clone();
-        let app = &app;
-        async move { app.message(&id).await["provider_sid"].is_string() }
-    })
-    .await;
-    assert!(ok, "no provider_sid");
-    let sid = app.message(&id).await["provider_sid"].as_str().unwrap().to_string();
+    let (id, sid) = whatsapp_reply_handed_to_twilio(&app, "+14155550147", "seen?").await;
     let account = app.sim.account_sid().to_string();
     let common = |extra: &[(&'static str, &'static str)]| {
         let mut p: Vec<(&str, &str)> = vec![

@@ -815,17 +815,11 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         // Only events on disk (writer.rs, `Durable`): a cursor never passes one that a power
-        // loss could take back. Events are numbered in commit order, so waiting for the newest
-        // one found covers all of them.
-        if let Some(newest) = events.last().map(|e| e.seq) {
-            let on_disk = self
-                .writer
-                .durable()
-                .wait_for(|m| m.event_seq >= newest)
-                .await
-                .event_seq;
-            events.retain(|e| e.seq <= on_disk);
-        }
+        // loss could take back.
+        self.writer
+            .durable()
+            .keep_on_disk(&mut events, |e| e.seq, |m| m.event_seq)
+            .await;
         Ok(events)
     }
 
@@ -1437,17 +1431,11 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         let mut messages = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
-        // Only changes on disk (writer.rs, `Durable`): the change counter hands numbers out in
-        // commit order, so waiting for the newest one found covers all of them.
-        if let Some(newest) = messages.last().map(|m| m.change_seq) {
-            let on_disk = self
-                .writer
-                .durable()
-                .wait_for(|m| m.change_seq >= newest)
-                .await
-                .change_seq;
-            messages.retain(|m| m.change_seq <= on_disk);
-        }
+        // Only changes on disk (writer.rs, `Durable`).
+        self.writer
+            .durable()
+            .keep_on_disk(&mut messages, |m| m.change_seq, |m| m.change_seq)
+            .await;
         let next_cursor = messages.last().map(|m| m.change_seq).unwrap_or(cursor);
         let mut ids: Vec<&str> = messages.iter().map(|m| m.conversation_id.as_str()).collect();
         ids.sort_unstable();

@@ -208,6 +208,23 @@ impl Durable {
         let _ = tokio::time::timeout(SYNC_WAIT, marks.wait_for(|m| ready(m))).await;
         *self.marks.borrow()
     }
+
+    /// Keeps of `items` (read in cursor order, `cursor` of each) those on disk: waits for the
+    /// newest one's sync (see [`Durable::wait_for`]) and drops any still unsynced after that.
+    /// `mark` picks the cursor kind from the marks. Cursors are handed out in commit order,
+    /// so the newest one being on disk means all the others are.
+    pub(super) async fn keep_on_disk<T>(
+        &self,
+        items: &mut Vec<T>,
+        cursor: impl Fn(&T) -> i64,
+        mark: impl Fn(&Marks) -> i64,
+    ) {
+        let Some(newest) = items.last().map(&cursor) else {
+            return;
+        };
+        let on_disk = mark(&self.wait_for(|m| mark(m) >= newest).await);
+        items.retain(|i| cursor(i) <= on_disk);
+    }
 }
 
 /// Starts the thread that makes committed batches durable (module docs): it takes every batch
