@@ -36,7 +36,7 @@
 //!   and checkpoints (on a connection of their own, with `FULL`) sync the WAL before copying
 //!   it. A failed `fdatasync` leaves the state of the file unknown (the kernel may drop the
 //!   dirty pages): the batch gets an error and the writer refuses every later write until the
-//!   gateway is restarted, as PostgreSQL does.
+//!   gateway is restarted (and `/ready` answers 503), as PostgreSQL does.
 //! - **Readers see a commit before its sync.** Other connections read the WAL as soon as the
 //!   `COMMIT` returns, a millisecond or two before the sync. That is harmless for a plain
 //!   read, but a cursor must never pass a change a power loss could take back (the counter
@@ -418,11 +418,7 @@ impl Writer {
     /// [`StoreError::Unavailable`] once a WAL sync has failed; the database error of `BEGIN` or
     /// `SAVEPOINT`, mapped by `From<rusqlite::Error> for StoreError`.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx> {
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable(
-                "an earlier sync of the database to disk failed; restart the gateway".into(),
-            ));
-        }
+        self.check_writable()?;
         let mut guard = self.state.clone().lock_owned().await;
         if !guard.open {
             guard.run("BEGIN IMMEDIATE")?;
@@ -433,6 +429,19 @@ impl Writer {
             guard: Some(guard),
             flush: self.flush.clone(),
         })
+    }
+
+    /// Whether writes are still taken (`/ready` asks through the store's ping).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] once a WAL sync has failed.
+    pub(super) fn check_writable(&self) -> StoreResult<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "an earlier sync of the database to disk failed; restart the gateway".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The newest cursors known to be on disk (what cursor reads may return).
