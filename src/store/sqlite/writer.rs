@@ -20,7 +20,7 @@
 //!   plain [`rusqlite::Connection`] whose statements run synchronously, from prepared-statement
 //!   cache, on the task that holds it: an operation's statements take microseconds each and
 //!   contain no `.await`, so an operation is never cut off half-way by a dropped future.
-//!   Only the `COMMIT` (the fsync) leaves the async worker (`block_in_place`).
+//!   Only the `COMMIT` (writing the batch's WAL frames) leaves the async worker (`block_in_place`).
 //!
 //! - **The fsync inside the critical section.** With `synchronous = FULL` the `COMMIT` itself
 //!   waits for the WAL's fsync (about two thirds of a commit's time under load), and no other
