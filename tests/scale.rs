@@ -557,6 +557,22 @@ async fn three_instances_share_delivery_and_survive_a_sigkill() {
         );
         let victim = &instances[VICTIM];
         let owner = worker_owner(&victim.log).expect("the victim logged its lease owner");
+        // White-box: kill at a moment the victim holds claims, so that the takeover is
+        // exercised (a claim lasts until its rate slot, up to the 1 s look-ahead; between two
+        // claims an instance may hold none).
+        let claims = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let holding = wait_until(Duration::from_secs(30), || async {
+            let n: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE lease_owner = $1 AND provider_sid IS NULL")
+                    .bind(&owner)
+                    .fetch_one(&claims)
+                    .await
+                    .unwrap();
+            n >= 3
+        })
+        .await;
+        assert!(holding, "the victim never held claims to kill it with");
+        claims.close().await;
         victim.alive.store(false, Ordering::SeqCst);
         let at = load_started.elapsed();
         let killed_at = Instant::now();
