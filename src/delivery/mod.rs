@@ -100,6 +100,11 @@ impl Delivery {
         }
     }
 
+    /// Now, on the worker's clock (Unix ms).
+    fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
     /// Wakes an idle worker (a message was just queued).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
@@ -129,7 +134,7 @@ impl Delivery {
         self.inner
             .store
             .claim_due(ClaimRequest {
-                now: self.inner.clock.now_ms(),
+                now: self.now_ms(),
                 limit,
                 lookahead_ms: LOOKAHEAD_MS,
                 lease_ms: (cfg.lease_secs * 1000) as i64,
@@ -214,7 +219,7 @@ impl Delivery {
     /// faster than 1,000 messages a second is not slowed to one per millisecond.
     fn pace(&self, c: &ClaimedMessage) -> i64 {
         let mut pacing = self.inner.pacing.lock().unwrap_or_else(|e| e.into_inner());
-        let now_us = self.inner.clock.now_ms() * 1000;
+        let now_us = self.now_ms() * 1000;
         let free_us = pacing.get(&c.rate_key).copied().unwrap_or(0);
         let at_us = (c.slot_at * 1000).max(free_us).max(now_us);
         pacing.insert(c.rate_key.clone(), at_us + c.hold_us);
@@ -230,7 +235,7 @@ impl Delivery {
     /// expire and the message will be reconciled and retried).
     async fn process(&self, c: ClaimedMessage) {
         let id = c.message.id.clone();
-        let wait = c.slot_at - self.inner.clock.now_ms();
+        let wait = c.slot_at - self.now_ms();
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
@@ -253,27 +258,19 @@ impl Delivery {
                 ..
             }
         );
-        let recorded = match self
-            .inner
-            .store
-            .record_attempt(&id, outcome, self.inner.clock.now_ms())
-            .await
-        {
+        let recorded = match self.inner.store.record_attempt(&id, outcome, self.now_ms()).await {
             // Two messages with the same body and recipient reconciled at once and chose the
             // same Twilio message: this one lost the race, and looks again at once (the SID
             // the other took is now known, so it finds its own or sends).
             Err(StoreError::Conflict(_)) if adopted => {
                 info!(message_id = %id, "reconciled SID was taken by another message; reconciling again");
                 let retry = AttemptOutcome::Retry {
-                    next_at: self.inner.clock.now_ms(),
+                    next_at: self.now_ms(),
                     code: None,
                     message: "the Twilio message found was claimed by another message; looking again".into(),
                     reconcile: true,
                 };
-                self.inner
-                    .store
-                    .record_attempt(&id, retry, self.inner.clock.now_ms())
-                    .await
+                self.inner.store.record_attempt(&id, retry, self.now_ms()).await
             }
             other => other,
         };
@@ -290,7 +287,7 @@ impl Delivery {
 
     async fn attempt(&self, c: &ClaimedMessage) -> AttemptOutcome {
         let m = &c.message;
-        let now = self.inner.clock.now_ms();
+        let now = self.now_ms();
         if m.validity_expired(now) {
             return AttemptOutcome::Failed {
                 code: Some(VALIDITY_EXPIRED),
@@ -403,7 +400,7 @@ impl Delivery {
         let delay = backoff_delay(attempts, cfg.backoff_base_ms, cfg.backoff_max_ms).max(at_least.unwrap_or_default());
         info!(message_id = %m.id, attempts, ?code, delay_ms = delay.as_millis() as u64, reconcile, "transient failure; retrying");
         AttemptOutcome::Retry {
-            next_at: self.inner.clock.now_ms() + delay.as_millis() as i64,
+            next_at: self.now_ms() + delay.as_millis() as i64,
             code,
             message,
             reconcile,

@@ -47,8 +47,6 @@ struct Tx {
     /// whose `change_seq` is at or above it (one writer, so no one else's are).
     first_seq: Option<i64>,
     events: PendingEvents,
-    /// Whether events were written (the hub is woken after the commit).
-    wrote_events: bool,
 }
 
 impl Tx {
@@ -103,7 +101,7 @@ impl Tx {
     /// event hub is woken after the commit).
     async fn commit(mut self) -> StoreResult<()> {
         self.write_events()?;
-        self.inner.commit(self.wrote_events).await
+        self.inner.commit().await
     }
 
     /// `message.created` / `message.status` for every message changed (in change order),
@@ -148,7 +146,6 @@ impl Tx {
                 rusqlite::params![d.kind.as_str(), d.conversation_id, d.data.to_string(), now],
             )?;
         }
-        self.wrote_events |= !drafts.is_empty();
         self.first_seq = None;
         Ok(())
     }
@@ -204,7 +201,6 @@ impl SqliteStore {
             inner: self.writer.begin().await?,
             first_seq: None,
             events: PendingEvents::default(),
-            wrote_events: false,
         })
     }
 }

@@ -77,8 +77,6 @@ pub(super) struct WriterState {
     open: bool,
     /// Operations released into the open transaction, waiting for its commit.
     members: Vec<oneshot::Sender<Outcome>>,
-    /// Whether a member wrote events (the hub is woken after the commit).
-    wrote_events: bool,
 }
 
 impl WriterState {
@@ -92,7 +90,6 @@ impl WriterState {
             let _ = self.run("ROLLBACK");
         }
         self.open = false;
-        self.wrote_events = false;
         for m in self.members.drain(..) {
             let _ = m.send(Err(why.to_string()));
         }
@@ -125,7 +122,6 @@ impl WriterState {
                 metrics::histogram!("switchboard_db_group_commit_size").record(self.members.len() as f64);
                 Some(Batch {
                     members: std::mem::take(&mut self.members),
-                    wrote_events: std::mem::take(&mut self.wrote_events),
                     marks,
                 })
             }
@@ -137,11 +133,10 @@ impl WriterState {
     }
 }
 
-/// A committed batch waiting for the WAL sync: whom to answer, whether to wake the event hub,
-/// and the newest cursors it committed.
+/// A committed batch waiting for the WAL sync: whom to answer, and the newest cursors it
+/// committed.
 struct Batch {
     members: Vec<oneshot::Sender<Outcome>>,
-    wrote_events: bool,
     marks: Marks,
 }
 
@@ -189,16 +184,21 @@ impl Durable {
         }
     }
 
-    fn advance(&self, m: Marks) {
+    /// Moves the marks up to `m`; returns whether the event cursor moved (new events are on
+    /// disk).
+    fn advance(&self, m: Marks) -> bool {
+        let mut new_events = false;
         self.marks.send_if_modified(|cur| {
             let next = Marks {
                 change_seq: cur.change_seq.max(m.change_seq),
                 event_seq: cur.event_seq.max(m.event_seq),
             };
-            let moved = next.change_seq != cur.change_seq || next.event_seq != cur.event_seq;
+            new_events = next.event_seq != cur.event_seq;
+            let moved = new_events || next.change_seq != cur.change_seq;
             *cur = next;
             moved
         });
+        new_events
     }
 
     /// The newest cursors on disk once `ready` holds for them, or after [`SYNC_WAIT`]: a
@@ -254,10 +254,10 @@ fn start_syncer(
                     tracing::error!(error = %e, wal = %wal.display(), "fdatasync of the SQLite WAL failed; refusing further writes until restart");
                     format!("syncing the database to disk failed: {e}")
                 });
-                let wake = outcome.is_ok() && due.iter().any(|b| b.wrote_events);
+                let mut wake = false;
                 if outcome.is_ok() {
                     for b in &due {
-                        durable.advance(b.marks);
+                        wake |= durable.advance(b.marks);
                     }
                 }
                 for m in due.into_iter().flat_map(|b| b.members) {
@@ -374,7 +374,6 @@ impl Writer {
             conn,
             open: false,
             members: Vec::new(),
-            wrote_events: false,
         }));
         let (flush, mut wake) = mpsc::channel::<()>(1);
         let flusher_state = state.clone();
@@ -457,18 +456,17 @@ impl Writer {
 
 impl WriteTx {
     /// Ends the operation: releases its savepoint into the shared transaction and waits
-    /// until that transaction is committed and synced to disk. `wrote_events` says whether it wrote events.
+    /// until that transaction is committed and synced to disk.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the shared transaction failed to commit (nothing of
     /// this operation was kept), or the database error of the release.
-    pub(super) async fn commit(mut self, wrote_events: bool) -> StoreResult<()> {
+    pub(super) async fn commit(mut self) -> StoreResult<()> {
         let mut guard = self.guard.take().expect("a WriteTx holds the writer until it commits");
         if let Err(e) = guard.run("RELEASE SAVEPOINT op") {
             undo(&mut guard);
             return Err(e.into());
         }
-        guard.wrote_events |= wrote_events;
         let (done, outcome) = oneshot::channel();
         guard.members.push(done);
         drop(guard);
