@@ -782,13 +782,19 @@ pub(crate) async fn update_contact(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "PascalCase")]
 pub struct InboundWebhookForm {
-    /// `SM…` or `MM…`.
+    /// `SM…` or `MM…`: two letters and 32 hex digits (anything else is refused with 400).
+    #[schema(
+        pattern = "^[A-Za-z]{2}[0-9A-Fa-f]{32}$",
+        example = "SM0123456789abcdef0123456789abcdef"
+    )]
     pub message_sid: String,
-    /// `AC…`.
-    pub account_sid: String,
-    /// The sender, E.164 (or `whatsapp:+…`).
+    /// `AC…` (Twilio always sends it; the gateway does not read it).
+    pub account_sid: Option<String>,
+    /// The sender, E.164 (or `whatsapp:+…`); blank is refused with 400.
+    #[schema(min_length = 1)]
     pub from: String,
-    /// Our number.
+    /// Our number; blank is refused with 400.
+    #[schema(min_length = 1)]
     pub to: String,
     /// Text.
     pub body: Option<String>,
