@@ -105,6 +105,11 @@ pub mod metrics {
             "SQLite: time of one fdatasync of the WAL, which makes the batches committed before it durable"
         );
         describe_histogram!(
+            "switchboard_db_wal_restart_seconds",
+            Unit::Seconds,
+            "SQLite: writer stall of one WAL restart (RESTART checkpoint once the WAL passes 64 MB), by outcome (restarted, readers_busy, error)"
+        );
+        describe_histogram!(
             "switchboard_message_segments",
             Unit::Count,
             "Segments per message by direction"

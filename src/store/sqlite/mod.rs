@@ -196,6 +196,13 @@ impl SqliteStore {
         self.writer.durable().gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Test support: the WAL is restarted once it holds `frames` frames (default 16,384,
+    /// 64 MB), so a test can see restarts without writing 64 MB. Not for production use.
+    #[doc(hidden)]
+    pub fn set_wal_restart_frames(&self, frames: i64) {
+        self.writer.set_wal_restart_frames(frames);
+    }
+
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(Tx {
             inner: self.writer.begin().await?,
@@ -215,17 +222,19 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// The writer connection, with the same settings as the readers' plus a 16 MB page cache.
+/// The writer connection, with the same settings as the readers' plus a 16 MB page cache and
+/// a WAL cut back to [`writer::WAL_SIZE_LIMIT`] whenever it starts over.
 fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(writer::WRITER_BUSY_TIMEOUT)?;
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
     // FULL for the start-up indexing below; the writer then commits with NORMAL and syncs the
     // WAL itself before it acknowledges anything (API 202, webhook 200; see writer.rs).
-    conn.execute_batch(
+    conn.execute_batch(&format!(
         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = memory; \
-         PRAGMA cache_size = -16000;",
-    )?;
+         PRAGMA cache_size = -16000; PRAGMA journal_size_limit = {};",
+        writer::WAL_SIZE_LIMIT
+    ))?;
     // Rows written by other means (a bulk load such as the benchmark's seed) are indexed for
     // search before the first write (search_index.rs).
     conn.execute_batch("BEGIN IMMEDIATE")?;

@@ -46,6 +46,12 @@
 //!   the event stream) return a change only once it is within the marks, waiting for the
 //!   sync (a millisecond or two) when they found one that is not yet.
 //!
+//! - **The WAL must start over.** Checkpoints run on a thread of their own (passive: they never
+//!   wait), but SQLite only starts the WAL over from its beginning when a write begins after
+//!   a checkpoint caught up while no reader used the WAL, which never happens under steady
+//!   load. So once the WAL passes 64 MB the writer restarts it after a commit
+//!   ([`restart_wal`], a stall of tens of milliseconds every 64 MB of writes).
+//!
 //! An operation that fails (its [`WriteTx`] is dropped without `commit`) is rolled back to
 //! its savepoint at once, so it never leaks into the batch. If even that fails, the whole
 //! shared transaction is rolled back and its members get the error.
@@ -56,7 +62,7 @@
 use anyhow::Context;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedMutexGuard};
@@ -77,6 +83,9 @@ pub(super) struct WriterState {
     open: bool,
     /// Operations released into the open transaction, waiting for its commit.
     members: Vec<oneshot::Sender<Outcome>>,
+    /// Set by the checkpointer when the WAL has grown past [`WAL_RESTART_FRAMES`]: the writer
+    /// then restarts it after its next commit ([`restart_wal`]).
+    wal_restart_due: Arc<AtomicBool>,
 }
 
 impl WriterState {
@@ -114,6 +123,9 @@ impl WriterState {
                 .map_err(|e| format!("indexing the batch for search failed: {e}"))?;
             let marks = Marks::read(&self.conn).map_err(|e| format!("reading the batch's cursors failed: {e}"))?;
             self.run("COMMIT").map_err(|e| format!("commit failed: {e}"))?;
+            if self.wal_restart_due.swap(false, Ordering::AcqRel) {
+                restart_wal(&self.conn);
+            }
             Ok::<_, String>(marks)
         });
         match committed {
@@ -284,6 +296,60 @@ fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
 /// How often the checkpointer copies committed WAL frames back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// WAL length (frames of one page, 4 KiB by default: 64 MB) past which the writer restarts
+/// the WAL ([`restart_wal`]).
+const WAL_RESTART_FRAMES: i64 = 16_384;
+
+/// The WAL file is cut back to this size (bytes) when it starts over, so that a burst does
+/// not leave a large file behind (`PRAGMA journal_size_limit`).
+pub(super) const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// How long a WAL restart waits for readers still reading from the WAL before it gives up
+/// (the checkpointer asks again half a second later): the writer is stalled meanwhile.
+const RESTART_WAIT: Duration = Duration::from_millis(20);
+
+/// The writer's busy timeout outside [`restart_wal`] (as set in `open_writer`).
+pub(super) const WRITER_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Makes the WAL start over from its beginning: a `RESTART` checkpoint on the writer's own
+/// connection, right after a commit, so no write is open. If readers keep it from completing,
+/// the checkpointer asks again after its next passive checkpoint.
+///
+/// Why: a passive checkpoint copies frames into the database file but never resets the WAL;
+/// SQLite starts it over only when a write begins after a checkpoint caught up with every
+/// frame while no reader was using the WAL. Under steady load that moment never comes (the
+/// writer commits every few milliseconds and some reader is always reading), and the WAL
+/// grew without bound: 1.6 GB after 35 s of the benchmark's inbound load, with its index
+/// (the `-shm` file, mapped by every connection) counted in the gateway's resident memory.
+/// `RESTART` copies the frames the passive checkpoints have not copied yet (a few hundred
+/// milliseconds' worth), syncs, and waits for the readers on the WAL to finish (at most
+/// [`RESTART_WAIT`]; new readers then read from the database file); the next write starts the
+/// WAL over and cuts the file to [`WAL_SIZE_LIMIT`]. The WAL is synced before frames are
+/// copied (`synchronous = NORMAL` does so for checkpoints), so nothing the syncer has not
+/// made durable yet reaches the database file unsynced.
+fn restart_wal(conn: &Connection) {
+    if let Err(e) = conn.busy_timeout(RESTART_WAIT) {
+        tracing::warn!(error = %e, "WAL restart: could not set the busy timeout");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let done = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+    if let Err(e) = conn.busy_timeout(WRITER_BUSY_TIMEOUT) {
+        tracing::warn!(error = %e, "WAL restart: could not restore the busy timeout");
+    }
+    let outcome = match done {
+        // busy = 0: every frame copied and every reader off the WAL.
+        Ok(0) => "restarted",
+        Ok(_) => "readers_busy",
+        Err(e) => {
+            tracing::warn!(error = %e, "WAL restart failed; the checkpointer will ask again");
+            "error"
+        }
+    };
+    metrics::histogram!("switchboard_db_wal_restart_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// Runs WAL checkpoints on a connection and thread of their own, off the commit path.
 /// SQLite's automatic checkpoint runs inside the `COMMIT` that crosses 1,000 WAL pages, so one
 /// batch in every few hundred also copied megabytes into the database file and waited for its
@@ -292,7 +358,12 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// checkpoint caught up with it. The thread ends once the writer is gone (the connection's
 /// close checkpoints what is left).
 /// Returns whether the thread started.
-fn start_checkpointer(conn: Connection, writer: Weak<Mutex<WriterState>>) -> bool {
+fn start_checkpointer(
+    conn: Connection,
+    writer: Weak<Mutex<WriterState>>,
+    wal_restart_due: Arc<AtomicBool>,
+    wal_restart_frames: Arc<AtomicI64>,
+) -> bool {
     let spawned = std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || loop {
@@ -300,8 +371,13 @@ fn start_checkpointer(conn: Connection, writer: Weak<Mutex<WriterState>>) -> boo
             if writer.strong_count() == 0 {
                 break;
             }
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+            // (busy, frames in the WAL, frames copied)
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                Ok(frames) if frames >= wal_restart_frames.load(Ordering::Relaxed) => {
+                    wal_restart_due.store(true, Ordering::Release);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
             }
         });
     match spawned {
@@ -322,6 +398,9 @@ pub(super) struct Writer {
     poisoned: Arc<AtomicBool>,
     /// The newest cursors on disk.
     durable: Arc<Durable>,
+    /// WAL length (frames) past which the WAL is restarted; [`WAL_RESTART_FRAMES`] but for
+    /// tests.
+    wal_restart_frames: Arc<AtomicI64>,
 }
 
 /// One write operation's hold on the writer connection, inside its own savepoint. Derefs to
@@ -370,10 +449,13 @@ impl Writer {
                     None
                 }
             };
+        let wal_restart_due = Arc::new(AtomicBool::new(false));
+        let wal_restart_frames = Arc::new(AtomicI64::new(WAL_RESTART_FRAMES));
         let state = Arc::new(Mutex::new(WriterState {
             conn,
             open: false,
             members: Vec::new(),
+            wal_restart_due: wal_restart_due.clone(),
         }));
         let (flush, mut wake) = mpsc::channel::<()>(1);
         let flusher_state = state.clone();
@@ -392,7 +474,7 @@ impl Writer {
             }
         });
         if let Some(c) = checkpoints {
-            if start_checkpointer(c, Arc::downgrade(&state)) {
+            if start_checkpointer(c, Arc::downgrade(&state), wal_restart_due, wal_restart_frames.clone()) {
                 // Nothing else holds the writer yet; if something did, SQLite's automatic
                 // checkpoint would simply stay on.
                 if let Ok(s) = state.try_lock() {
@@ -407,6 +489,7 @@ impl Writer {
             flush,
             poisoned,
             durable,
+            wal_restart_frames,
         })
     }
 
@@ -444,6 +527,11 @@ impl Writer {
     }
 
     /// The newest cursors known to be on disk (what cursor reads may return).
+    /// Test support: restart the WAL past `frames` frames instead of [`WAL_RESTART_FRAMES`].
+    pub(super) fn set_wal_restart_frames(&self, frames: i64) {
+        self.wal_restart_frames.store(frames.max(1), Ordering::Relaxed);
+    }
+
     pub(super) fn durable(&self) -> &Durable {
         &self.durable
     }
