@@ -366,9 +366,9 @@ fn restart_wal(conn: &Connection) {
 /// SQLite's automatic checkpoint runs inside the `COMMIT` that crosses 1,000 WAL pages, so one
 /// batch in every few hundred also copied megabytes into the database file and waited for its
 /// fsync while every later write queued behind it. A passive checkpoint never waits for the
-/// writer or the readers; the WAL starts over from its beginning at the next write after a
-/// checkpoint caught up with it. The thread ends once the writer is gone (the connection's
-/// close checkpoints what is left).
+/// writer or the readers; once the WAL is past its limit the thread catches up and asks the
+/// writer to make it start over ([`restart_wal`]). The thread ends once the writer is gone
+/// (the connection's close checkpoints what is left).
 /// Returns whether the thread started.
 fn start_checkpointer(
     conn: Connection,
@@ -549,12 +549,12 @@ impl Writer {
         Ok(())
     }
 
-    /// The newest cursors known to be on disk (what cursor reads may return).
     /// Test support: restart the WAL past `frames` frames instead of [`WAL_RESTART_FRAMES`].
     pub(super) fn set_wal_restart_frames(&self, frames: i64) {
         self.wal_restart_frames.store(frames.max(1), Ordering::Relaxed);
     }
 
+    /// The newest cursors known to be on disk (what cursor reads may return).
     pub(super) fn durable(&self) -> &Durable {
         &self.durable
     }
