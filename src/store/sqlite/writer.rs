@@ -296,18 +296,6 @@ fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
 /// How often the checkpointer copies committed WAL frames back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// Before asking for a restart, the checkpointer runs up to this many more passive checkpoints
-/// while more than [`CATCH_UP_FRAMES`] frames are left uncopied (each copies what the previous
-/// one's run left, so the tail the writer copies during its stall shrinks each time).
-const CATCH_UP_ROUNDS: usize = 4;
-const CATCH_UP_FRAMES: i64 = 256;
-
-/// A passive checkpoint: copies what it can without waiting for anyone. Returns (frames in
-/// the WAL, frames copied into the database file so far).
-fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?)))
-}
-
 /// WAL length (frames of one page, 4 KiB by default: 64 MB) past which the writer restarts
 /// the WAL ([`restart_wal`]).
 const WAL_RESTART_FRAMES: i64 = 16_384;
@@ -366,9 +354,9 @@ fn restart_wal(conn: &Connection) {
 /// SQLite's automatic checkpoint runs inside the `COMMIT` that crosses 1,000 WAL pages, so one
 /// batch in every few hundred also copied megabytes into the database file and waited for its
 /// fsync while every later write queued behind it. A passive checkpoint never waits for the
-/// writer or the readers; once the WAL is past its limit the thread catches up and asks the
-/// writer to make it start over ([`restart_wal`]). The thread ends once the writer is gone
-/// (the connection's close checkpoints what is left).
+/// writer or the readers; once the WAL is past its limit the thread asks the writer to make
+/// it start over ([`restart_wal`]). The thread ends once the writer is gone (the connection's
+/// close checkpoints what is left).
 /// Returns whether the thread started.
 fn start_checkpointer(
     conn: Connection,
@@ -383,20 +371,9 @@ fn start_checkpointer(
             if writer.strong_count() == 0 {
                 break;
             }
-            match passive_checkpoint(&conn) {
-                Ok((frames, mut copied)) if frames >= wal_restart_frames.load(Ordering::Relaxed) => {
-                    // Catch up first: what is left uncopied when the writer restarts the WAL
-                    // is copied while every write waits.
-                    let mut left = frames - copied;
-                    for _ in 0..CATCH_UP_ROUNDS {
-                        if left <= CATCH_UP_FRAMES {
-                            break;
-                        }
-                        match passive_checkpoint(&conn) {
-                            Ok((f, c)) if c > copied => (left, copied) = (f - c, c),
-                            _ => break,
-                        }
-                    }
+            // (busy, frames in the WAL, frames copied)
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                Ok(frames) if frames >= wal_restart_frames.load(Ordering::Relaxed) => {
                     wal_restart_due.store(true, Ordering::Release);
                 }
                 Ok(_) => {}
