@@ -46,7 +46,15 @@ impl PhoneNumber {
         // no part. (The phonenumber crate otherwise strips the region's national prefix from
         // the digits after the country code: with US, +49 151… became +49 51…, another valid
         // number. Found by the `phone` fuzz target.)
-        let region = if trimmed.starts_with('+') {
+        // libphonenumber skips whatever precedes the first digit or plus sign (`*+7…` is read
+        // as `+7…`), so that is where "written with `+`" is decided too. (Found by the
+        // `phone` fuzz target: `*+78773878085` in US was accepted as a number that
+        // `+78773878085` itself does not read back as.)
+        let international = trimmed
+            .chars()
+            .find(|c| c.is_numeric() || matches!(c, '+' | '\u{FF0B}'))
+            .is_some_and(|c| matches!(c, '+' | '\u{FF0B}'));
+        let region = if international {
             None
         } else {
             phonenumber::country::Id::from_str(&default_region.to_ascii_uppercase()).ok()
@@ -212,6 +220,16 @@ mod tests {
                     "{input} in {region}"
                 );
             }
+        }
+        // Junk before the `+` does not make the region count.
+        for region in ["US", "GB", "DE", "FR", "JP"] {
+            // Not a valid number when read as international (with US, it was accepted).
+            assert!(PhoneNumber::parse("*+78773878085", region).is_err(), "{region}");
+            assert_eq!(
+                PhoneNumber::parse("*+4915112345678", region).map(|p| p.as_str().to_string()),
+                Ok("+4915112345678".to_string()),
+                "{region}"
+            );
         }
         assert!(
             PhoneNumber::parse("80794488733//4744", "DE").is_err(),
