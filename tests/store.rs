@@ -132,6 +132,7 @@ conformance!(
     enrichment_jobs_come_with_new_contacts_and_attach_results,
     two_dispatchers_make_each_attempt_once,
     search_ranks_by_relevance_then_newest,
+    search_rank_depends_only_on_query_and_text,
     search_filters_messages,
     search_pages_cover_every_result_once,
     search_follows_contact_changes,
@@ -3882,6 +3883,45 @@ async fn search_ranks_by_relevance_then_newest(store: Arc<dyn Store>) {
         found(&store, search_for("refund thanks")).await,
         vec![newer.id.to_string(), older.id.to_string()]
     );
+}
+
+/// A document's rank is a function of the query and its text alone (docs/search.md,
+/// "Ranking"): writing other documents, with or without the word, leaves it where it was, so
+/// a cursor's rank still places it between pages.
+async fn search_rank_depends_only_on_query_and_text(store: Arc<dyn Store>) {
+    let first = receive(
+        &store,
+        inbound(&sid(), &phone(305), "parcel arrived, parcel opened", T0 + 1),
+    )
+    .await;
+    let rank_of = |page: SearchPage, id: &str| page.hits.iter().find(|h| hit_id(h) == id).map(|h| h.rank);
+    let before = rank_of(
+        store.search(&search_for("parcel")).await.unwrap(),
+        &first.id.to_string(),
+    )
+    .unwrap();
+    for i in 0..20 {
+        let body = if i % 2 == 0 {
+            "parcel"
+        } else {
+            "something else entirely"
+        };
+        receive(&store, inbound(&sid(), &phone(306 + i), body, T0 + 2 + i as i64)).await;
+    }
+    let after = rank_of(
+        store.search(&search_for("parcel")).await.unwrap(),
+        &first.id.to_string(),
+    )
+    .unwrap();
+    assert_eq!(before.to_bits(), after.to_bits(), "{before} then {after}");
+    // The same text in another message ranks the same.
+    let twin = receive(
+        &store,
+        inbound(&sid(), &phone(330), "parcel arrived, parcel opened", T0 + 30),
+    )
+    .await;
+    let page = store.search(&search_for("parcel")).await.unwrap();
+    assert_eq!(rank_of(page, &twin.id.to_string()), Some(before));
 }
 
 /// Channel, direction, status, date range, conversation and type; message filters leave

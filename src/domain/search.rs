@@ -12,6 +12,7 @@
 //! migrations/postgres/0003_search.sql). Both index the text with ASCII punctuation turned
 //! into spaces, which is how [`words`] splits it too.
 
+use std::borrow::Cow;
 use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::UnicodeNormalization;
 
@@ -29,6 +30,16 @@ pub const MAX_WORD_BYTES: usize = 1000;
 pub const PHONE_MIN_DIGITS: usize = 5;
 /// Excerpts are at most about this many characters (plus an ellipsis at a cut end).
 pub const SNIPPET_CHARS: usize = 200;
+
+/// BM25's term-frequency saturation in [`SearchQuery::score`]: the usual value, and FTS5's.
+pub const RANK_K1: f64 = 1.2;
+/// BM25's length normalisation in [`SearchQuery::score`] (0: none, 1: full): the usual
+/// value, and FTS5's.
+pub const RANK_B: f64 = 0.75;
+/// The text length, in words, that [`SearchQuery::score`] treats as average: a typical text
+/// message (about 70 characters). A constant rather than the index's own average, so that a
+/// document's rank does not move when other documents are written.
+pub const RANK_AVG_WORDS: f64 = 12.0;
 
 /// One term: a word, or a phrase of consecutive words. `prefix` makes the last word match
 /// any word it begins.
@@ -49,6 +60,9 @@ pub struct SearchQuery {
     digits: Option<String>,
     /// The query can match nothing (a word longer than [`MAX_WORD_BYTES`]).
     impossible: bool,
+    /// Each term's words [`fold`]ed, and whether the last is a prefix: what
+    /// [`SearchQuery::score`] and the excerpts compare texts' words with.
+    patterns: Vec<(Vec<String>, bool)>,
 }
 
 /// Why a query was refused.
@@ -88,6 +102,9 @@ pub fn words(text: &str) -> Vec<(usize, usize)> {
 
 /// Lower case without accents (NFD, combining marks dropped): how both engines compare.
 pub fn fold(word: &str) -> String {
+    if word.is_ascii() {
+        return word.to_ascii_lowercase();
+    }
     word.nfd()
         .filter(|c| !is_combining_mark(*c))
         .flat_map(char::to_lowercase)
@@ -107,6 +124,7 @@ impl SearchQuery {
             terms: Vec::new(),
             digits: phone_digits(q),
             impossible: false,
+            patterns: Vec::new(),
         };
         let mut chars = q.chars().peekable();
         let mut chunk = String::new();
@@ -162,6 +180,7 @@ impl SearchQuery {
         }
         // A prefix only applies to a word that ended at the `*`.
         let prefix = prefix && text.chars().last().is_some_and(is_word_char);
+        self.patterns.push((words.iter().map(|w| fold(w)).collect(), prefix));
         self.terms.push(Term { words, prefix });
     }
 
@@ -232,26 +251,54 @@ impl SearchQuery {
         }
     }
 
+    /// Relevance of `text` to the query, higher is better: BM25 (Robertson & Zaragoza, "The
+    /// Probabilistic Relevance Framework: BM25 and Beyond", 2009) without its IDF factor,
+    /// summed over the terms (and the phone digits), each with
+    /// `tf · (K1 + 1) / (tf + K1 · (1 − B + B · words / AVG_WORDS))`, where `tf` counts the
+    /// term's occurrences (a phrase's consecutive occurrences, a prefix's words) and `words`
+    /// is the length of `text` in words. It depends on nothing but the query and the text,
+    /// so a document's rank never changes while it does not (docs/search.md, "Ranking"):
+    /// `0.0` for a text that does not match at all.
+    pub fn score(&self, text: &str) -> f64 {
+        // Called for every message of the ranking window: an ASCII text (the usual case) is
+        // folded with one allocation rather than one per word.
+        let lower;
+        let folded: Vec<Cow<'_, str>> = if text.is_ascii() {
+            lower = text.to_ascii_lowercase();
+            words(&lower)
+                .into_iter()
+                .map(|(s, e)| Cow::Borrowed(&lower[s..e]))
+                .collect()
+        } else {
+            words(text)
+                .into_iter()
+                .map(|(s, e)| Cow::Owned(fold(&text[s..e])))
+                .collect()
+        };
+        let norm = RANK_K1 * (1.0 - RANK_B + RANK_B * folded.len() as f64 / RANK_AVG_WORDS);
+        let term = |tf: usize| {
+            let tf = tf as f64;
+            tf * (RANK_K1 + 1.0) / (tf + norm)
+        };
+        let mut score: f64 = self
+            .patterns
+            .iter()
+            .map(|(p, prefix)| term(occurrences(&folded, p, *prefix).count()))
+            .sum();
+        if let Some(d) = &self.digits {
+            score += term(folded.iter().filter(|w| w.starts_with(d.as_str())).count());
+        }
+        score
+    }
+
     /// Which words of `text` (by index into [`words`]`(text)`) match the query, for
     /// highlighting. Phrases mark their words only where they occur consecutively.
     fn marks(&self, text: &str, spans: &[(usize, usize)]) -> Vec<bool> {
         let folded: Vec<String> = spans.iter().map(|&(s, e)| fold(&text[s..e])).collect();
         let mut marks = vec![false; spans.len()];
-        let hit = |word: &str, pattern: &str, prefix: bool| {
-            if prefix {
-                word.starts_with(pattern)
-            } else {
-                word == pattern
-            }
-        };
-        for t in &self.terms {
-            let pattern: Vec<String> = t.words.iter().map(|w| fold(w)).collect();
-            let n = pattern.len();
-            for i in 0..folded.len().saturating_sub(n - 1) {
-                let all = (0..n).all(|j| hit(&folded[i + j], &pattern[j], t.prefix && j == n - 1));
-                if all {
-                    marks[i..i + n].iter_mut().for_each(|m| *m = true);
-                }
+        for (pattern, prefix) in &self.patterns {
+            for i in occurrences(&folded, pattern, *prefix) {
+                marks[i..i + pattern.len()].iter_mut().for_each(|m| *m = true);
             }
         }
         if let Some(d) = &self.digits {
@@ -375,6 +422,24 @@ fn phone_digits(q: &str) -> Option<String> {
     (phone_like && digits.len() >= PHONE_MIN_DIGITS).then_some(digits)
 }
 
+/// Where `pattern` (folded words; the last a prefix when `prefix`) occurs in `folded` (a
+/// text's folded words): the index of each occurrence's first word.
+fn occurrences<'a, S: AsRef<str>>(
+    folded: &'a [S],
+    pattern: &'a [String],
+    prefix: bool,
+) -> impl Iterator<Item = usize> + 'a {
+    let n = pattern.len();
+    let hit = move |word: &str, j: usize| {
+        if prefix && j == n - 1 {
+            word.starts_with(pattern[j].as_str())
+        } else {
+            word == pattern[j]
+        }
+    };
+    (0..(folded.len() + 1).saturating_sub(n)).filter(move |&i| (0..n).all(|j| hit(folded[i + j].as_ref(), j)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +546,36 @@ mod tests {
         let s = q.snippet(&end);
         assert!(s.text.starts_with('…') && s.text.ends_with("needle"), "{}", s.text);
         assert!(s.text.chars().count() > SNIPPET_CHARS / 2);
+    }
+
+    #[test]
+    fn score_prefers_more_occurrences_and_shorter_texts() {
+        let q = SearchQuery::parse("refund").unwrap();
+        let once = q.score("where is my refund for the order I sent back last week");
+        let twice = q.score("refund please, the refund for the order I sent back last week");
+        let short = q.score("refund please");
+        assert!(twice > once && short > once, "{once} {twice} {short}");
+        assert_eq!(q.score("no match here"), 0.0);
+        // One occurrence in a text of exactly the average length: (K1 + 1) / (1 + K1).
+        let avg = format!("Refund {}", "x ".repeat(RANK_AVG_WORDS as usize - 1));
+        assert!((q.score(&avg) - 1.0).abs() < 1e-12, "{}", q.score(&avg));
+        // Case and accents fold as in matching; the score depends only on query and text.
+        let accents = SearchQuery::parse("manana").unwrap();
+        assert_eq!(accents.score("hasta MAÑANA"), accents.score("hasta manana"));
+    }
+
+    #[test]
+    fn score_counts_phrases_prefixes_and_digits() {
+        let phrase = SearchQuery::parse("\"open tomorrow\"").unwrap();
+        let consecutive = phrase.score("open tomorrow at nine");
+        assert!(consecutive > 0.0);
+        assert_eq!(phrase.score("tomorrow open at nine"), 0.0);
+        let prefix = SearchQuery::parse("deliv*").unwrap();
+        assert!(prefix.score("delivery delivered today") > prefix.score("delivery sent today"));
+        let two = SearchQuery::parse("open deliv*").unwrap();
+        assert!(two.score("open delivery") > prefix.score("open delivery"));
+        let phone = SearchQuery::parse("+1 415 555").unwrap();
+        assert!(phone.score("Ana (+14155550123)") > 0.0);
     }
 
     #[test]

@@ -922,8 +922,9 @@ pub enum SearchItem {
 pub struct SearchHit {
     /// The message or contact.
     pub item: SearchItem,
-    /// Relevance, higher is better: `-bm25()` on SQLite, `ts_rank()` on PostgreSQL (the two
-    /// scales differ).
+    /// Relevance, higher is better: [`SearchQuery::score`](crate::domain::search::SearchQuery::score)
+    /// on SQLite, `ts_rank()` on PostgreSQL (the two scales differ). Depends only on the
+    /// query and the document's text.
     pub rank: f64,
     /// For a message: the display name of its counterpart's contact (the conversation's other
     /// party), if that number is a contact with a non-empty name.

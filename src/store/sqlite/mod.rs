@@ -799,6 +799,44 @@ fn media_from_row(r: &impl Cols) -> StoreResult<MediaRecord> {
     })
 }
 
+/// A matching message as search ranks it: its FTS key (`search_rowid`), ID, creation time
+/// and body.
+#[derive(serde::Deserialize)]
+struct WindowRow {
+    pos: i64,
+    id: String,
+    created_at: i64,
+    body: String,
+}
+
+/// The messages matching `expr` and the request's filters, for [`fetch_window`]; the caller
+/// adds conditions on `messages_fts.rowid`, the order and the limit.
+fn window_query(expr: &str, req: &SearchRequest) -> QueryBuilder<'static, Sqlite> {
+    let mut q = QueryBuilder::new(
+        "SELECT json_group_array(json_object('pos', pos, 'id', id, 'created_at', created_at, \
+         'body', body)) AS rows FROM (SELECT messages_fts.rowid AS pos, m.id AS id, \
+         m.created_at AS created_at, m.body AS body \
+         FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
+         WHERE messages_fts MATCH ",
+    );
+    q.push_bind(expr.to_string());
+    push_search_filters(&mut q, req);
+    q
+}
+
+/// Runs a [`window_query`] (closing its subquery) and returns its rows, in no particular
+/// order. They come back as one JSON array in one row: sqlx hands each result row from its
+/// worker thread to the async task separately, a thread wake-up per row, which for a
+/// ranking window of 500 rows cost more than the query itself (docs/search.md, "Cost").
+async fn fetch_window(
+    mut q: QueryBuilder<'static, Sqlite>,
+    tx: &mut sqlx::SqliteConnection,
+) -> StoreResult<Vec<WindowRow>> {
+    q.push(")");
+    let json: String = q.build().fetch_one(tx).await.map_err(map_err)?.get("rows");
+    serde_json::from_str(&json).map_err(|e| StoreError::Other(e.into()))
+}
+
 fn keyset_limit(page: &PageRequest) -> i64 {
     i64::from(page.limit.clamp(1, 200))
 }
@@ -2027,9 +2065,11 @@ impl Store for SqliteStore {
 
         // The ranking window (docs/search.md): only the newest `rank_window` matching
         // messages, by search_rowid (storage order, which FTS5 walks without sorting), are
-        // ranked, so bm25() runs on at most that many rows. window_end is the newest match
-        // outside the window: the first page finds it (in the same statement that ranks the
-        // window), later pages carry it in the cursor.
+        // ranked. window_end is the newest match outside the window: the first page reads it
+        // as the window's last row, later pages carry it in the cursor. Ranks are computed
+        // here, not by FTS5's bm25(): they depend only on the query and the text
+        // (SearchQuery::score), and bm25() walked every match of each word, in or out of
+        // the window, to weigh how rare it is.
         let first_page = req.cursor.is_none() && want_messages;
         let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
         // (id, rank, recency key for hits past the window)
@@ -2039,92 +2079,68 @@ impl Store for SqliteStore {
             _ => None,
         };
         if after_recent.is_none() {
-            // The ranked part: the window's messages and every matching contact, ranked
-            // together; bm25() is negated so that higher is better, as on PostgreSQL.
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("");
-            if first_page {
-                // The newest rank_window + 1 matches, ranked as they are read; the oldest of
-                // them, if there are that many, is the window's end and not ranked.
-                let window = i64::from(req.rank_window.max(1));
-                q.push(
-                    "WITH win AS MATERIALIZED (SELECT m.id AS id, m.created_at AS created_at, \
-                     -bm25(messages_fts) AS score, messages_fts.rowid AS pos \
-                     FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
-                     WHERE messages_fts MATCH ",
-                )
-                .push_bind(expr.clone());
-                push_search_filters(&mut q, req);
-                q.push(" ORDER BY messages_fts.rowid DESC LIMIT ")
-                    .push_bind(window + 1)
-                    .push("), edge AS (SELECT pos, id FROM win ORDER BY pos DESC LIMIT 1 OFFSET ")
-                    .push_bind(window)
-                    .push(
-                        ") SELECT id, created_at, score, (SELECT pos FROM edge) AS edge_pos, \
-                         (SELECT id FROM edge) AS edge_id FROM (SELECT id, created_at, score FROM win \
-                         WHERE pos > COALESCE((SELECT pos FROM edge), -1)",
-                    );
-            } else {
-                q.push("SELECT id, created_at, score, NULL AS edge_pos, NULL AS edge_id FROM (");
-                if want_messages {
-                    q.push(
-                        "SELECT m.id AS id, m.created_at AS created_at, -bm25(messages_fts) AS score \
-                         FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
-                         WHERE messages_fts MATCH ",
-                    )
-                    .push_bind(expr.clone());
-                    push_search_filters(&mut q, req);
-                    if let Some(w) = &window_end {
-                        q.push(" AND messages_fts.rowid > ").push_bind(w.key);
-                    }
+            // The ranked part: the window's messages and every matching contact, together.
+            // (rank, created_at, id)
+            let mut ranked: Vec<(f64, i64, String)> = Vec::new();
+            if want_messages {
+                let mut q = window_query(&expr, req);
+                let window = req.rank_window.max(1) as usize;
+                if first_page {
+                    // The newest rank_window + 1 matches: the oldest of them, if there are
+                    // that many, is the window's end and not ranked.
+                    q.push(" ORDER BY messages_fts.rowid DESC LIMIT ")
+                        .push_bind(window as i64 + 1);
+                } else if let Some(w) = &window_end {
+                    q.push(" AND messages_fts.rowid > ").push_bind(w.key);
                 }
+                let mut rows = fetch_window(q, &mut tx).await?;
+                if first_page && rows.len() > window {
+                    rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.pos));
+                    let edge = rows.pop().expect("more rows than the window");
+                    window_end = Some(RecencyKey {
+                        key: edge.pos,
+                        id: edge.id,
+                    });
+                }
+                ranked.extend(rows.into_iter().map(|r| (req.query.score(&r.body), r.created_at, r.id)));
             }
             if req.wants(SearchKind::Contact) {
-                if want_messages {
-                    q.push(" UNION ALL ");
-                }
-                q.push(
-                    "SELECT ct.id AS id, ct.created_at AS created_at, -bm25(contacts_fts) AS score \
+                let rows = sqlx::query(
+                    "SELECT ct.id AS id, ct.created_at AS created_at, \
+                     ct.display_name AS display_name, ct.phone_number AS phone_number \
                      FROM contacts_fts JOIN contacts ct ON ct.search_rowid = contacts_fts.rowid \
-                     WHERE contacts_fts MATCH ",
+                     WHERE contacts_fts MATCH ?",
                 )
-                .push_bind(expr.clone());
+                .bind(expr.clone())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                ranked.extend(rows.iter().map(|r| {
+                    let text = format!(
+                        "{} ({})",
+                        r.get::<&str, _>("display_name"),
+                        r.get::<&str, _>("phone_number")
+                    );
+                    (req.query.score(&text), r.get("created_at"), r.get("id"))
+                }));
             }
-            q.push(")");
+            // rank, then created_at, then id, all descending; the cursor is the last hit
+            // of the previous page in that order.
+            let order = |a: &(f64, i64, String), b: &(f64, i64, String)| {
+                b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| b.2.cmp(&a.2))
+            };
             if let Some(SearchPosition::Ranked { rank, created_at, id }) = req.cursor.as_ref().map(|c| &c.after) {
-                q.push(" WHERE score < ")
-                    .push_bind(*rank)
-                    .push(" OR (score = ")
-                    .push_bind(*rank)
-                    .push(" AND (created_at < ")
-                    .push_bind(*created_at)
-                    .push(" OR (created_at = ")
-                    .push_bind(*created_at)
-                    .push(" AND id < ")
-                    .push_bind(id.clone())
-                    .push(")))");
+                let after = (*rank, *created_at, id.clone());
+                ranked.retain(|hit| order(hit, &after).is_gt());
             }
-            q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
-                .push_bind(limit + 1);
-            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
-                if let (Some(key), Some(id)) = (
-                    r.get::<Option<i64>, _>("edge_pos"),
-                    r.get::<Option<String>, _>("edge_id"),
-                ) {
-                    window_end = Some(RecencyKey { key, id });
-                }
-                found.push((r.get("id"), r.get("score"), None));
-            }
+            ranked.sort_unstable_by(order);
+            ranked.truncate(limit as usize + 1);
+            found.extend(ranked.into_iter().map(|(rank, _, id)| (id, rank, None)));
         }
         let rest = limit + 1 - found.len() as i64;
         if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
             // Past the window: the older matches, newest first, in FTS order.
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT m.id AS id, -bm25(messages_fts) AS score, messages_fts.rowid AS pos \
-                 FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
-                 WHERE messages_fts MATCH ",
-            );
-            q.push_bind(expr.clone());
-            push_search_filters(&mut q, req);
+            let mut q = window_query(&expr, req);
             if let Some(w) = &window_end {
                 q.push(" AND messages_fts.rowid <= ").push_bind(w.key);
             }
@@ -2132,13 +2148,14 @@ impl Store for SqliteStore {
                 q.push(" AND messages_fts.rowid < ").push_bind(k.key);
             }
             q.push(" ORDER BY messages_fts.rowid DESC LIMIT ").push_bind(rest);
-            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
-                let id: String = r.get("id");
+            let mut rows = fetch_window(q, &mut tx).await?;
+            rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.pos));
+            for r in rows {
                 let key = RecencyKey {
-                    key: r.get("pos"),
-                    id: id.clone(),
+                    key: r.pos,
+                    id: r.id.clone(),
                 };
-                found.push((id, r.get("score"), Some(key)));
+                found.push((r.id, req.query.score(&r.body), Some(key)));
             }
         }
 
