@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::ApiQuery;
 use super::types::{ContactOut, ListOut, MessageOut};
 use crate::app::AppState;
-use crate::domain::search::SearchQuery;
+use crate::domain::search::{contact_text, SearchQuery};
 use crate::domain::{Channel, ConversationId, Direction, MessageStatus};
 use crate::error::{Error, Result};
 use crate::store::{SearchCursor, SearchHit, SearchItem, SearchKind, SearchRequest, RANK_WINDOW};
@@ -204,7 +204,7 @@ impl SearchResultOut {
                 }
             }
             SearchItem::Contact(c) => {
-                let s = query.snippet(&format!("{} ({})", c.display_name, c.phone_number));
+                let s = query.snippet(&contact_text(&c.display_name, &c.phone_number));
                 SearchResultOut {
                     kind: "contact",
                     id: c.id.to_string(),

@@ -111,6 +111,28 @@ pub fn fold(word: &str) -> String {
         .collect()
 }
 
+/// The words of `text` at `spans` ([`words`]), each [`fold`]ed; a word that is already
+/// folded (lower-case ASCII, the usual case) is borrowed, not copied: ranking folds every
+/// message of the window.
+fn fold_spans<'a>(text: &'a str, spans: &[(usize, usize)]) -> Vec<Cow<'a, str>> {
+    spans
+        .iter()
+        .map(|&(s, e)| {
+            let word = &text[s..e];
+            if word.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+                Cow::Borrowed(word)
+            } else {
+                Cow::Owned(fold(word))
+            }
+        })
+        .collect()
+}
+
+/// The text a contact is searched and excerpted as: `Name (+number)`.
+pub fn contact_text(display_name: &str, phone_number: &str) -> String {
+    format!("{display_name} ({phone_number})")
+}
+
 impl SearchQuery {
     /// Parses what a user typed. Never fails on content: only an empty (or all-whitespace)
     /// query is an error. A query with no word in it (`***`, `👍`) is valid and matches
@@ -260,21 +282,7 @@ impl SearchQuery {
     /// so a document's rank never changes while it does not (docs/search.md, "Ranking"):
     /// `0.0` for a text that does not match at all.
     pub fn score(&self, text: &str) -> f64 {
-        // Called for every message of the ranking window: an ASCII text (the usual case) is
-        // folded with one allocation rather than one per word.
-        let lower;
-        let folded: Vec<Cow<'_, str>> = if text.is_ascii() {
-            lower = text.to_ascii_lowercase();
-            words(&lower)
-                .into_iter()
-                .map(|(s, e)| Cow::Borrowed(&lower[s..e]))
-                .collect()
-        } else {
-            words(text)
-                .into_iter()
-                .map(|(s, e)| Cow::Owned(fold(&text[s..e])))
-                .collect()
-        };
+        let folded = fold_spans(text, &words(text));
         let norm = RANK_K1 * (1.0 - RANK_B + RANK_B * folded.len() as f64 / RANK_AVG_WORDS);
         let term = |tf: usize| {
             let tf = tf as f64;
@@ -294,7 +302,7 @@ impl SearchQuery {
     /// Which words of `text` (by index into [`words`]`(text)`) match the query, for
     /// highlighting. Phrases mark their words only where they occur consecutively.
     fn marks(&self, text: &str, spans: &[(usize, usize)]) -> Vec<bool> {
-        let folded: Vec<String> = spans.iter().map(|&(s, e)| fold(&text[s..e])).collect();
+        let folded = fold_spans(text, spans);
         let mut marks = vec![false; spans.len()];
         for (pattern, prefix) in &self.patterns {
             for i in occurrences(&folded, pattern, *prefix) {

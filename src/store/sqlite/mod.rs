@@ -2116,11 +2116,7 @@ impl Store for SqliteStore {
                 .await
                 .map_err(map_err)?;
                 ranked.extend(rows.iter().map(|r| {
-                    let text = format!(
-                        "{} ({})",
-                        r.get::<&str, _>("display_name"),
-                        r.get::<&str, _>("phone_number")
-                    );
+                    let text = crate::domain::search::contact_text(r.get("display_name"), r.get("phone_number"));
                     (req.query.score(&text), r.get("created_at"), r.get("id"))
                 }));
             }
