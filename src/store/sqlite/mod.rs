@@ -2074,14 +2074,18 @@ impl Store for SqliteStore {
         let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
         // (id, rank, recency key for hits past the window)
         let mut found: Vec<(String, f64, Option<RecencyKey>)> = Vec::new();
+        // The messages among them by search_rowid, which the final read looks them up by:
+        // the window's index holds the newest keys together, where IDs are spread over the
+        // whole primary key index (about 300 more page reads a search, docs/search.md).
+        let mut positions: Vec<i64> = Vec::new();
         let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
             Some(SearchPosition::Recent(k)) => Some(k.clone()),
             _ => None,
         };
         if after_recent.is_none() {
             // The ranked part: the window's messages and every matching contact, together.
-            // (rank, created_at, id)
-            let mut ranked: Vec<(f64, i64, String)> = Vec::new();
+            // (rank, created_at, id, search_rowid of a message)
+            let mut ranked: Vec<(f64, i64, String, Option<i64>)> = Vec::new();
             if want_messages {
                 let mut q = window_query(&expr, req);
                 let window = req.rank_window.max(1) as usize;
@@ -2102,7 +2106,10 @@ impl Store for SqliteStore {
                         id: edge.id,
                     });
                 }
-                ranked.extend(rows.into_iter().map(|r| (req.query.score(&r.body), r.created_at, r.id)));
+                ranked.extend(
+                    rows.into_iter()
+                        .map(|r| (req.query.score(&r.body), r.created_at, r.id, Some(r.pos))),
+                );
             }
             if req.wants(SearchKind::Contact) {
                 let rows = sqlx::query(
@@ -2117,21 +2124,24 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
                 ranked.extend(rows.iter().map(|r| {
                     let text = crate::domain::search::contact_text(r.get("display_name"), r.get("phone_number"));
-                    (req.query.score(&text), r.get("created_at"), r.get("id"))
+                    (req.query.score(&text), r.get("created_at"), r.get("id"), None)
                 }));
             }
             // rank, then created_at, then id, all descending; the cursor is the last hit
             // of the previous page in that order.
-            let order = |a: &(f64, i64, String), b: &(f64, i64, String)| {
+            let order = |a: &(f64, i64, String, Option<i64>), b: &(f64, i64, String, Option<i64>)| {
                 b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| b.2.cmp(&a.2))
             };
             if let Some(SearchPosition::Ranked { rank, created_at, id }) = req.cursor.as_ref().map(|c| &c.after) {
-                let after = (*rank, *created_at, id.clone());
+                let after = (*rank, *created_at, id.clone(), None);
                 ranked.retain(|hit| order(hit, &after).is_gt());
             }
             ranked.sort_unstable_by(order);
             ranked.truncate(limit as usize + 1);
-            found.extend(ranked.into_iter().map(|(rank, _, id)| (id, rank, None)));
+            for (rank, _, id, pos) in ranked {
+                positions.extend(pos);
+                found.push((id, rank, None));
+            }
         }
         let rest = limit + 1 - found.len() as i64;
         if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
@@ -2151,44 +2161,47 @@ impl Store for SqliteStore {
                     key: r.pos,
                     id: r.id.clone(),
                 };
+                positions.push(r.pos);
                 found.push((r.id, req.query.score(&r.body), Some(key)));
             }
         }
 
-        let ids = |prefix: &str| {
-            let ids: Vec<&str> = found
-                .iter()
-                .map(|(id, _, _)| id.as_str())
-                .filter(|id| id.starts_with(prefix))
-                .collect();
-            serde_json::to_string(&ids).map_err(|e| StoreError::Other(e.into()))
-        };
         let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
-        for r in sqlx::query(&format!(
-            "SELECT {MESSAGE_COLS}, (SELECT ct.display_name FROM conversations c JOIN contacts ct \
-             ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id) AS counterpart_name \
-             FROM messages WHERE id IN (SELECT value FROM json_each(?))"
-        ))
-        .bind(ids(MessageId::PREFIX)?)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?
-        {
-            let m = message_from_row(&r)?;
-            let name: Option<String> = r.get("counterpart_name");
-            messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
+        if !positions.is_empty() {
+            let positions = serde_json::to_string(&positions).map_err(|e| StoreError::Other(e.into()))?;
+            for r in sqlx::query(&format!(
+                "SELECT {MESSAGE_COLS}, (SELECT ct.display_name FROM conversations c JOIN contacts ct \
+                 ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id) AS counterpart_name \
+                 FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))"
+            ))
+            .bind(positions)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+            {
+                let m = message_from_row(&r)?;
+                let name: Option<String> = r.get("counterpart_name");
+                messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
+            }
         }
+        let contact_ids: Vec<&str> = found
+            .iter()
+            .map(|(id, _, _)| id.as_str())
+            .filter(|id| id.starts_with(ContactId::PREFIX))
+            .collect();
         let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
-        for r in sqlx::query(&format!(
-            "{CONTACT_SELECT} WHERE ct.id IN (SELECT value FROM json_each(?))"
-        ))
-        .bind(ids(ContactId::PREFIX)?)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?
-        {
-            let c = contact_from_row(&r);
-            contacts.insert(c.id.to_string(), c);
+        if !contact_ids.is_empty() {
+            for r in sqlx::query(&format!(
+                "{CONTACT_SELECT} WHERE ct.id IN (SELECT value FROM json_each(?))"
+            ))
+            .bind(serde_json::to_string(&contact_ids).map_err(|e| StoreError::Other(e.into()))?)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+            {
+                let c = contact_from_row(&r);
+                contacts.insert(c.id.to_string(), c);
+            }
         }
         tx.rollback().await.map_err(map_err)?;
         let hits = found
