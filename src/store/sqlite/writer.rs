@@ -293,8 +293,11 @@ fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// How often the checkpointer copies committed WAL frames back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How often the checkpointer copies committed WAL frames back into the database file. It
+/// also bounds the writer's stall in [`restart_wal`], which copies and syncs the frames
+/// committed since the last passive checkpoint began: every 500 ms, restarts stalled the
+/// writer 37–98 ms; every 100 ms, 7–88 ms, mostly 15–45 (docs/BENCHMARKS.md).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// WAL length (frames of one page, 4 KiB by default: 64 MB) past which the writer restarts
 /// the WAL ([`restart_wal`]).
@@ -305,7 +308,8 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 pub(super) const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// How long a WAL restart waits for readers still reading from the WAL before it gives up
-/// (the checkpointer asks again half a second later): the writer is stalled meanwhile.
+/// (the checkpointer asks again after its next passive checkpoint): the writer is stalled
+/// meanwhile.
 const RESTART_WAIT: Duration = Duration::from_millis(20);
 
 /// The writer's busy timeout outside [`restart_wal`] (as set in `open_writer`).
@@ -321,8 +325,9 @@ pub(super) const WRITER_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// writer commits every few milliseconds and some reader is always reading), and the WAL
 /// grew without bound: 1.6 GB after 35 s of the benchmark's inbound load, with its index
 /// (the `-shm` file, mapped by every connection) counted in the gateway's resident memory.
-/// `RESTART` copies the frames the passive checkpoints have not copied yet (a few hundred
-/// milliseconds' worth), syncs, and waits for the readers on the WAL to finish (at most
+/// `RESTART` copies the frames the passive checkpoints have not copied yet (those committed
+/// since the last one began), syncs the database file — measured, that is the whole stall;
+/// the wait for readers took about 25 µs — and waits for the readers on the WAL to finish (at most
 /// [`RESTART_WAIT`]; new readers then read from the database file); the next write starts the
 /// WAL over and cuts the file to [`WAL_SIZE_LIMIT`]. The WAL is synced before frames are
 /// copied (`synchronous = NORMAL` does so for checkpoints), so nothing the syncer has not
