@@ -134,6 +134,7 @@ conformance!(
     search_ranks_by_relevance_then_newest,
     search_rank_depends_only_on_query_and_text,
     search_filters_messages,
+    search_hits_carry_the_whole_message,
     search_pages_cover_every_result_once,
     search_follows_contact_changes,
     search_handles_any_query_text,
@@ -3928,6 +3929,52 @@ async fn search_rank_depends_only_on_query_and_text(store: Arc<dyn Store>) {
 
 /// Channel, direction, status, date range, conversation and type; message filters leave
 /// contacts out.
+/// A hit's message is the stored message, every field (SQLite reads hits as one JSON row
+/// and decodes it column by column), with its counterpart's contact name.
+async fn search_hits_carry_the_whole_message(store: Arc<dyn Store>) {
+    new_contact(&store, &phone(320), "Ada Lovelace", T0).await;
+    let media: Media =
+        serde_json::from_value(json!({"url": "https://example.com/a.png", "content_type": "image/png"})).unwrap();
+    let received = receive(
+        &store,
+        NewInbound {
+            media: vec![media],
+            segments: 2,
+            encoding: "UCS-2".into(),
+            language: Some(Language {
+                code: "en".into(),
+                confidence: 0.875,
+            }),
+            ..inbound(&sid(), &phone(320), "parcel arrived, thanks \u{2764}", T0 + 10)
+        },
+    )
+    .await;
+    let sent = store
+        .insert_outbound(NewOutbound {
+            smart_encoding: true,
+            messaging_service_sid: Some("MG0123456789abcdef0123456789abcdef".into()),
+            content_variables: Some(r#"{"1":"Ada"}"#.into()),
+            priority: Priority::High,
+            send_at: Some(T0 + 100),
+            validity_period: Some(3600),
+            ..outbound(&phone(320), "parcel shipped", T0 + 20)
+        })
+        .await
+        .unwrap();
+    let page = store.search(&search_for("parcel")).await.unwrap();
+    assert_eq!(page.hits.len(), 2);
+    for hit in &page.hits {
+        let SearchItem::Message(m) = &hit.item else {
+            panic!("a message hit expected")
+        };
+        let stored = store.get_message(&m.id).await.unwrap().unwrap();
+        assert_eq!(format!("{m:?}"), format!("{stored:?}"));
+        assert_eq!(hit.counterpart_name.as_deref(), Some("Ada Lovelace"));
+    }
+    let ids = set([&received.id, &sent.id]);
+    assert_eq!(page.hits.iter().map(hit_id).collect::<HashSet<_>>(), ids);
+}
+
 async fn search_filters_messages(store: Arc<dyn Store>) {
     let sms_in = receive(&store, inbound(&sid(), &phone(310), "invoice paid", T0 + 10)).await;
     let sms_out = store

@@ -298,6 +298,29 @@ impl Cols for rusqlite::Row<'_> {
     }
 }
 
+/// A result row that arrived as a JSON object ([`fetch_json_rows`]): its columns decode
+/// through rusqlite's `FromSql`, as the writer's rows do. SQLite's `json_object` writes TEXT
+/// as strings, INTEGER and REAL as numbers and NULL as null (our tables hold no BLOBs, which
+/// it refuses), so each value comes back as the type it was stored with.
+struct JsonRow(serde_json::Map<String, serde_json::Value>);
+
+impl Cols for JsonRow {
+    fn col<T: ColValue>(&self, name: &str) -> T {
+        use rusqlite::types::ValueRef;
+        use serde_json::Value;
+        let value = match self.0.get(name) {
+            None | Some(Value::Null) => ValueRef::Null,
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(i) => ValueRef::Integer(i),
+                None => ValueRef::Real(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Some(Value::String(s)) => ValueRef::Text(s.as_bytes()),
+            Some(other) => panic!("SQLite column {name}: unexpected JSON {other}"),
+        };
+        T::column_result(value).unwrap_or_else(|e| panic!("SQLite column {name}: {e}"))
+    }
+}
+
 const MESSAGE_COLS: &str = "id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
     provider_sid, error_code, error_message, segments, encoding, smart_encoding, messaging_service_sid, \
     content_sid, content_variables, priority, send_at, validity_period, attempts, next_attempt_at, \
@@ -825,17 +848,37 @@ fn window_query(expr: &str, req: &SearchRequest) -> QueryBuilder<'static, Sqlite
 }
 
 /// Runs a [`window_query`] (closing its subquery) and returns its rows, in no particular
-/// order. They come back as one JSON array in one row: sqlx hands each result row from its
-/// worker thread to the async task separately, a thread wake-up per row, which for a
-/// ranking window of 500 rows cost more than the query itself (docs/search.md, "Cost").
+/// order.
 async fn fetch_window(
     mut q: QueryBuilder<'static, Sqlite>,
     tx: &mut sqlx::SqliteConnection,
 ) -> StoreResult<Vec<WindowRow>> {
     q.push(")");
-    let json: String = q.build().fetch_one(tx).await.map_err(map_err)?.get("rows");
+    fetch_json_rows(q.build(), tx).await
+}
+
+/// Runs a query whose one result row has a column `rows` holding a JSON array (built with
+/// `json_group_array`), and parses the array. sqlx hands each result row from its worker
+/// thread to the async task separately, a thread wake-up per row, which for search's ranking
+/// window of 500 rows cost more than the query itself (docs/search.md, "Cost"); in one row,
+/// the whole result crosses once.
+async fn fetch_json_rows<'q, T: serde::de::DeserializeOwned>(
+    q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    tx: &mut sqlx::SqliteConnection,
+) -> StoreResult<Vec<T>> {
+    let json: String = q.fetch_one(tx).await.map_err(map_err)?.get("rows");
     serde_json::from_str(&json).map_err(|e| StoreError::Other(e.into()))
 }
+
+/// `json_object('id', id, 'conversation_id', conversation_id, …)` over [`MESSAGE_COLS`]: a
+/// message row as one JSON object, for [`fetch_json_rows`] and [`JsonRow`].
+static MESSAGE_JSON: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let pairs: Vec<String> = MESSAGE_COLS
+        .split(',')
+        .map(|c| format!("'{0}', {0}", c.trim()))
+        .collect();
+    format!("json_object({})", pairs.join(", "))
+});
 
 fn keyset_limit(page: &PageRequest) -> i64 {
     i64::from(page.limit.clamp(1, 200))
@@ -2169,18 +2212,17 @@ impl Store for SqliteStore {
         let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
         if !positions.is_empty() {
             let positions = serde_json::to_string(&positions).map_err(|e| StoreError::Other(e.into()))?;
-            for r in sqlx::query(&format!(
-                "SELECT {MESSAGE_COLS}, (SELECT ct.display_name FROM conversations c JOIN contacts ct \
-                 ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id) AS counterpart_name \
-                 FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))"
-            ))
-            .bind(positions)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?
-            {
-                let m = message_from_row(&r)?;
-                let name: Option<String> = r.get("counterpart_name");
+            // One JSON row (fetch_json_rows): each message with its counterpart's contact name.
+            let sql = format!(
+                "SELECT json_group_array(json_array({json}, (SELECT ct.display_name FROM conversations c \
+                 JOIN contacts ct ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id))) \
+                 AS rows FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))",
+                json = *MESSAGE_JSON
+            );
+            let rows: Vec<(serde_json::Map<String, serde_json::Value>, Option<String>)> =
+                fetch_json_rows(sqlx::query(&sql).bind(positions), &mut tx).await?;
+            for (row, name) in rows {
+                let m = message_from_row(&JsonRow(row))?;
                 messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
             }
         }
