@@ -15,6 +15,10 @@
 //! * segments are filled greedily with whole graphemes (extension characters
 //!   and surrogate pairs are never split), and the 48-bit concatenation header
 //!   is retro-fitted into the first segment once a second one is needed;
+//!   where the graphemes that header pushes out leave no room in the second
+//!   segment for the grapheme that did not fit, the calculator over-fills it
+//!   and we open a third (the one place we do not follow it: such a part could
+//!   not be sent; found by the `segments` fuzz target);
 //! * the character count is septets for GSM-7 and graphemes for UCS-2.
 //!
 //! Grapheme clusters come from `unicode-segmentation`; the calculator uses the
@@ -441,13 +445,19 @@ impl<F: FnMut(u32)> Packer<F> {
         }
         if self.used_bits + cost > SEGMENT_BITS {
             if self.multipart {
-                (self.on_segment)(self.graphemes);
-                self.used_bits = UDH_BITS;
-                self.graphemes = 0;
+                self.next_segment();
             } else {
                 self.retrofit_header();
+                self.segments = self.segments.saturating_add(1);
+                // The calculator appends this grapheme after the ones the header pushed
+                // out without checking that it still fits, which can over-fill the second
+                // segment (up to 1568 bits, a part no network carries); here it then starts
+                // a segment of its own. Only a grapheme larger than a whole segment is
+                // ever put in an over-full one.
+                if self.used_bits + cost > SEGMENT_BITS && self.graphemes > 0 {
+                    self.next_segment();
+                }
             }
-            self.segments = self.segments.saturating_add(1);
         }
         self.used_bits += cost;
         self.graphemes = self.graphemes.saturating_add(1);
@@ -456,6 +466,14 @@ impl<F: FnMut(u32)> Packer<F> {
             self.recent_next = (self.recent_next + 1) % MAX_DISPLACED;
             self.recent_len = (self.recent_len + 1).min(MAX_DISPLACED);
         }
+    }
+
+    /// Closes the current segment of a multipart message and opens the next.
+    fn next_segment(&mut self) {
+        (self.on_segment)(self.graphemes);
+        self.used_bits = UDH_BITS;
+        self.graphemes = 0;
+        self.segments = self.segments.saturating_add(1);
     }
 
     /// Adds the UDH to the (so far single) first segment, closes it, and makes
@@ -532,6 +550,12 @@ mod tests {
                     }
                     let last = segments.len() - 1;
                     segments[last].1.extend(left_over);
+                    // Our one deviation (see Packer::push): the grapheme that does not fit
+                    // after the displaced ones opens another segment.
+                    let displaced = segments[last].1.iter().any(|e| e.is_some());
+                    if displaced && (SEGMENT_BITS as i64 - size(&segments[last]) as i64) < cost as i64 {
+                        segments.push((true, vec![None; 6]));
+                    }
                 }
             }
             let last = segments.len() - 1;
@@ -630,6 +654,19 @@ mod tests {
         assert_eq!(info.encoding, Encoding::Ucs2);
         assert_eq!(info.characters, 71);
         assert_eq!(info.non_gsm_characters, vec!["ж".to_owned()]);
+    }
+
+    #[test]
+    fn graphemes_pushed_out_by_the_header_never_over_fill_the_second_segment() {
+        // Found by the `segments` fuzz target: graphemes of 18, 1, 23, 27, 1 and 67 UTF-16
+        // units. The first five fill a single segment (70 units); the header then pushes
+        // the 27 and the 1 into the second, where the 67 no longer fits (95 > 67 units).
+        let zwj = |n: usize| "\u{200D}".repeat(n);
+        let body = format!("{}|Δ{}|{}|Δ{}\u{302}", zwj(18), zwj(22), zwj(26), zwj(65));
+        assert_eq!(body.encode_utf16().count(), 137);
+        assert_eq!(segment_sizes(&body), vec![3, 2, 1]);
+        assert_eq!(segs(&body), 3);
+        assert_matches_oracle(&body);
     }
 
     #[test]
