@@ -296,8 +296,9 @@ fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
 /// How often the checkpointer copies committed WAL frames back into the database file. It
 /// also bounds the writer's stall in [`restart_wal`], which copies and syncs the frames
 /// committed since the last passive checkpoint began: every 500 ms, restarts stalled the
-/// writer 37–98 ms; every 100 ms, 7–88 ms, mostly 15–45 (docs/BENCHMARKS.md).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// writer 37–98 ms (75 on average); every 100 ms, about 40 on average; every 50 ms, 21–26
+/// (docs/BENCHMARKS.md).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 /// WAL length (frames of one page, 4 KiB by default: 64 MB) past which the writer restarts
 /// the WAL ([`restart_wal`]).
