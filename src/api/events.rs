@@ -132,11 +132,7 @@ pub(crate) async fn sse(
         })
         .transpose()?;
     let req = p.into_request(last_event_id)?;
-    let rx = stream::open(state.events.clone(), req);
-    let items = futures::stream::unfold(rx, |mut rx| async move {
-        let item = rx.recv().await?;
-        Some((Ok(sse_event(item)), rx))
-    });
+    let items = stream::open(state.events.clone(), req).map(|item| Ok(sse_event(item)));
     Ok(Sse::new(items).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -163,11 +159,11 @@ pub(crate) async fn websocket(
         .into_response())
 }
 
-async fn serve_socket(socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver<StreamItem>) {
+async fn serve_socket(socket: WebSocket, mut items: futures::stream::BoxStream<'static, StreamItem>) {
     let (mut sink, mut incoming) = socket.split();
     loop {
         tokio::select! {
-            item = rx.recv() => {
+            item = items.next() => {
                 let Some(item) = item else { break };
                 let (text, last) = match item {
                     StreamItem::Event(e) => (e.json.clone(), false),

@@ -135,7 +135,7 @@ impl EventHub {
             let n = rows.len();
             for (i, r) in rows.into_iter().enumerate() {
                 if i % 16 == 15 {
-                    // Let subscribers' tasks take what is published before publishing more,
+                    // Let subscribers' connections take what is published before publishing more,
                     // so a burst (a page of rows) does not overrun the backlog by itself.
                     tokio::task::yield_now().await;
                 }
