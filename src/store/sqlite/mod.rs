@@ -870,15 +870,35 @@ async fn fetch_json_rows<'q, T: serde::de::DeserializeOwned>(
     serde_json::from_str(&json).map_err(|e| StoreError::Other(e.into()))
 }
 
-/// `json_object('id', id, 'conversation_id', conversation_id, …)` over [`MESSAGE_COLS`]: a
-/// message row as one JSON object, for [`fetch_json_rows`] and [`JsonRow`].
-static MESSAGE_JSON: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// Search's hits by `search_rowid` (a JSON array bound as `?`), as one JSON row for
+/// [`fetch_json_rows`]: each `[message, contact name]`, the message a `json_object('id', id,
+/// 'conversation_id', conversation_id, …)` over [`MESSAGE_COLS`] (read through [`JsonRow`]),
+/// the name that of the contact holding the conversation's counterpart (or null).
+static SEARCH_HITS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let pairs: Vec<String> = MESSAGE_COLS
         .split(',')
         .map(|c| format!("'{0}', {0}", c.trim()))
         .collect();
-    format!("json_object({})", pairs.join(", "))
+    format!(
+        "SELECT json_group_array(json_array(json_object({}), (SELECT ct.display_name FROM conversations c \
+         JOIN contacts ct ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id))) \
+         AS rows FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))",
+        pairs.join(", ")
+    )
 });
+
+/// A search hit before its record is read.
+struct Found {
+    /// Message or contact ID.
+    id: String,
+    rank: f64,
+    /// A message's `search_rowid`, which its record is read by: the window's index holds the
+    /// newest keys together, where IDs are spread over the whole primary key index (about 300
+    /// more page reads a search, docs/search.md). `None` for a contact.
+    pos: Option<i64>,
+    /// Past the ranking window: its recency key.
+    recency: Option<RecencyKey>,
+}
 
 fn keyset_limit(page: &PageRequest) -> i64 {
     i64::from(page.limit.clamp(1, 200))
@@ -2115,12 +2135,7 @@ impl Store for SqliteStore {
         // the window, to weigh how rare it is.
         let first_page = req.cursor.is_none() && want_messages;
         let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
-        // (id, rank, recency key for hits past the window)
-        let mut found: Vec<(String, f64, Option<RecencyKey>)> = Vec::new();
-        // The messages among them by search_rowid, which the final read looks them up by:
-        // the window's index holds the newest keys together, where IDs are spread over the
-        // whole primary key index (about 300 more page reads a search, docs/search.md).
-        let mut positions: Vec<i64> = Vec::new();
+        let mut found: Vec<Found> = Vec::new();
         let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
             Some(SearchPosition::Recent(k)) => Some(k.clone()),
             _ => None,
@@ -2181,10 +2196,12 @@ impl Store for SqliteStore {
             }
             ranked.sort_unstable_by(order);
             ranked.truncate(limit as usize + 1);
-            for (rank, _, id, pos) in ranked {
-                positions.extend(pos);
-                found.push((id, rank, None));
-            }
+            found.extend(ranked.into_iter().map(|(rank, _, id, pos)| Found {
+                id,
+                rank,
+                pos,
+                recency: None,
+            }));
         }
         let rest = limit + 1 - found.len() as i64;
         if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
@@ -2199,28 +2216,23 @@ impl Store for SqliteStore {
             q.push(" ORDER BY messages_fts.rowid DESC LIMIT ").push_bind(rest);
             let mut rows = fetch_window(q, &mut tx).await?;
             rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.pos));
-            for r in rows {
-                let key = RecencyKey {
+            found.extend(rows.into_iter().map(|r| Found {
+                rank: req.query.score(&r.body),
+                pos: Some(r.pos),
+                recency: Some(RecencyKey {
                     key: r.pos,
                     id: r.id.clone(),
-                };
-                positions.push(r.pos);
-                found.push((r.id, req.query.score(&r.body), Some(key)));
-            }
+                }),
+                id: r.id,
+            }));
         }
 
         let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
+        let positions: Vec<i64> = found.iter().filter_map(|f| f.pos).collect();
         if !positions.is_empty() {
             let positions = serde_json::to_string(&positions).map_err(|e| StoreError::Other(e.into()))?;
-            // One JSON row (fetch_json_rows): each message with its counterpart's contact name.
-            let sql = format!(
-                "SELECT json_group_array(json_array({json}, (SELECT ct.display_name FROM conversations c \
-                 JOIN contacts ct ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id))) \
-                 AS rows FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))",
-                json = *MESSAGE_JSON
-            );
             let rows: Vec<(serde_json::Map<String, serde_json::Value>, Option<String>)> =
-                fetch_json_rows(sqlx::query(&sql).bind(positions), &mut tx).await?;
+                fetch_json_rows(sqlx::query(&SEARCH_HITS_SQL).bind(positions), &mut tx).await?;
             for (row, name) in rows {
                 let m = message_from_row(&JsonRow(row))?;
                 messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
@@ -2228,8 +2240,8 @@ impl Store for SqliteStore {
         }
         let contact_ids: Vec<&str> = found
             .iter()
-            .map(|(id, _, _)| id.as_str())
-            .filter(|id| id.starts_with(ContactId::PREFIX))
+            .filter(|f| f.pos.is_none())
+            .map(|f| f.id.as_str())
             .collect();
         let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
         if !contact_ids.is_empty() {
@@ -2248,16 +2260,16 @@ impl Store for SqliteStore {
         tx.rollback().await.map_err(map_err)?;
         let hits = found
             .into_iter()
-            .filter_map(|(id, rank, recency)| {
-                let (item, counterpart_name) = match messages.remove(&id) {
+            .filter_map(|f| {
+                let (item, counterpart_name) = match messages.remove(&f.id) {
                     Some((m, name)) => (SearchItem::Message(Box::new(m)), name),
-                    None => (SearchItem::Contact(Box::new(contacts.remove(&id)?)), None),
+                    None => (SearchItem::Contact(Box::new(contacts.remove(&f.id)?)), None),
                 };
                 Some(SearchHit {
                     item,
-                    rank,
+                    rank: f.rank,
                     counterpart_name,
-                    recency,
+                    recency: f.recency,
                 })
             })
             .collect();
