@@ -77,6 +77,11 @@ pub enum QueryError {
 /// `unicode61` tokenizer counts them (everything else, ASCII punctuation, symbols and emoji
 /// included, separates words).
 fn is_word_char(c: char) -> bool {
+    if c.is_ascii() {
+        // No ASCII character is a combining mark; skips that table lookup for the spaces
+        // and punctuation of every message ranking reads.
+        return c.is_ascii_alphanumeric();
+    }
     c.is_alphanumeric() || is_combining_mark(c)
 }
 

@@ -298,24 +298,40 @@ impl Cols for rusqlite::Row<'_> {
     }
 }
 
-/// A result row that arrived as a JSON object ([`fetch_json_rows`]): its columns decode
-/// through rusqlite's `FromSql`, as the writer's rows do. SQLite's `json_object` writes TEXT
-/// as strings, INTEGER and REAL as numbers and NULL as null (our tables hold no BLOBs, which
-/// it refuses), so each value comes back as the type it was stored with.
-struct JsonRow(serde_json::Map<String, serde_json::Value>);
+/// A message row that arrived as a JSON array of [`MESSAGE_COLS`] in order ([`fetch_json_rows`],
+/// `json_array(id, conversation_id, …)`): its columns decode through rusqlite's `FromSql`, as
+/// the writer's rows do. SQLite's `json_array` writes TEXT as strings, INTEGER and REAL as
+/// numbers and NULL as null (our tables hold no BLOBs, which it refuses), so each value comes
+/// back as the type it was stored with. An array rather than an object: no column names to
+/// write, parse and allocate per row.
+struct JsonRow(Vec<serde_json::Value>);
+
+/// The position of each of [`MESSAGE_COLS`] in a [`JsonRow`].
+static MESSAGE_COL_INDEX: std::sync::LazyLock<HashMap<&'static str, usize>> = std::sync::LazyLock::new(|| {
+    MESSAGE_COLS
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, c)| (c, i))
+        .collect()
+});
 
 impl Cols for JsonRow {
     fn col<T: ColValue>(&self, name: &str) -> T {
         use rusqlite::types::ValueRef;
         use serde_json::Value;
-        let value = match self.0.get(name) {
-            None | Some(Value::Null) => ValueRef::Null,
-            Some(Value::Number(n)) => match n.as_i64() {
+        let at = MESSAGE_COL_INDEX
+            .get(name)
+            .and_then(|&i| self.0.get(i))
+            .unwrap_or_else(|| panic!("SQLite column {name}: not in the row"));
+        let value = match at {
+            Value::Null => ValueRef::Null,
+            Value::Number(n) => match n.as_i64() {
                 Some(i) => ValueRef::Integer(i),
                 None => ValueRef::Real(n.as_f64().unwrap_or(f64::NAN)),
             },
-            Some(Value::String(s)) => ValueRef::Text(s.as_bytes()),
-            Some(other) => panic!("SQLite column {name}: unexpected JSON {other}"),
+            Value::String(s) => ValueRef::Text(s.as_bytes()),
+            other => panic!("SQLite column {name}: unexpected JSON {other}"),
         };
         T::column_result(value).unwrap_or_else(|e| panic!("SQLite column {name}: {e}"))
     }
@@ -823,7 +839,7 @@ fn media_from_row(r: &impl Cols) -> StoreResult<MediaRecord> {
 }
 
 /// A matching message as search ranks it: its FTS key (`search_rowid`), ID, creation time
-/// and body.
+/// and body; in the JSON row, the array `[pos, id, created_at, body]`.
 #[derive(serde::Deserialize)]
 struct WindowRow {
     pos: i64,
@@ -836,8 +852,7 @@ struct WindowRow {
 /// adds conditions on `messages_fts.rowid`, the order and the limit.
 fn window_query(expr: &str, req: &SearchRequest) -> QueryBuilder<'static, Sqlite> {
     let mut q = QueryBuilder::new(
-        "SELECT json_group_array(json_object('pos', pos, 'id', id, 'created_at', created_at, \
-         'body', body)) AS rows FROM (SELECT messages_fts.rowid AS pos, m.id AS id, \
+        "SELECT json_group_array(json_array(pos, id, created_at, body)) AS rows FROM (SELECT messages_fts.rowid AS pos, m.id AS id, \
          m.created_at AS created_at, m.body AS body \
          FROM messages_fts JOIN messages m ON m.search_rowid = messages_fts.rowid \
          WHERE messages_fts MATCH ",
@@ -871,19 +886,13 @@ async fn fetch_json_rows<'q, T: serde::de::DeserializeOwned>(
 }
 
 /// Search's hits by `search_rowid` (a JSON array bound as `?`), as one JSON row for
-/// [`fetch_json_rows`]: each `[message, contact name]`, the message a `json_object('id', id,
-/// 'conversation_id', conversation_id, …)` over [`MESSAGE_COLS`] (read through [`JsonRow`]),
-/// the name that of the contact holding the conversation's counterpart (or null).
+/// [`fetch_json_rows`]: each `[message, contact name]`, the message a [`JsonRow`], the name
+/// that of the contact holding the conversation's counterpart (or null).
 static SEARCH_HITS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let pairs: Vec<String> = MESSAGE_COLS
-        .split(',')
-        .map(|c| format!("'{0}', {0}", c.trim()))
-        .collect();
     format!(
-        "SELECT json_group_array(json_array(json_object({}), (SELECT ct.display_name FROM conversations c \
+        "SELECT json_group_array(json_array(json_array({MESSAGE_COLS}), (SELECT ct.display_name FROM conversations c \
          JOIN contacts ct ON ct.phone_number = c.counterpart WHERE c.id = messages.conversation_id))) \
-         AS rows FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))",
-        pairs.join(", ")
+         AS rows FROM messages WHERE search_rowid IN (SELECT value FROM json_each(?))"
     )
 });
 
@@ -2231,7 +2240,7 @@ impl Store for SqliteStore {
         let positions: Vec<i64> = found.iter().filter_map(|f| f.pos).collect();
         if !positions.is_empty() {
             let positions = serde_json::to_string(&positions).map_err(|e| StoreError::Other(e.into()))?;
-            let rows: Vec<(serde_json::Map<String, serde_json::Value>, Option<String>)> =
+            let rows: Vec<(Vec<serde_json::Value>, Option<String>)> =
                 fetch_json_rows(sqlx::query(&SEARCH_HITS_SQL).bind(positions), &mut tx).await?;
             for (row, name) in rows {
                 let m = message_from_row(&JsonRow(row))?;
