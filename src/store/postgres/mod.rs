@@ -168,6 +168,8 @@ impl PostgresStore {
             changed: Vec::new(),
             touched: Vec::new(),
             events: PendingEvents::default(),
+            prepared: Vec::new(),
+            locked: false,
         })
     }
 }
@@ -208,6 +210,20 @@ struct Tx {
     touched: Vec<String>,
     /// The other events owed (see [`crate::events`]).
     events: PendingEvents,
+    /// What the events owed so far are rendered from, read before taking the `change_seq`
+    /// lock (see [`Tx::stamp`]).
+    prepared: Vec<EventSource>,
+    /// The `change_seq` lock is held.
+    locked: bool,
+}
+
+/// What an event is rendered from, read before the `change_seq` lock.
+enum EventSource {
+    /// A message as this transaction left it (its `change_seq` set once stamped), and
+    /// whether it was created here (`message.created`; else `message.status`).
+    Message(Box<MessageRecord>, bool),
+    /// Any other event, rendered.
+    Draft(EventDraft),
 }
 
 impl Tx {
@@ -234,19 +250,19 @@ impl Tx {
     ///
     /// The trade-off: commits of transactions that change messages are serialised (one
     /// WAL flush after another instead of group commit), which bounds such writes at roughly
-    /// 1 / (commit latency) per second across all instances. To keep that section short, the
-    /// allocation is deferred to here (rows are written with `change_seq = 0` first, never
-    /// visible since this runs before commit), and the lock is taken after every other lock
-    /// of the transaction, so its holder never waits on anyone.
+    /// 1 / (time the lock is held) per second across all instances. To keep that section
+    /// short, the allocation is deferred to here (rows are written with `change_seq = 0`
+    /// first, never visible since this runs before commit), the lock is taken after every
+    /// other lock of the transaction, so its holder never waits on anyone, and what the
+    /// events are rendered from (the messages, their conversations) is read before it: the
+    /// holder only allocates, writes the events and commits, four round trips.
     async fn stamp(&mut self) -> StoreResult<HashMap<String, i64>> {
         if self.changed.is_empty() {
             return Ok(HashMap::new());
         }
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CHANGE_SEQ_LOCK)
-            .execute(&mut *self.inner)
-            .await
-            .map_err(map_err)?;
+        let sources = self.read_event_sources().await?;
+        self.prepared.extend(sources);
+        self.lock_change_seq().await?;
         // nextval runs after the ORDER BY (volatile target-list functions are evaluated
         // after sorting), so the last-changed message gets the highest value.
         let rows = sqlx::query(
@@ -260,31 +276,37 @@ impl Tx {
         .await
         .map_err(map_err)?;
         self.changed.clear();
-        Ok(rows.iter().map(|r| (r.get("id"), r.get("change_seq"))).collect())
+        let seqs: HashMap<String, i64> = rows.iter().map(|r| (r.get("id"), r.get("change_seq"))).collect();
+        for source in &mut self.prepared {
+            if let EventSource::Message(m, _) = source {
+                patch_seq(m, &seqs);
+            }
+        }
+        Ok(seqs)
     }
 
-    /// Stamps whatever is left (see [`Tx::stamp`]), writes the events owed and commits.
-    async fn commit(mut self) -> StoreResult<()> {
-        self.stamp().await?;
-        self.write_events().await?;
-        self.inner.commit().await.map_err(map_err)
+    /// Takes the `change_seq` lock (see [`Tx::stamp`]) unless this transaction holds it.
+    async fn lock_change_seq(&mut self) -> StoreResult<()> {
+        if !self.locked {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(CHANGE_SEQ_LOCK)
+                .execute(&mut *self.inner)
+                .await
+                .map_err(map_err)?;
+            self.locked = true;
+        }
+        Ok(())
     }
 
-    /// Writes `message.created` / `message.status` for every message changed, then the other
-    /// events owed, each rendered from the rows as they are now; their cursors come from
-    /// `event_seq` under the same lock as `change_seq` (see [`Tx::stamp`]), so cursor order
-    /// is commit order across instances. `pg_notify` (delivered at commit, to every
-    /// instance's hub) carries only the newest cursor.
-    async fn write_events(&mut self) -> StoreResult<Option<i64>> {
-        let mut drafts = Vec::new();
+    /// Reads what the events owed so far are rendered from, and clears them as owed: the
+    /// messages changed (as they are now) and the conversations and contacts to announce.
+    async fn read_event_sources(&mut self) -> StoreResult<Vec<EventSource>> {
+        let mut out = Vec::new();
         let touched = std::mem::take(&mut self.touched);
         if !touched.is_empty() {
             for m in fetch_messages(self, &touched).await? {
-                drafts.push(if self.events.created.contains(m.id.as_str()) {
-                    EventDraft::message_created(&m)
-                } else {
-                    EventDraft::message_status(&m)
-                });
+                let created = self.events.created.contains(m.id.as_str());
+                out.push(EventSource::Message(Box::new(m), created));
             }
         }
         for p in std::mem::take(&mut self.events.items) {
@@ -296,7 +318,8 @@ impl Tx {
                         .await
                         .map_err(map_err)?;
                     if let Some(r) = row {
-                        drafts.push(EventDraft::conversation_updated(conversation_from_row(&r)?));
+                        let c = conversation_from_row(&r)?;
+                        out.push(EventSource::Draft(EventDraft::conversation_updated(c)));
                     }
                 }
                 Pending::Contact(id) => {
@@ -306,20 +329,56 @@ impl Tx {
                         .await
                         .map_err(map_err)?;
                     if let Some(r) = row {
-                        drafts.push(EventDraft::contact_updated(contact_from_row(&r), false));
+                        out.push(EventSource::Draft(EventDraft::contact_updated(
+                            contact_from_row(&r),
+                            false,
+                        )));
                     }
                 }
-                Pending::Ready(d) => drafts.push(d),
+                Pending::Ready(d) => out.push(EventSource::Draft(d)),
             }
         }
+        Ok(out)
+    }
+
+    /// Stamps whatever is left (see [`Tx::stamp`]), writes the events owed and commits.
+    async fn commit(mut self) -> StoreResult<()> {
+        self.stamp().await?;
+        self.write_events().await?;
+        self.inner.commit().await.map_err(map_err)
+    }
+
+    /// Writes `message.created` / `message.status` for every message changed, then the other
+    /// events owed, each rendered from the rows as they were when stamped (or now, for what
+    /// was owed after); their cursors come from `event_seq` under the same lock as
+    /// `change_seq` (see [`Tx::stamp`]), so cursor order is commit order across instances.
+    /// `pg_notify` (delivered at commit, to every instance's hub) carries only the newest
+    /// cursor.
+    async fn write_events(&mut self) -> StoreResult<Option<i64>> {
+        let later = self.read_event_sources().await?;
+        // A message changed again after stamping is announced once, as it is now.
+        let again: std::collections::HashSet<String> = later
+            .iter()
+            .filter_map(|s| match s {
+                EventSource::Message(m, _) => Some(m.id.to_string()),
+                EventSource::Draft(_) => None,
+            })
+            .collect();
+        let mut sources = std::mem::take(&mut self.prepared);
+        sources.retain(|s| !matches!(s, EventSource::Message(m, _) if again.contains(m.id.as_str())));
+        let drafts: Vec<EventDraft> = sources
+            .into_iter()
+            .chain(later)
+            .map(|s| match s {
+                EventSource::Message(m, true) => EventDraft::message_created(&m),
+                EventSource::Message(m, false) => EventDraft::message_status(&m),
+                EventSource::Draft(d) => d,
+            })
+            .collect();
         if drafts.is_empty() {
             return Ok(None);
         }
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CHANGE_SEQ_LOCK)
-            .execute(&mut *self.inner)
-            .await
-            .map_err(map_err)?;
+        self.lock_change_seq().await?;
         let kinds: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
         let conversations: Vec<Option<String>> = drafts.iter().map(|d| d.conversation_id.clone()).collect();
         let data: Vec<String> = drafts
@@ -331,21 +390,17 @@ impl Tx {
                  SELECT nextval('event_seq'), u.kind, u.conversation_id, u.data, $4 \
                  FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(kind, conversation_id, data, ord) \
                  ORDER BY u.ord RETURNING seq) \
-             SELECT MAX(seq) FROM ins",
+             SELECT latest FROM (SELECT MAX(seq) AS latest FROM ins) m, \
+                 LATERAL (SELECT pg_notify($5, m.latest::text)) n",
         )
         .bind(&kinds)
         .bind(&conversations)
         .bind(&data)
         .bind(crate::util::now_ms())
+        .bind(EVENTS_CHANNEL)
         .fetch_one(&mut *self.inner)
         .await
         .map_err(map_err)?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(EVENTS_CHANNEL)
-            .bind(latest.to_string())
-            .execute(&mut *self.inner)
-            .await
-            .map_err(map_err)?;
         Ok(Some(latest))
     }
 }
