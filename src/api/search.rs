@@ -173,8 +173,8 @@ pub struct SearchResultOut {
     /// The same excerpt HTML-escaped, each match wrapped in `<mark>…</mark>`: safe to insert
     /// as HTML.
     pub snippet_html: String,
-    /// Relevance, higher is better (SQLite: BM25 without IDF, 0 to 2.2 per term;
-    /// PostgreSQL: ts_rank; not comparable across backends or queries).
+    /// Relevance, higher is better: BM25 without IDF, 0 to 2.2 per term, the same on both
+    /// backends (not comparable across queries).
     pub rank: f64,
     /// The message, for `type` `message` (else null).
     pub message: Option<MessageOut>,

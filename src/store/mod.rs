@@ -923,8 +923,7 @@ pub struct SearchHit {
     /// The message or contact.
     pub item: SearchItem,
     /// Relevance, higher is better: [`SearchQuery::score`](crate::domain::search::SearchQuery::score)
-    /// on SQLite, `ts_rank()` on PostgreSQL (the two scales differ). Depends only on the
-    /// query and the document's text.
+    /// on both backends. Depends only on the query and the document's text.
     pub rank: f64,
     /// For a message: the display name of its counterpart's contact (the conversation's other
     /// party), if that number is a contact with a non-empty name.
@@ -1005,6 +1004,30 @@ pub enum SearchPosition {
     },
     /// A message past the ranking window.
     Recent(RecencyKey),
+}
+
+/// A candidate of a search page's ranked part: its rank, `created_at` (ms), ID, and what
+/// the backend needs to read it (`T`).
+pub(crate) type RankedCandidate<T> = (f64, i64, String, T);
+
+/// The ranked part of a search page (docs/search.md, "Ranking and pagination"): `ranked` (the
+/// window's messages and the matching contacts) in search order — rank, then `created_at`,
+/// then ID, all descending — after the cursor's position when it is `Ranked`, at most
+/// `limit + 1` of them (one more than a page, to know whether another follows).
+pub(crate) fn rank_page<T>(
+    mut ranked: Vec<RankedCandidate<T>>,
+    after: Option<&SearchPosition>,
+    limit: usize,
+) -> Vec<RankedCandidate<T>> {
+    let order =
+        |a: &(f64, i64, &str), b: &(f64, i64, &str)| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| b.2.cmp(a.2));
+    if let Some(SearchPosition::Ranked { rank, created_at, id }) = after {
+        let after = (*rank, *created_at, id.as_str());
+        ranked.retain(|c| order(&(c.0, c.1, c.2.as_str()), &after).is_gt());
+    }
+    ranked.sort_unstable_by(|a, b| order(&(a.0, a.1, a.2.as_str()), &(b.0, b.1, b.2.as_str())));
+    ranked.truncate(limit + 1);
+    ranked
 }
 
 /// A keyset position in search order.

@@ -2116,103 +2116,80 @@ impl Store for PostgresStore {
             .map_err(map_err)?;
 
         // The ranking window (docs/search.md): only the newest `rank_window` matching
-        // messages, by (created_at, id), are ranked. window_end is the newest match outside
-        // it; the first page finds it, later pages carry it in the cursor.
-        let window_end = match &req.cursor {
-            Some(c) => c.window_end.clone(),
-            None if want_messages => {
-                let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-                    "SELECT m.created_at AS created_at, m.id AS id FROM messages m \
-                     WHERE m.search_tsv @@ to_tsquery('switchboard_search', ",
-                );
-                q.push_bind(tsquery.clone()).push(")");
-                push_search_filters(&mut q, req);
-                q.push(" ORDER BY m.created_at DESC, m.id DESC OFFSET ")
-                    .push_bind(i64::from(req.rank_window.max(1)))
-                    .push(" LIMIT 1");
-                q.build()
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?
-                    .map(|r| RecencyKey {
-                        key: r.get("created_at"),
-                        id: r.get("id"),
-                    })
-            }
-            None => None,
-        };
-
+        // messages, by (created_at, id), are ranked, here, with SearchQuery::score as on
+        // SQLite (the rank depends only on the query and the text). window_end is the newest
+        // match outside the window: the first page reads it as the window's last row, later
+        // pages carry it in the cursor. The window's rows come newest first from the
+        // (created_at, id) index for common words, from the GIN index for rare ones; either
+        // way their bodies are in the heap rows the scan reads anyway.
+        let first_page = req.cursor.is_none() && want_messages;
+        let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
         // (id, rank, recency key for hits past the window)
         let mut found: Vec<(String, f64, Option<RecencyKey>)> = Vec::new();
         let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
             Some(SearchPosition::Recent(k)) => Some(k.clone()),
             _ => None,
         };
+        let matching = |tsquery: &str| {
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                "SELECT m.id AS id, m.created_at AS created_at, m.body AS body FROM messages m \
+                 WHERE m.search_tsv @@ to_tsquery('switchboard_search', ",
+            );
+            q.push_bind(tsquery.to_string()).push(")");
+            push_search_filters(&mut q, req);
+            q
+        };
         if after_recent.is_none() {
-            // ts_rank with normalization 1 (divided by 1 + log of the document length), the
-            // closest to bm25's preference for short documents. Cast to float8 so that the
-            // cursor's f64 compares exactly.
-            let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id, created_at, score FROM (");
+            // The ranked part: the window's messages and every matching contact, together.
+            let mut ranked: Vec<RankedCandidate<()>> = Vec::new();
             if want_messages {
-                q.push(
-                    "SELECT m.id AS id, m.created_at AS created_at, ts_rank(m.search_tsv, to_tsquery('switchboard_search', ",
-                )
-                .push_bind(tsquery.clone())
-                .push("), 1)::float8 AS score FROM messages m WHERE m.search_tsv @@ to_tsquery('switchboard_search', ")
-                .push_bind(tsquery.clone())
-                .push(")");
-                push_search_filters(&mut q, req);
-                if let Some(w) = &window_end {
+                let mut q = matching(&tsquery);
+                let window = req.rank_window.max(1) as usize;
+                if first_page {
+                    q.push(" ORDER BY m.created_at DESC, m.id DESC LIMIT ")
+                        .push_bind(window as i64 + 1);
+                } else if let Some(w) = &window_end {
                     q.push(" AND (m.created_at, m.id) > (")
                         .push_bind(w.key)
                         .push(", ")
                         .push_bind(pg_text(&w.id).into_owned())
                         .push(")");
                 }
+                let mut rows = q.build().fetch_all(&mut *tx).await.map_err(map_err)?;
+                if first_page && rows.len() > window {
+                    let edge = rows.pop().expect("more rows than the window");
+                    window_end = Some(RecencyKey {
+                        key: edge.get("created_at"),
+                        id: edge.get("id"),
+                    });
+                }
+                ranked.extend(rows.iter().map(|r| {
+                    let body: String = r.get("body");
+                    (req.query.score(&body), r.get("created_at"), r.get("id"), ())
+                }));
             }
             if req.wants(SearchKind::Contact) {
-                if want_messages {
-                    q.push(" UNION ALL ");
-                }
-                q.push(
-                    "SELECT ct.id AS id, ct.created_at AS created_at, ts_rank(ct.search_tsv, to_tsquery('switchboard_search', ",
+                let rows = sqlx::query(
+                    "SELECT ct.id AS id, ct.created_at AS created_at, ct.display_name AS display_name, \
+                     ct.phone_number AS phone_number FROM contacts ct \
+                     WHERE ct.search_tsv @@ to_tsquery('switchboard_search', $1)",
                 )
-                .push_bind(tsquery.clone())
-                .push("), 1)::float8 AS score FROM contacts ct WHERE ct.search_tsv @@ to_tsquery('switchboard_search', ")
-                .push_bind(tsquery.clone())
-                .push(")");
+                .bind(&tsquery)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                ranked.extend(rows.iter().map(|r| {
+                    let text = crate::domain::search::contact_text(r.get("display_name"), r.get("phone_number"));
+                    (req.query.score(&text), r.get("created_at"), r.get("id"), ())
+                }));
             }
-            q.push(") AS hits");
-            if let Some(SearchPosition::Ranked { rank, created_at, id }) = req.cursor.as_ref().map(|c| &c.after) {
-                q.push(" WHERE score < ")
-                    .push_bind(*rank)
-                    .push(" OR (score = ")
-                    .push_bind(*rank)
-                    .push(" AND (created_at < ")
-                    .push_bind(*created_at)
-                    .push(" OR (created_at = ")
-                    .push_bind(*created_at)
-                    .push(" AND id < ")
-                    .push_bind(pg_text(id).into_owned())
-                    .push(")))");
-            }
-            q.push(" ORDER BY score DESC, created_at DESC, id DESC LIMIT ")
-                .push_bind(limit + 1);
-            for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
-                found.push((r.get("id"), r.get("score"), None));
-            }
+            let ranked = rank_page(ranked, req.cursor.as_ref().map(|c| &c.after), limit as usize);
+            found.extend(ranked.into_iter().map(|(rank, _, id, ())| (id, rank, None)));
         }
         let rest = limit + 1 - found.len() as i64;
         if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
             // Past the window: the older matches, newest first.
-            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-                "SELECT m.id AS id, m.created_at AS created_at, ts_rank(m.search_tsv, to_tsquery('switchboard_search', ",
-            );
-            q.push_bind(tsquery.clone())
-                .push("), 1)::float8 AS score FROM messages m WHERE m.search_tsv @@ to_tsquery('switchboard_search', ")
-                .push_bind(tsquery.clone())
-                .push(")");
-            push_search_filters(&mut q, req);
+            let mut q = matching(&tsquery);
             for (k, op) in [(&window_end, " <= "), (&after_recent, " < ")] {
                 if let Some(k) = k {
                     q.push(" AND (m.created_at, m.id)")
@@ -2227,11 +2204,12 @@ impl Store for PostgresStore {
             q.push(" ORDER BY m.created_at DESC, m.id DESC LIMIT ").push_bind(rest);
             for r in q.build().fetch_all(&mut *tx).await.map_err(map_err)? {
                 let id: String = r.get("id");
+                let body: String = r.get("body");
                 let key = RecencyKey {
                     key: r.get("created_at"),
                     id: id.clone(),
                 };
-                found.push((id, r.get("score"), Some(key)));
+                found.push((id, req.query.score(&body), Some(key)));
             }
         }
 

@@ -2150,9 +2150,9 @@ impl Store for SqliteStore {
             _ => None,
         };
         if after_recent.is_none() {
-            // The ranked part: the window's messages and every matching contact, together.
-            // (rank, created_at, id, search_rowid of a message)
-            let mut ranked: Vec<(f64, i64, String, Option<i64>)> = Vec::new();
+            // The ranked part: the window's messages (with their search_rowid) and every
+            // matching contact, together.
+            let mut ranked: Vec<RankedCandidate<Option<i64>>> = Vec::new();
             if want_messages {
                 let mut q = window_query(&expr, req);
                 let window = req.rank_window.max(1) as usize;
@@ -2194,17 +2194,7 @@ impl Store for SqliteStore {
                     (req.query.score(&text), r.get("created_at"), r.get("id"), None)
                 }));
             }
-            // rank, then created_at, then id, all descending; the cursor is the last hit
-            // of the previous page in that order.
-            let order = |a: &(f64, i64, String, Option<i64>), b: &(f64, i64, String, Option<i64>)| {
-                b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| b.2.cmp(&a.2))
-            };
-            if let Some(SearchPosition::Ranked { rank, created_at, id }) = req.cursor.as_ref().map(|c| &c.after) {
-                let after = (*rank, *created_at, id.clone(), None);
-                ranked.retain(|hit| order(hit, &after).is_gt());
-            }
-            ranked.sort_unstable_by(order);
-            ranked.truncate(limit as usize + 1);
+            let ranked = rank_page(ranked, req.cursor.as_ref().map(|c| &c.after), limit as usize);
             found.extend(ranked.into_iter().map(|(rank, _, id, pos)| Found {
                 id,
                 rank,
