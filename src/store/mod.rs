@@ -1019,13 +1019,15 @@ pub(crate) fn rank_page<T>(
     after: Option<&SearchPosition>,
     limit: usize,
 ) -> Vec<RankedCandidate<T>> {
-    let order =
-        |a: &(f64, i64, &str), b: &(f64, i64, &str)| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| b.2.cmp(a.2));
-    if let Some(SearchPosition::Ranked { rank, created_at, id }) = after {
-        let after = (*rank, *created_at, id.as_str());
-        ranked.retain(|c| order(&(c.0, c.1, c.2.as_str()), &after).is_gt());
+    fn key<T>(c: &RankedCandidate<T>) -> (f64, i64, &str) {
+        (c.0, c.1, c.2.as_str())
     }
-    ranked.sort_unstable_by(|a, b| order(&(a.0, a.1, a.2.as_str()), &(b.0, b.1, b.2.as_str())));
+    let order =
+        |a: (f64, i64, &str), b: (f64, i64, &str)| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| b.2.cmp(a.2));
+    if let Some(SearchPosition::Ranked { rank, created_at, id }) = after {
+        ranked.retain(|c| order(key(c), (*rank, *created_at, id.as_str())).is_gt());
+    }
+    ranked.sort_unstable_by(|a, b| order(key(a), key(b)));
     ranked.truncate(limit + 1);
     ranked
 }

@@ -234,6 +234,9 @@ impl Tx {
         self.changed.push(id.to_string());
         self.touched.retain(|c| c != id);
         self.touched.push(id.to_string());
+        // Changed again after a stamp read it: announced once, as it is at commit.
+        self.prepared
+            .retain(|s| !matches!(s, EventSource::Message(m, _) if m.id.as_str() == id));
     }
 
     /// Allocates `change_seq` values for the messages changed so far and writes them.
@@ -356,17 +359,7 @@ impl Tx {
     /// cursor.
     async fn write_events(&mut self) -> StoreResult<Option<i64>> {
         let later = self.read_event_sources().await?;
-        // A message changed again after stamping is announced once, as it is now.
-        let again: std::collections::HashSet<String> = later
-            .iter()
-            .filter_map(|s| match s {
-                EventSource::Message(m, _) => Some(m.id.to_string()),
-                EventSource::Draft(_) => None,
-            })
-            .collect();
-        let mut sources = std::mem::take(&mut self.prepared);
-        sources.retain(|s| !matches!(s, EventSource::Message(m, _) if again.contains(m.id.as_str())));
-        let drafts: Vec<EventDraft> = sources
+        let drafts: Vec<EventDraft> = std::mem::take(&mut self.prepared)
             .into_iter()
             .chain(later)
             .map(|s| match s {
