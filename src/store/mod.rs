@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::HashMap;
 
 use crate::domain::{
     Channel, ContactId, ConversationId, Direction, MessageId, MessageStatus, Priority, WebhookDeliveryId,
@@ -1030,6 +1031,44 @@ pub(crate) fn rank_page<T>(
     ranked.sort_unstable_by(|a, b| order(key(a), key(b)));
     ranked.truncate(limit + 1);
     ranked
+}
+
+/// A hit of a search page as the backend found it, before its record is read: what
+/// [`assemble_hits`] turns into a [`SearchHit`].
+pub(crate) struct FoundHit<K> {
+    /// Message or contact ID.
+    pub id: String,
+    /// Its rank ([`SearchHit::rank`]).
+    pub rank: f64,
+    /// What the backend reads its record by (SQLite: a message's `search_rowid`).
+    pub key: K,
+    /// Past the ranking window: its recency key ([`SearchHit::recency`]).
+    pub recency: Option<RecencyKey>,
+}
+
+/// The hits of a search page in `found`'s order, from the records read for them: `messages`
+/// (with their counterpart's contact name, blank names dropped) and `contacts`, both by ID.
+/// A hit whose record is in neither map (deleted between the queries) is left out.
+pub(crate) fn assemble_hits<K>(
+    found: Vec<FoundHit<K>>,
+    mut messages: HashMap<String, (MessageRecord, Option<String>)>,
+    mut contacts: HashMap<String, ContactRecord>,
+) -> Vec<SearchHit> {
+    found
+        .into_iter()
+        .filter_map(|f| {
+            let (item, counterpart_name) = match messages.remove(&f.id) {
+                Some((m, name)) => (SearchItem::Message(Box::new(m)), name.filter(|n| !n.trim().is_empty())),
+                None => (SearchItem::Contact(Box::new(contacts.remove(&f.id)?)), None),
+            };
+            Some(SearchHit {
+                item,
+                rank: f.rank,
+                counterpart_name,
+                recency: f.recency,
+            })
+        })
+        .collect()
 }
 
 /// A keyset position in search order.

@@ -896,19 +896,6 @@ static SEARCH_HITS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     )
 });
 
-/// A search hit before its record is read.
-struct Found {
-    /// Message or contact ID.
-    id: String,
-    rank: f64,
-    /// A message's `search_rowid`, which its record is read by: the window's index holds the
-    /// newest keys together, where IDs are spread over the whole primary key index (about 300
-    /// more page reads a search, docs/search.md). `None` for a contact.
-    pos: Option<i64>,
-    /// Past the ranking window: its recency key.
-    recency: Option<RecencyKey>,
-}
-
 fn keyset_limit(page: &PageRequest) -> i64 {
     i64::from(page.limit.clamp(1, 200))
 }
@@ -2144,7 +2131,10 @@ impl Store for SqliteStore {
         // the window, to weigh how rare it is.
         let first_page = req.cursor.is_none() && want_messages;
         let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
-        let mut found: Vec<Found> = Vec::new();
+        // A message's key is its search_rowid, which its record is read by: the window's
+        // index holds the newest keys together, where IDs are spread over the whole primary
+        // key index (about 300 more page reads a search, docs/search.md). None: a contact.
+        let mut found: Vec<FoundHit<Option<i64>>> = Vec::new();
         let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
             Some(SearchPosition::Recent(k)) => Some(k.clone()),
             _ => None,
@@ -2195,10 +2185,10 @@ impl Store for SqliteStore {
                 }));
             }
             let ranked = rank_page(ranked, req.cursor.as_ref().map(|c| &c.after), limit as usize);
-            found.extend(ranked.into_iter().map(|(rank, _, id, pos)| Found {
+            found.extend(ranked.into_iter().map(|(rank, _, id, key)| FoundHit {
                 id,
                 rank,
-                pos,
+                key,
                 recency: None,
             }));
         }
@@ -2215,9 +2205,9 @@ impl Store for SqliteStore {
             q.push(" ORDER BY messages_fts.rowid DESC LIMIT ").push_bind(rest);
             let mut rows = fetch_window(q, &mut tx).await?;
             rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.pos));
-            found.extend(rows.into_iter().map(|r| Found {
+            found.extend(rows.into_iter().map(|r| FoundHit {
                 rank: req.query.score(&r.body),
-                pos: Some(r.pos),
+                key: Some(r.pos),
                 recency: Some(RecencyKey {
                     key: r.pos,
                     id: r.id.clone(),
@@ -2227,19 +2217,19 @@ impl Store for SqliteStore {
         }
 
         let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
-        let positions: Vec<i64> = found.iter().filter_map(|f| f.pos).collect();
+        let positions: Vec<i64> = found.iter().filter_map(|f| f.key).collect();
         if !positions.is_empty() {
             let positions = serde_json::to_string(&positions).map_err(|e| StoreError::Other(e.into()))?;
             let rows: Vec<(Vec<serde_json::Value>, Option<String>)> =
                 fetch_json_rows(sqlx::query(&SEARCH_HITS_SQL).bind(positions), &mut tx).await?;
             for (row, name) in rows {
                 let m = message_from_row(&JsonRow(row))?;
-                messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
+                messages.insert(m.id.to_string(), (m, name));
             }
         }
         let contact_ids: Vec<&str> = found
             .iter()
-            .filter(|f| f.pos.is_none())
+            .filter(|f| f.key.is_none())
             .map(|f| f.id.as_str())
             .collect();
         let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
@@ -2257,21 +2247,7 @@ impl Store for SqliteStore {
             }
         }
         tx.rollback().await.map_err(map_err)?;
-        let hits = found
-            .into_iter()
-            .filter_map(|f| {
-                let (item, counterpart_name) = match messages.remove(&f.id) {
-                    Some((m, name)) => (SearchItem::Message(Box::new(m)), name),
-                    None => (SearchItem::Contact(Box::new(contacts.remove(&f.id)?)), None),
-                };
-                Some(SearchHit {
-                    item,
-                    rank: f.rank,
-                    counterpart_name,
-                    recency: f.recency,
-                })
-            })
-            .collect();
+        let hits = assemble_hits(found, messages, contacts);
         Ok(SearchPage::from_overfetch(hits, limit as usize, window_end))
     }
 
