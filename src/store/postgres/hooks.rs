@@ -2,7 +2,7 @@
 //! - **fan-out** locks each endpoint it advances (`FOR UPDATE SKIP LOCKED`), so one instance
 //!   at a time turns an endpoint's new events into deliveries; the unique
 //!   `(endpoint_id, event_seq)` key makes a repeat harmless anyway. Event cursors are
-//!   allocated in commit order (see [`super::Tx::stamp`]), so reading `seq > cursor` never
+//!   allocated in commit order (see [`super::Tx::commit`]), so reading `seq > cursor` never
 //!   skips an event that commits later with a lower cursor.
 //! - **claims** take due rows with `FOR UPDATE SKIP LOCKED` and set a lease in the same
 //!   statement: two claimers never get the same delivery (or lookup) while its lease runs.

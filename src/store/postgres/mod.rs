@@ -11,7 +11,7 @@
 //!   (created first if missing, then `SELECT … FOR UPDATE` in key order) before computing
 //!   slots, so two instances never hand out overlapping slots for one sender.
 //! - **`change_seq`** (the cursor of `messages?since=`) is allocated in commit order; see
-//!   [`Tx::stamp`].
+//!   [`Tx::commit`].
 //! - **Status callbacks racing the SID**: a callback can arrive before the worker has
 //!   recorded Twilio's answer. Both sides take a transaction advisory lock on the SID, so the
 //!   callback either sees the stored SID or leaves an orphan event the worker then sees.
@@ -166,10 +166,7 @@ impl PostgresStore {
         Ok(Tx {
             inner,
             changed: Vec::new(),
-            touched: Vec::new(),
             events: PendingEvents::default(),
-            prepared: Vec::new(),
-            locked: false,
         })
     }
 }
@@ -201,46 +198,42 @@ fn is_transient(code: &str) -> bool {
 }
 
 /// A transaction that knows which messages it changed, to give them their `change_seq`
-/// just before it commits.
+/// and their events as it commits ([`Tx::commit`]).
 struct Tx {
     inner: Transaction<'static, Postgres>,
-    /// Messages changed and not yet stamped, in order of their last change, each once.
+    /// Messages changed, in order of their last change, each once.
     changed: Vec<String>,
-    /// Every message changed, in order of its last change, each once (their events).
-    touched: Vec<String>,
     /// The other events owed (see [`crate::events`]).
     events: PendingEvents,
-    /// What the events owed so far are rendered from, read before taking the `change_seq`
-    /// lock (see [`Tx::stamp`]).
-    prepared: Vec<EventSource>,
-    /// The `change_seq` lock is held.
-    locked: bool,
 }
 
-/// What an event is rendered from, read before the `change_seq` lock.
-enum EventSource {
-    /// A message as this transaction left it (its `change_seq` set once stamped), and
-    /// whether it was created here (`message.created`; else `message.status`).
-    Message(Box<MessageRecord>, bool),
-    /// Any other event, rendered.
-    Draft(EventDraft),
+/// What a committed [`Tx`] changed: the messages as it left them, with their new
+/// `change_seq`, and the cursor of its newest event.
+struct Committed {
+    /// The messages changed, by ID.
+    messages: HashMap<String, MessageRecord>,
+    /// The newest event written, `None` if none was.
+    latest_event: Option<i64>,
+}
+
+impl Committed {
+    /// Message `id` as the transaction left it. Errors: it did not change it.
+    fn message(&mut self, id: &str) -> StoreResult<MessageRecord> {
+        self.messages
+            .remove(id)
+            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("message {id} was not changed by the transaction")))
+    }
 }
 
 impl Tx {
-    /// Notes that message `id` changed: it gets a new `change_seq` at [`Tx::stamp`] and a
-    /// `message.created` or `message.status` event at commit.
+    /// Notes that message `id` changed: it gets a new `change_seq` and a `message.created`
+    /// or `message.status` event at commit.
     fn changed(&mut self, id: &str) {
         self.changed.retain(|c| c != id);
         self.changed.push(id.to_string());
-        self.touched.retain(|c| c != id);
-        self.touched.push(id.to_string());
-        // Changed again after a stamp read it: announced once, as it is at commit.
-        self.prepared
-            .retain(|s| !matches!(s, EventSource::Message(m, _) if m.id.as_str() == id));
     }
 
-    /// Allocates `change_seq` values for the messages changed so far and writes them.
-    /// Returns the values by message ID so that records read before can be patched.
+    /// Gives the messages changed their `change_seq`, writes the events owed and commits.
     ///
     /// Why a lock: pollers of `messages?since=` read `change_seq > cursor` and move the
     /// cursor to the last value seen. With a plain sequence, a transaction holding seq 10
@@ -249,69 +242,32 @@ impl Tx {
     /// commit makes allocation order equal commit order: a transaction only allocates after
     /// every earlier allocator has committed (or rolled back, leaving a harmless gap) and
     /// become visible — PostgreSQL releases transaction locks after making the commit
-    /// visible — so a poller that sees seq N already sees every committed seq below N.
+    /// visible — so a poller that sees seq N already sees every committed seq below N. Event
+    /// cursors (`event_seq`) are allocated under the same lock, for the event stream.
     ///
-    /// The trade-off: commits of transactions that change messages are serialised (one
-    /// WAL flush after another instead of group commit), which bounds such writes at roughly
-    /// 1 / (time the lock is held) per second across all instances. To keep that section
-    /// short, the allocation is deferred to here (rows are written with `change_seq = 0`
-    /// first, never visible since this runs before commit), the lock is taken after every
-    /// other lock of the transaction, so its holder never waits on anyone, and what the
-    /// events are rendered from (the messages, their conversations) is read before it: the
-    /// holder only allocates, writes the events and commits, four round trips.
-    async fn stamp(&mut self) -> StoreResult<HashMap<String, i64>> {
-        if self.changed.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let sources = self.read_event_sources().await?;
-        self.prepared.extend(sources);
-        self.lock_change_seq().await?;
-        // nextval runs after the ORDER BY (volatile target-list functions are evaluated
-        // after sorting), so the last-changed message gets the highest value.
-        let rows = sqlx::query(
-            "UPDATE messages m SET change_seq = s.seq \
-             FROM (SELECT u.id, nextval('message_change_seq') AS seq \
-                   FROM unnest($1::text[]) WITH ORDINALITY AS u(id, ord) ORDER BY u.ord) s \
-             WHERE m.id = s.id RETURNING m.id, m.change_seq",
-        )
-        .bind(&self.changed[..])
-        .fetch_all(&mut *self.inner)
-        .await
-        .map_err(map_err)?;
-        self.changed.clear();
-        let seqs: HashMap<String, i64> = rows.iter().map(|r| (r.get("id"), r.get("change_seq"))).collect();
-        for source in &mut self.prepared {
-            if let EventSource::Message(m, _) = source {
-                patch_seq(m, &seqs);
-            }
-        }
-        Ok(seqs)
-    }
-
-    /// Takes the `change_seq` lock (see [`Tx::stamp`]) unless this transaction holds it.
-    async fn lock_change_seq(&mut self) -> StoreResult<()> {
-        if !self.locked {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(CHANGE_SEQ_LOCK)
-                .execute(&mut *self.inner)
-                .await
-                .map_err(map_err)?;
-            self.locked = true;
-        }
-        Ok(())
-    }
-
-    /// Reads what the events owed so far are rendered from, and clears them as owed: the
-    /// messages changed (as they are now) and the conversations and contacts to announce.
-    async fn read_event_sources(&mut self) -> StoreResult<Vec<EventSource>> {
-        let mut out = Vec::new();
-        let touched = std::mem::take(&mut self.touched);
-        if !touched.is_empty() {
-            for m in fetch_messages(self, &touched).await? {
-                let created = self.events.created.contains(m.id.as_str());
-                out.push(EventSource::Message(Box::new(m), created));
-            }
-        }
+    /// The trade-off: commits of transactions that change messages or write events are
+    /// serialised (one WAL flush after another instead of group commit), which bounds such
+    /// writes at roughly 1 / (time the lock is held) per second across all instances. So
+    /// the lock is held for two round trips: what the events are rendered from (the
+    /// messages, their conversations, contacts) is read and rendered first — rows this
+    /// transaction already holds, and nothing rendered shows a cursor — then one statement
+    /// takes the lock, numbers the messages (rows written with `change_seq = 0`, never
+    /// visible), inserts the events and queues `pg_notify` (delivered at commit, to every
+    /// instance's hub, carrying only the newest cursor); then `COMMIT`. The lock is taken
+    /// after every other lock of the transaction, so its holder never waits on anyone.
+    async fn commit(mut self) -> StoreResult<Committed> {
+        let changed = std::mem::take(&mut self.changed);
+        let mut messages = fetch_messages(&mut self, &changed).await?;
+        let mut drafts: Vec<EventDraft> = messages
+            .iter()
+            .map(|m| {
+                if self.events.created.contains(m.id.as_str()) {
+                    EventDraft::message_created(m)
+                } else {
+                    EventDraft::message_status(m)
+                }
+            })
+            .collect();
         for p in std::mem::take(&mut self.events.items) {
             match p {
                 Pending::Conversation(id) => {
@@ -321,8 +277,7 @@ impl Tx {
                         .await
                         .map_err(map_err)?;
                     if let Some(r) = row {
-                        let c = conversation_from_row(&r)?;
-                        out.push(EventSource::Draft(EventDraft::conversation_updated(c)));
+                        drafts.push(EventDraft::conversation_updated(conversation_from_row(&r)?));
                     }
                 }
                 Pending::Contact(id) => {
@@ -332,76 +287,79 @@ impl Tx {
                         .await
                         .map_err(map_err)?;
                     if let Some(r) = row {
-                        out.push(EventSource::Draft(EventDraft::contact_updated(
-                            contact_from_row(&r),
-                            false,
-                        )));
+                        drafts.push(EventDraft::contact_updated(contact_from_row(&r), false));
                     }
                 }
-                Pending::Ready(d) => out.push(EventSource::Draft(d)),
+                Pending::Ready(d) => drafts.push(d),
             }
         }
-        Ok(out)
-    }
-
-    /// Stamps whatever is left (see [`Tx::stamp`]), writes the events owed and commits.
-    async fn commit(mut self) -> StoreResult<()> {
-        self.stamp().await?;
-        self.write_events().await?;
-        self.inner.commit().await.map_err(map_err)
-    }
-
-    /// Writes `message.created` / `message.status` for every message changed, then the other
-    /// events owed, each rendered from the rows as they were when stamped (or now, for what
-    /// was owed after); their cursors come from `event_seq` under the same lock as
-    /// `change_seq` (see [`Tx::stamp`]), so cursor order is commit order across instances.
-    /// `pg_notify` (delivered at commit, to every instance's hub) carries only the newest
-    /// cursor.
-    async fn write_events(&mut self) -> StoreResult<Option<i64>> {
-        let later = self.read_event_sources().await?;
-        let drafts: Vec<EventDraft> = std::mem::take(&mut self.prepared)
-            .into_iter()
-            .chain(later)
-            .map(|s| match s {
-                EventSource::Message(m, true) => EventDraft::message_created(&m),
-                EventSource::Message(m, false) => EventDraft::message_status(&m),
-                EventSource::Draft(d) => d,
-            })
-            .collect();
-        if drafts.is_empty() {
-            return Ok(None);
+        let mut latest_event = None;
+        if !changed.is_empty() || !drafts.is_empty() {
+            let kinds: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
+            let conversations: Vec<Option<String>> = drafts.iter().map(|d| d.conversation_id.clone()).collect();
+            let data: Vec<String> = drafts
+                .iter()
+                .map(|d| pg_text(&d.data.to_string()).into_owned())
+                .collect();
+            // Every nextval sits above a join with the materialised lock row, so none runs
+            // before the lock is held; nextval runs after the ORDER BY (volatile target-list
+            // functions are evaluated after sorting), so the last-changed message and the
+            // last event owed get the highest values.
+            let row = sqlx::query(
+                "WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($1)), \
+                 stamped AS (UPDATE messages m SET change_seq = s.seq \
+                     FROM (SELECT u.id, nextval('message_change_seq') AS seq \
+                           FROM lock, unnest($2::text[]) WITH ORDINALITY AS u(id, ord) ORDER BY u.ord) s \
+                     WHERE m.id = s.id RETURNING m.id, m.change_seq), \
+                 ins AS (INSERT INTO events (seq, kind, conversation_id, data, created_at) \
+                     SELECT nextval('event_seq'), u.kind, u.conversation_id, u.data, $6 \
+                     FROM lock, unnest($3::text[], $4::text[], $5::text[]) \
+                         WITH ORDINALITY AS u(kind, conversation_id, data, ord) \
+                     ORDER BY u.ord RETURNING seq) \
+                 SELECT (SELECT coalesce(array_agg(id), '{}') FROM stamped) AS ids, \
+                     (SELECT coalesce(array_agg(change_seq), '{}') FROM stamped) AS seqs, e.latest \
+                 FROM lock, (SELECT MAX(seq) AS latest FROM ins) e \
+                 LEFT JOIN LATERAL (SELECT pg_notify($7, e.latest::text) WHERE e.latest IS NOT NULL) n ON true",
+            )
+            .bind(CHANGE_SEQ_LOCK)
+            .bind(&changed)
+            .bind(&kinds)
+            .bind(&conversations)
+            .bind(&data)
+            .bind(crate::util::now_ms())
+            .bind(EVENTS_CHANNEL)
+            .fetch_one(&mut *self.inner)
+            .await
+            .map_err(map_err)?;
+            let ids: Vec<String> = row.get("ids");
+            let seqs: Vec<i64> = row.get("seqs");
+            let seqs: HashMap<String, i64> = ids.into_iter().zip(seqs).collect();
+            for m in &mut messages {
+                if let Some(s) = seqs.get(m.id.as_str()) {
+                    m.change_seq = *s;
+                }
+            }
+            latest_event = row.get("latest");
         }
-        self.lock_change_seq().await?;
-        let kinds: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
-        let conversations: Vec<Option<String>> = drafts.iter().map(|d| d.conversation_id.clone()).collect();
-        let data: Vec<String> = drafts
-            .iter()
-            .map(|d| pg_text(&d.data.to_string()).into_owned())
-            .collect();
-        let latest: i64 = sqlx::query_scalar(
-            "WITH ins AS (INSERT INTO events (seq, kind, conversation_id, data, created_at) \
-                 SELECT nextval('event_seq'), u.kind, u.conversation_id, u.data, $4 \
-                 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(kind, conversation_id, data, ord) \
-                 ORDER BY u.ord RETURNING seq) \
-             SELECT latest FROM (SELECT MAX(seq) AS latest FROM ins) m, \
-                 LATERAL (SELECT pg_notify($5, m.latest::text)) n",
-        )
-        .bind(&kinds)
-        .bind(&conversations)
-        .bind(&data)
-        .bind(crate::util::now_ms())
-        .bind(EVENTS_CHANNEL)
-        .fetch_one(&mut *self.inner)
-        .await
-        .map_err(map_err)?;
-        Ok(Some(latest))
+        self.inner.commit().await.map_err(map_err)?;
+        Ok(Committed {
+            messages: messages.into_iter().map(|m| (m.id.to_string(), m)).collect(),
+            latest_event,
+        })
     }
-}
 
-/// Sets the `change_seq` that [`Tx::stamp`] gave a record read before it.
-fn patch_seq(rec: &mut MessageRecord, seqs: &HashMap<String, i64>) {
-    if let Some(s) = seqs.get(rec.id.as_str()) {
-        rec.change_seq = *s;
+    /// Commits and returns message `id` as the transaction left it (read before the commit
+    /// if the transaction did not change it).
+    async fn commit_message(mut self, id: &str) -> StoreResult<MessageRecord> {
+        let unchanged = match self.changed.iter().any(|c| c == id) {
+            true => None,
+            false => Some(fetch_message(&mut self, id).await?),
+        };
+        let mut committed = self.commit().await?;
+        match unchanged {
+            Some(m) => Ok(m),
+            None => committed.message(id),
+        }
     }
 }
 
@@ -860,9 +818,7 @@ impl Store for PostgresStore {
     async fn append_event(&self, draft: EventDraft) -> StoreResult<i64> {
         let mut tx = self.begin().await?;
         tx.events.ready(draft);
-        let seq = tx.write_events().await?.unwrap_or_default();
-        tx.commit().await?;
-        Ok(seq)
+        Ok(tx.commit().await?.latest_event.unwrap_or_default())
     }
 
     async fn prune_events(&self, before: i64) -> StoreResult<u64> {
@@ -974,11 +930,7 @@ impl Store for PostgresStore {
     async fn insert_outbound(&self, m: NewOutbound) -> StoreResult<MessageRecord> {
         let mut tx = self.begin().await?;
         insert_outbound_tx(&mut tx, &m, None).await?;
-        let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
-        let seqs = tx.stamp().await?;
-        patch_seq(&mut record, &seqs);
-        tx.commit().await?;
-        Ok(record)
+        tx.commit_message(m.id.as_str()).await
     }
 
     async fn insert_outbound_idempotent(
@@ -1045,11 +997,7 @@ impl Store for PostgresStore {
         }
         // Any error from here on rolls back the message and the key row alike.
         insert_outbound_tx(&mut tx, &m, None).await?;
-        let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
-        let seqs = tx.stamp().await?;
-        patch_seq(&mut record, &seqs);
-        // The row is ours (inserted or locked above), so this cannot wait while we hold
-        // the change_seq lock.
+        let record = fetch_message(&mut tx, m.id.as_str()).await?;
         sqlx::query(
             "UPDATE idempotency_keys SET request_hash = $3, state = 'done', response_status = $4, \
              response_body = $5, created_at = $6 WHERE scope = $1 AND key = $2",
@@ -1063,7 +1011,7 @@ impl Store for PostgresStore {
         .execute(&mut *tx.inner)
         .await
         .map_err(map_err)?;
-        tx.commit().await?;
+        let record = tx.commit().await?.message(m.id.as_str())?;
         Ok(IdempotentInsert::Created(Box::new(record)))
     }
 
@@ -1074,12 +1022,8 @@ impl Store for PostgresStore {
             let conv = insert_outbound_tx(&mut tx, p, conversation.clone()).await?;
             conversation.get_or_insert(conv);
         }
-        let ids: Vec<String> = parts.iter().map(|p| p.id.to_string()).collect();
-        let mut out = fetch_messages(&mut tx, &ids).await?;
-        let seqs = tx.stamp().await?;
-        out.iter_mut().for_each(|r| patch_seq(r, &seqs));
-        tx.commit().await?;
-        Ok(out)
+        let mut committed = tx.commit().await?;
+        parts.iter().map(|p| committed.message(p.id.as_str())).collect()
     }
 
     async fn insert_inbound(&self, m: NewInbound) -> StoreResult<InboundOutcome> {
@@ -1175,10 +1119,7 @@ impl Store for PostgresStore {
         if let Some(en) = &m.enrichment {
             PostgresStore::enrichment_on_inbound(&mut tx, &m, en).await?;
         }
-        let mut record = fetch_message(&mut tx, m.id.as_str()).await?;
-        let seqs = tx.stamp().await?;
-        patch_seq(&mut record, &seqs);
-        tx.commit().await?;
+        let record = tx.commit_message(m.id.as_str()).await?;
         Ok(InboundOutcome::Created(Box::new(record)))
     }
 
@@ -1222,15 +1163,13 @@ impl Store for PostgresStore {
             u.now,
         )
         .await?;
-        let mut message = match &msg {
-            Some(m) => Some(fetch_message(&mut tx, m.id.as_str()).await?),
-            None => None,
+        let message = match &msg {
+            Some(m) => Some(tx.commit_message(m.id.as_str()).await?),
+            None => {
+                tx.commit().await?;
+                None
+            }
         };
-        let seqs = tx.stamp().await?;
-        if let Some(m) = &mut message {
-            patch_seq(m, &seqs);
-        }
-        tx.commit().await?;
         Ok(StatusOutcome { message, applied })
     }
 
@@ -1511,11 +1450,7 @@ impl Store for PostgresStore {
                 .await?;
             }
         }
-        let mut record = fetch_message(&mut tx, id.as_str()).await?;
-        let seqs = tx.stamp().await?;
-        patch_seq(&mut record, &seqs);
-        tx.commit().await?;
-        Ok(record)
+        tx.commit_message(id.as_str()).await
     }
 
     async fn expire_all_leases(&self) -> StoreResult<u64> {
@@ -1600,11 +1535,7 @@ impl Store for PostgresStore {
             now,
         )
         .await?;
-        let mut record = fetch_message(&mut tx, id.as_str()).await?;
-        let seqs = tx.stamp().await?;
-        patch_seq(&mut record, &seqs);
-        tx.commit().await?;
-        Ok(record)
+        tx.commit_message(id.as_str()).await
     }
 
     async fn get_message(&self, id: &MessageId) -> StoreResult<Option<MessageRecord>> {
@@ -1629,7 +1560,7 @@ impl Store for PostgresStore {
     }
 
     async fn messages_changed_since(&self, cursor: i64, limit: u32) -> StoreResult<ChangedMessages> {
-        // Complete by construction: change_seq is allocated in commit order (Tx::stamp), so
+        // Complete by construction: change_seq is allocated in commit order (Tx::commit), so
         // no change below the last one returned can still appear.
         let rows = sqlx::query(&format!(
             "SELECT {MESSAGE_COLS} FROM messages WHERE change_seq > $1 ORDER BY change_seq LIMIT $2"
@@ -2117,8 +2048,7 @@ impl Store for PostgresStore {
         // way their bodies are in the heap rows the scan reads anyway.
         let first_page = req.cursor.is_none() && want_messages;
         let mut window_end = req.cursor.as_ref().and_then(|c| c.window_end.clone());
-        // (id, rank, recency key for hits past the window)
-        let mut found: Vec<(String, f64, Option<RecencyKey>)> = Vec::new();
+        let mut found: Vec<FoundHit<()>> = Vec::new();
         let after_recent = match req.cursor.as_ref().map(|c| &c.after) {
             Some(SearchPosition::Recent(k)) => Some(k.clone()),
             _ => None,
@@ -2177,7 +2107,12 @@ impl Store for PostgresStore {
                 }));
             }
             let ranked = rank_page(ranked, req.cursor.as_ref().map(|c| &c.after), limit as usize);
-            found.extend(ranked.into_iter().map(|(rank, _, id, ())| (id, rank, None)));
+            found.extend(ranked.into_iter().map(|(rank, _, id, key)| FoundHit {
+                id,
+                rank,
+                key,
+                recency: None,
+            }));
         }
         let rest = limit + 1 - found.len() as i64;
         if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
@@ -2202,15 +2137,20 @@ impl Store for PostgresStore {
                     key: r.get("created_at"),
                     id: id.clone(),
                 };
-                found.push((id, req.query.score(&body), Some(key)));
+                found.push(FoundHit {
+                    id,
+                    rank: req.query.score(&body),
+                    key: (),
+                    recency: Some(key),
+                });
             }
         }
 
         let ids = |prefix: &str| -> Vec<String> {
             found
                 .iter()
-                .filter(|(id, _, _)| id.starts_with(prefix))
-                .map(|(id, _, _)| id.clone())
+                .filter(|f| f.id.starts_with(prefix))
+                .map(|f| f.id.clone())
                 .collect()
         };
         let mut messages: HashMap<String, (MessageRecord, Option<String>)> = HashMap::new();
@@ -2226,7 +2166,7 @@ impl Store for PostgresStore {
         {
             let m = message_from_row(&r)?;
             let name: Option<String> = r.get("counterpart_name");
-            messages.insert(m.id.to_string(), (m, name.filter(|n| !n.trim().is_empty())));
+            messages.insert(m.id.to_string(), (m, name));
         }
         let mut contacts: HashMap<String, ContactRecord> = HashMap::new();
         for r in sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts ct WHERE ct.id = ANY($1)"))
@@ -2239,21 +2179,7 @@ impl Store for PostgresStore {
             contacts.insert(c.id.to_string(), c);
         }
         tx.rollback().await.map_err(map_err)?;
-        let hits = found
-            .into_iter()
-            .filter_map(|(id, rank, recency)| {
-                let (item, counterpart_name) = match messages.remove(&id) {
-                    Some((m, name)) => (SearchItem::Message(Box::new(m)), name),
-                    None => (SearchItem::Contact(Box::new(contacts.remove(&id)?)), None),
-                };
-                Some(SearchHit {
-                    item,
-                    rank,
-                    counterpart_name,
-                    recency,
-                })
-            })
-            .collect();
+        let hits = assemble_hits(found, messages, contacts);
         Ok(SearchPage::from_overfetch(hits, limit as usize, window_end))
     }
 
