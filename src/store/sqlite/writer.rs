@@ -50,7 +50,8 @@
 //!   wait), but SQLite only starts the WAL over from its beginning when a write begins after
 //!   a checkpoint caught up while no reader used the WAL, which never happens under steady
 //!   load. So once the WAL passes 64 MB the writer restarts it after a commit
-//!   ([`restart_wal`], a stall of tens of milliseconds every 64 MB of writes).
+//!   ([`restart_wal`], a stall of a few milliseconds every 64 MB of writes, once the
+//!   checkpointer has copied and synced nearly everything: [`catch_up`]).
 //!
 //! An operation that fails (its [`WriteTx`] is dropped without `commit`) is rolled back to
 //! its savepoint at once, so it never leaks into the batch. If even that fails, the whole
@@ -118,6 +119,7 @@ impl WriterState {
         // The full-text indexes take the batch's new rows in one go (search_index.rs); FTS5
         // may merge index segments then, which can take milliseconds, so this leaves the
         // async worker together with the COMMIT.
+        let started = std::time::Instant::now();
         let committed = off_the_runtime(|| {
             super::search_index::index_pending(&self.conn)
                 .map_err(|e| format!("indexing the batch for search failed: {e}"))?;
@@ -128,6 +130,7 @@ impl WriterState {
             }
             Ok::<_, String>(marks)
         });
+        metrics::histogram!("switchboard_db_commit_seconds").record(started.elapsed().as_secs_f64());
         match committed {
             Ok(marks) => {
                 self.open = false;
@@ -293,11 +296,10 @@ fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// How often the checkpointer copies committed WAL frames back into the database file. It
-/// also bounds the writer's stall in [`restart_wal`], which copies and syncs the frames
-/// committed since the last passive checkpoint began: every 500 ms, restarts stalled the
-/// writer 37–98 ms (75 on average); every 100 ms, about 40 on average; every 50 ms, 21–26
-/// (docs/BENCHMARKS.md).
+/// How often the checkpointer copies committed WAL frames back into the database file. Before
+/// [`catch_up`] it also bounded the writer's stall in [`restart_wal`]: every 500 ms, restarts
+/// stalled the writer 37–98 ms (75 on average); every 100 ms, about 40 on average; every 50
+/// ms, 21–26 (docs/BENCHMARKS.md).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 /// WAL length (frames of one page, 4 KiB by default: 64 MB) past which the writer restarts
@@ -326,9 +328,10 @@ pub(super) const WRITER_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// writer commits every few milliseconds and some reader is always reading), and the WAL
 /// grew without bound: 1.6 GB after 35 s of the benchmark's inbound load, with its index
 /// (the `-shm` file, mapped by every connection) counted in the gateway's resident memory.
-/// `RESTART` copies the frames the passive checkpoints have not copied yet (those committed
-/// since the last one began), syncs the database file — measured, that is the whole stall;
-/// the wait for readers took about 25 µs — and waits for the readers on the WAL to finish (at most
+/// `RESTART` copies the frames the passive checkpoints have not copied yet, syncs the database
+/// file — measured, that is the whole stall (the wait for readers took about 25 µs), which is
+/// why the checkpointer has already copied nearly everything and synced it ([`catch_up`]) —
+/// and waits for the readers on the WAL to finish (at most
 /// [`RESTART_WAIT`]; new readers then read from the database file); the next write starts the
 /// WAL over and cuts the file to [`WAL_SIZE_LIMIT`]. The WAL is synced before frames are
 /// copied (`synchronous = NORMAL` does so for checkpoints), so nothing the syncer has not
@@ -377,9 +380,9 @@ fn start_checkpointer(
             if writer.strong_count() == 0 {
                 break;
             }
-            // (busy, frames in the WAL, frames copied)
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            match passive_checkpoint(&conn) {
                 Ok(frames) if frames >= wal_restart_frames.load(Ordering::Relaxed) => {
+                    catch_up(&conn, frames);
                     wal_restart_due.store(true, Ordering::Release);
                 }
                 Ok(_) => {}
@@ -393,6 +396,43 @@ fn start_checkpointer(
             false
         }
     }
+}
+
+/// A passive checkpoint; returns the number of frames in the WAL (all of them copied unless
+/// a reader still needed some).
+fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
+    // (busy, frames in the WAL, frames copied)
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+}
+
+/// Frames appended during a passive checkpoint below which [`catch_up`] stops: about what a
+/// few commits write.
+const CAUGHT_UP_FRAMES: i64 = 128;
+
+/// Prepares a WAL restart on the checkpointer's connection, so that the restart itself, which
+/// every write waits for, has little left to do. A passive checkpoint that did not copy every
+/// frame (under load, one never does: commits go on while it copies) leaves the pages it wrote
+/// to the database file unsynced; the restart's checkpoint then synced the whole WAL cycle's
+/// pages (measured: `fsync` of the database 7–9 ms, the restart about 11 ms, every 64 MB of
+/// WAL). So: passive checkpoints back to back (a few at most) until one finds fewer than
+/// [`CAUGHT_UP_FRAMES`] new frames, then `fsync` of the database file here, then one more
+/// passive checkpoint; the restart copies and syncs only what was committed since.
+fn catch_up(conn: &Connection, mut frames: i64) {
+    for _ in 0..4 {
+        match passive_checkpoint(conn) {
+            Ok(now) if now.saturating_sub(frames) >= CAUGHT_UP_FRAMES => frames = now,
+            Ok(_) => break,
+            Err(_) => return,
+        }
+    }
+    let Some(db) = conn.path().filter(|p| !p.is_empty()) else {
+        return;
+    };
+    if let Err(e) = std::fs::File::open(db).and_then(|f| f.sync_all()) {
+        tracing::warn!(error = %e, "syncing the database file before a WAL restart failed");
+        return;
+    }
+    let _ = passive_checkpoint(conn);
 }
 
 /// The single writer: a connection shared through group commit (see the module docs).
@@ -507,7 +547,9 @@ impl Writer {
     /// `SAVEPOINT`, mapped by `From<rusqlite::Error> for StoreError`.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx> {
         self.check_writable()?;
+        let started = std::time::Instant::now();
         let mut guard = self.state.clone().lock_owned().await;
+        metrics::histogram!("switchboard_db_writer_wait_seconds").record(started.elapsed().as_secs_f64());
         if !guard.open {
             guard.run("BEGIN IMMEDIATE")?;
             guard.open = true;
