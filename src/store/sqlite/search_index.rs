@@ -65,8 +65,8 @@ mod tests {
     use super::*;
 
     /// The tables `index_pending` reads and writes, as the migrations leave them (0004, 0008,
-    /// 0012), with `automerge` as given.
-    fn schema(automerge: i64) -> Connection {
+    /// 0012: no automatic merging).
+    fn schema() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
             "CREATE TABLE messages (search_rowid INTEGER PRIMARY KEY, body TEXT NOT NULL);
@@ -80,8 +80,8 @@ mod tests {
         )
         .unwrap();
         conn.execute(
-            "INSERT INTO messages_fts (messages_fts, rank) VALUES ('automerge', ?)",
-            [automerge],
+            "INSERT INTO messages_fts (messages_fts, rank) VALUES ('automerge', 0)",
+            [],
         )
         .unwrap();
         conn
@@ -108,7 +108,7 @@ mod tests {
 
     #[test]
     fn merge_steps_keep_the_index_small_without_automerge() {
-        let conn = schema(0);
+        let conn = schema();
         let segments = write(&conn, 300);
         // Without the merge steps only FTS5's crisis merge (16 segments on a level) would
         // act: measured 15 segments here; with them, 6.

@@ -413,7 +413,7 @@ const CAUGHT_UP_FRAMES: i64 = 128;
 /// every write waits for, has little left to do. A passive checkpoint that did not copy every
 /// frame (under load, one never does: commits go on while it copies) leaves the pages it wrote
 /// to the database file unsynced; the restart's checkpoint then synced the whole WAL cycle's
-/// pages (measured: `fsync` of the database 7–9 ms, the restart about 11 ms, every 64 MB of
+/// pages (measured: `fsync` of the database 7–9 ms, the restart about 12 ms, every 64 MB of
 /// WAL). So: passive checkpoints back to back (a few at most) until one finds fewer than
 /// [`CAUGHT_UP_FRAMES`] new frames, then `fsync` of the database file here, then one more
 /// passive checkpoint; the restart copies and syncs only what was committed since.
