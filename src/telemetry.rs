@@ -110,6 +110,16 @@ pub mod metrics {
             "SQLite: writer stall of one WAL restart (RESTART checkpoint once the WAL passes 64 MB), by outcome (restarted, readers_busy, error)"
         );
         describe_histogram!(
+            "switchboard_db_commit_seconds",
+            Unit::Seconds,
+            "SQLite: one shared transaction's COMMIT with its search indexing and any WAL restart, during which no write runs"
+        );
+        describe_histogram!(
+            "switchboard_db_writer_wait_seconds",
+            Unit::Seconds,
+            "SQLite: how long a write operation waited for the single writer connection"
+        );
+        describe_histogram!(
             "switchboard_message_segments",
             Unit::Count,
             "Segments per message by direction"
