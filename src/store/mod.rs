@@ -1014,12 +1014,12 @@ pub(crate) type RankedCandidate<T> = (f64, i64, String, T);
 /// The ranked part of a search page (docs/search.md, "Ranking and pagination"): `ranked` (the
 /// window's messages and the matching contacts) in search order — rank, then `created_at`,
 /// then ID, all descending — after the cursor's position when it is `Ranked`, at most
-/// `limit + 1` of them (one more than a page, to know whether another follows).
+/// `limit + 1` of them (one more than a page, to know whether another follows), as hits.
 pub(crate) fn rank_page<T>(
     mut ranked: Vec<RankedCandidate<T>>,
     after: Option<&SearchPosition>,
     limit: usize,
-) -> Vec<RankedCandidate<T>> {
+) -> impl Iterator<Item = FoundHit<T>> {
     fn key<T>(c: &RankedCandidate<T>) -> (f64, i64, &str) {
         (c.0, c.1, c.2.as_str())
     }
@@ -1030,7 +1030,12 @@ pub(crate) fn rank_page<T>(
     }
     ranked.sort_unstable_by(|a, b| order(key(a), key(b)));
     ranked.truncate(limit + 1);
-    ranked
+    ranked.into_iter().map(|(rank, _, id, key)| FoundHit {
+        id,
+        rank,
+        key,
+        recency: None,
+    })
 }
 
 /// A hit of a search page as the backend found it, before its record is read: what

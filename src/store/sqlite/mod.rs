@@ -2184,13 +2184,7 @@ impl Store for SqliteStore {
                     (req.query.score(&text), r.get("created_at"), r.get("id"), None)
                 }));
             }
-            let ranked = rank_page(ranked, req.cursor.as_ref().map(|c| &c.after), limit as usize);
-            found.extend(ranked.into_iter().map(|(rank, _, id, key)| FoundHit {
-                id,
-                rank,
-                key,
-                recency: None,
-            }));
+            found.extend(rank_page(ranked, req.cursor.as_ref().map(|c| &c.after), limit as usize));
         }
         let rest = limit + 1 - found.len() as i64;
         if want_messages && rest > 0 && (window_end.is_some() || after_recent.is_some()) {
