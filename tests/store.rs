@@ -955,6 +955,99 @@ async fn sqlite_wal_starts_over_under_steady_load() {
     );
 }
 
+/// The newest events are answered from memory (src/store/sqlite/event_tail.rs): under
+/// concurrent writers (with replays that write nothing) every page read from a cursor is what
+/// the database holds, filtered by conversation too, before and after the store is reopened
+/// (then the old cursors are read from the file again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_events_read_from_memory_match_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    type Row = (i64, String, Option<String>, String, i64);
+    let on_file = || -> Vec<Row> {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let mut st = raw
+            .prepare("SELECT seq, kind, conversation_id, data, created_at FROM events ORDER BY seq")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let rows = |v: Vec<switchboard::events::EventRecord>| -> Vec<Row> {
+        v.into_iter()
+            .map(|e| (e.seq, e.kind, e.conversation_id, e.data, e.created_at))
+            .collect()
+    };
+    let check = |store: Arc<dyn Store>, file: Vec<Row>| async move {
+        for cursor in [0, 1, file.len() as i64 / 2, file.len() as i64 - 1, file.len() as i64] {
+            let page = rows(store.events_after(cursor, &[], 10_000).await.unwrap());
+            let want: Vec<Row> = file.iter().filter(|r| r.0 > cursor).cloned().collect();
+            assert_eq!(page, want, "events after {cursor}");
+        }
+        let conv = file
+            .iter()
+            .rev()
+            .find_map(|r| r.2.clone())
+            .expect("a conversation event");
+        let only = rows(
+            store
+                .events_after(0, std::slice::from_ref(&conv), 10_000)
+                .await
+                .unwrap(),
+        );
+        let want: Vec<Row> = file.iter().filter(|r| r.2.as_ref() == Some(&conv)).cloned().collect();
+        assert_eq!(only, want);
+        let limited = rows(store.events_after(2, &[], 3).await.unwrap());
+        assert_eq!(
+            limited,
+            file.iter().filter(|r| r.0 > 2).take(3).cloned().collect::<Vec<_>>()
+        );
+    };
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path, 2).await.unwrap());
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                for n in 0..20 {
+                    let id = sid();
+                    let msg = inbound(&id, &phone(w * 100 + n % 5), "hello", T0 + n as i64);
+                    assert!(matches!(
+                        s.insert_inbound(msg.clone()).await.unwrap(),
+                        InboundOutcome::Created(_)
+                    ));
+                    // A replay writes no event.
+                    assert!(matches!(
+                        s.insert_inbound(msg).await.unwrap(),
+                        InboundOutcome::Duplicate
+                    ));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let file = on_file();
+    assert_eq!(
+        file.len(),
+        6 * 20 * 2,
+        "a message.created and a conversation.updated per message"
+    );
+    check(store.clone(), file.clone()).await;
+    drop(store);
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path, 2).await.unwrap());
+    store
+        .insert_inbound(inbound(&sid(), &phone(7), "after reopening", T0))
+        .await
+        .unwrap();
+    let file = on_file();
+    assert_eq!(file.len(), 6 * 20 * 2 + 2);
+    check(store, file).await;
+}
+
 /// SQLite acknowledges a write only once the WAL is synced, and cursor reads never return a
 /// change that is committed but not yet synced (writer.rs): a power loss could take it back
 /// and the change counter would hand its number out again.

@@ -20,6 +20,7 @@ use crate::events::{EventBounds, EventDraft, EventRecord, Pending, PendingEvents
 use tokio::sync::watch;
 use writer::{WriteTx, Writer};
 
+mod event_tail;
 mod search_index;
 mod writer;
 
@@ -47,6 +48,8 @@ struct Tx {
     /// whose `change_seq` is at or above it (one writer, so no one else's are).
     first_seq: Option<i64>,
     events: PendingEvents,
+    /// The events written so far, in cursor order (for the writer's event tail).
+    written: Vec<EventRecord>,
 }
 
 impl Tx {
@@ -101,7 +104,7 @@ impl Tx {
     /// event hub is woken after the commit).
     async fn commit(mut self) -> StoreResult<()> {
         self.write_events()?;
-        self.inner.commit().await
+        self.inner.commit(self.written).await
     }
 
     /// `message.created` / `message.status` for every message changed (in change order),
@@ -139,12 +142,20 @@ impl Tx {
                 Pending::Ready(d) => drafts.push(d),
             }
         }
-        let now = crate::util::now_ms();
-        for d in &drafts {
-            self.exec(
-                "INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?)",
-                rusqlite::params![d.kind.as_str(), d.conversation_id, d.data.to_string(), now],
+        let created_at = crate::util::now_ms();
+        for d in drafts {
+            let data = d.data.to_string();
+            let seq = self.scalar(
+                "INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?) RETURNING seq",
+                rusqlite::params![d.kind.as_str(), d.conversation_id, data, created_at],
             )?;
+            self.written.push(EventRecord {
+                seq,
+                kind: d.kind.as_str().to_string(),
+                conversation_id: d.conversation_id,
+                data,
+                created_at,
+            });
         }
         self.first_seq = None;
         Ok(())
@@ -207,6 +218,7 @@ impl SqliteStore {
         Ok(Tx {
             inner: self.writer.begin().await?,
             first_seq: None,
+            written: Vec::new(),
             events: PendingEvents::default(),
         })
     }
@@ -903,6 +915,10 @@ fn keyset_limit(page: &PageRequest) -> i64 {
 #[async_trait]
 impl Store for SqliteStore {
     async fn events_after(&self, cursor: i64, conversations: &[String], limit: u32) -> StoreResult<Vec<EventRecord>> {
+        // The newest events are in memory, on disk already (event_tail.rs).
+        if let Some(events) = self.writer.tail().after(cursor, conversations, limit) {
+            return Ok(events);
+        }
         let conversations = (!conversations.is_empty())
             .then(|| serde_json::to_string(conversations).map_err(|e| StoreError::Other(e.into())))
             .transpose()?;
@@ -950,7 +966,11 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         tx.events.ready(draft);
         tx.write_events()?;
-        let seq = tx.inner.last_insert_rowid();
+        let seq = tx
+            .written
+            .last()
+            .map(|e| e.seq)
+            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("an appended event was not written")))?;
         tx.commit().await?;
         Ok(seq)
     }
@@ -967,6 +987,7 @@ impl Store for SqliteStore {
             [through],
         )?;
         tx.commit().await?;
+        self.writer.tail().prune_through(through);
         Ok(n)
     }
 

@@ -68,6 +68,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedMutexGuard};
 
+use super::event_tail::EventTail;
+use crate::events::EventRecord;
 use crate::store::{StoreError, StoreResult};
 
 /// The result a batch member waits for: `Err` carries the commit failure's text.
@@ -84,6 +86,8 @@ pub(super) struct WriterState {
     open: bool,
     /// Operations released into the open transaction, waiting for its commit.
     members: Vec<oneshot::Sender<Outcome>>,
+    /// The events those operations wrote, in cursor order (for the [`EventTail`]).
+    events: Vec<EventRecord>,
     /// Set by the checkpointer when the WAL has grown past [`WAL_RESTART_FRAMES`]: the writer
     /// then restarts it after its next commit ([`restart_wal`]).
     wal_restart_due: Arc<AtomicBool>,
@@ -100,6 +104,7 @@ impl WriterState {
             let _ = self.run("ROLLBACK");
         }
         self.open = false;
+        self.events.clear();
         for m in self.members.drain(..) {
             let _ = m.send(Err(why.to_string()));
         }
@@ -138,6 +143,7 @@ impl WriterState {
                 Some(Batch {
                     members: std::mem::take(&mut self.members),
                     marks,
+                    events: std::mem::take(&mut self.events),
                 })
             }
             Err(why) => {
@@ -148,11 +154,12 @@ impl WriterState {
     }
 }
 
-/// A committed batch waiting for the WAL sync: whom to answer, and the newest cursors it
-/// committed.
+/// A committed batch waiting for the WAL sync: whom to answer, the newest cursors it
+/// committed and the events it wrote.
 struct Batch {
     members: Vec<oneshot::Sender<Outcome>>,
     marks: Marks,
+    events: Vec<EventRecord>,
 }
 
 /// The newest message change cursor (`counters.change_seq`) and event cursor (`events.seq`).
@@ -243,14 +250,15 @@ impl Durable {
 }
 
 /// Starts the thread that makes committed batches durable (module docs): it takes every batch
-/// queued, calls `fdatasync` on the WAL once for all of them, then advances `durable`,
-/// answers their members and bumps `signal` if any wrote events. On a failed sync it sets
-/// `poisoned`.
+/// queued, calls `fdatasync` on the WAL once for all of them, then appends their events to
+/// `tail`, advances `durable`, answers their members and bumps `signal` if any wrote events.
+/// On a failed sync it sets `poisoned`.
 fn start_syncer(
     wal: PathBuf,
     signal: watch::Sender<u64>,
     poisoned: Arc<AtomicBool>,
     durable: Arc<Durable>,
+    tail: Arc<EventTail>,
 ) -> std::io::Result<std::sync::mpsc::Sender<Batch>> {
     let (queue, batches) = std::sync::mpsc::channel::<Batch>();
     std::thread::Builder::new()
@@ -271,7 +279,8 @@ fn start_syncer(
                 });
                 let mut wake = false;
                 if outcome.is_ok() {
-                    for b in &due {
+                    for b in &mut due {
+                        tail.extend(std::mem::take(&mut b.events));
                         wake |= durable.advance(b.marks);
                     }
                 }
@@ -444,6 +453,8 @@ pub(super) struct Writer {
     poisoned: Arc<AtomicBool>,
     /// The newest cursors on disk.
     durable: Arc<Durable>,
+    /// The newest events on disk.
+    tail: Arc<EventTail>,
     /// WAL length (frames) past which the WAL is restarted; [`WAL_RESTART_FRAMES`] but for
     /// tests.
     wal_restart_frames: Arc<AtomicI64>,
@@ -483,8 +494,10 @@ impl Writer {
         std::fs::File::open(&wal)
             .and_then(|f| f.sync_data())
             .with_context(|| format!("syncing the SQLite WAL {}", wal.display()))?;
-        let durable = Arc::new(Durable::new(Marks::read(&conn)?));
-        let syncer = start_syncer(wal, signal, poisoned.clone(), durable.clone())?;
+        let marks = Marks::read(&conn)?;
+        let tail = Arc::new(EventTail::new(marks.event_seq));
+        let durable = Arc::new(Durable::new(marks));
+        let syncer = start_syncer(wal, signal, poisoned.clone(), durable.clone(), tail.clone())?;
         // FULL, explicitly: a checkpoint syncs the WAL before it copies frames into the
         // database file, so it never copies a commit the syncer has not made durable yet.
         let checkpoints =
@@ -501,6 +514,7 @@ impl Writer {
             conn,
             open: false,
             members: Vec::new(),
+            events: Vec::new(),
             wal_restart_due: wal_restart_due.clone(),
         }));
         let (flush, mut wake) = mpsc::channel::<()>(1);
@@ -535,6 +549,7 @@ impl Writer {
             flush,
             poisoned,
             durable,
+            tail,
             wal_restart_frames,
         })
     }
@@ -584,6 +599,11 @@ impl Writer {
         &self.durable
     }
 
+    /// The newest events on disk.
+    pub(super) fn tail(&self) -> &EventTail {
+        &self.tail
+    }
+
     /// Whether an operation holds the connection now (for the pool gauge).
     pub(super) fn busy(&self) -> bool {
         self.state.try_lock().is_err()
@@ -592,12 +612,13 @@ impl Writer {
 
 impl WriteTx {
     /// Ends the operation: releases its savepoint into the shared transaction and waits
-    /// until that transaction is committed and synced to disk.
+    /// until that transaction is committed and synced to disk. `events` are the rows the
+    /// operation wrote to `events`, in cursor order (they join the [`EventTail`] once durable).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the shared transaction failed to commit (nothing of
     /// this operation was kept), or the database error of the release.
-    pub(super) async fn commit(mut self) -> StoreResult<()> {
+    pub(super) async fn commit(mut self, events: Vec<EventRecord>) -> StoreResult<()> {
         let mut guard = self.guard.take().expect("a WriteTx holds the writer until it commits");
         if let Err(e) = guard.run("RELEASE SAVEPOINT op") {
             undo(&mut guard);
@@ -605,6 +626,7 @@ impl WriteTx {
         }
         let (done, outcome) = oneshot::channel();
         guard.members.push(done);
+        guard.events.extend(events);
         drop(guard);
         // A full channel means a flush is already due, and it will run after us.
         let _ = self.flush.try_send(());
