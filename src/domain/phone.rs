@@ -68,6 +68,15 @@ impl PhoneNumber {
         if e164.len() > 16 {
             return Err(PhoneError::Invalid(trimmed.to_string()));
         }
+        // What is stored must read back as itself. The phonenumber crate strips a national
+        // prefix after some country codes: `+7888788888840` (13 digits, no Russian number)
+        // became `+78788888840`, another number, which is itself invalid. (Found by the
+        // `phone` fuzz target.)
+        let reads_back = phonenumber::parse(None, &e164)
+            .is_ok_and(|p| phonenumber::is_valid(&p) && p.format().mode(phonenumber::Mode::E164).to_string() == e164);
+        if !reads_back {
+            return Err(PhoneError::Invalid(trimmed.to_string()));
+        }
         Ok(Self(e164))
     }
 
@@ -225,6 +234,8 @@ mod tests {
         for region in ["US", "GB", "DE", "FR", "JP"] {
             // Not a valid number when read as international (with US, it was accepted).
             assert!(PhoneNumber::parse("*+78773878085", region).is_err(), "{region}");
+            // Read as +7 8788888840 after a national prefix 8 was stripped: another number.
+            assert!(PhoneNumber::parse("+7888788888840", region).is_err(), "{region}");
             assert_eq!(
                 PhoneNumber::parse("*+4915112345678", region).map(|p| p.as_str().to_string()),
                 Ok("+4915112345678".to_string()),
