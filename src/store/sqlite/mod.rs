@@ -306,8 +306,38 @@ impl Cols for SqliteRow {
 
 impl Cols for rusqlite::Row<'_> {
     fn col<T: ColValue>(&self, name: &str) -> T {
-        self.get(name).unwrap_or_else(|e| panic!("SQLite column {name}: {e}"))
+        let at = column_at(self.as_ref(), name).unwrap_or_else(|e| panic!("SQLite column {name}: {e}"));
+        self.get(at).unwrap_or_else(|e| panic!("SQLite column {name}: {e}"))
     }
+}
+
+/// Where column `name` is in `stmt`'s results. rusqlite's lookup by name asks SQLite for each
+/// column's name in turn and compares it, so decoding a 31-column message row by name took
+/// about 500 such calls: 7-8 % of the gateway's CPU in the sends benchmark (docs/BENCHMARKS.md).
+/// Positions are remembered per thread by (column count, name) and each guess is checked
+/// with one call; a wrong one (another statement with as many columns) falls back to the scan.
+/// The thread's map holds one entry per (column count, name) of our SQL: a few hundred.
+///
+/// # Errors
+/// rusqlite's, for a name the statement does not return.
+fn column_at(stmt: &rusqlite::Statement<'_>, name: &str) -> rusqlite::Result<usize> {
+    thread_local! {
+        static SEEN: std::cell::RefCell<HashMap<usize, HashMap<String, usize>>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    let count = stmt.column_count();
+    let guess = SEEN.with(|s| s.borrow().get(&count).and_then(|m| m.get(name)).copied());
+    if let Some(i) = guess {
+        if stmt.column_name(i).is_ok_and(|n| n == name) {
+            // Right unless a statement returns two columns of one name (ours do not; the
+            // test suite, built with debug assertions, checks every lookup).
+            debug_assert_eq!(stmt.column_index(name).ok(), Some(i), "two columns named {name}");
+            return Ok(i);
+        }
+    }
+    let at = stmt.column_index(name)?;
+    SEEN.with(|s| s.borrow_mut().entry(count).or_default().insert(name.to_string(), at));
+    Ok(at)
 }
 
 /// A message row that arrived as a JSON array of [`MESSAGE_COLS`] in order ([`fetch_json_rows`],
