@@ -32,9 +32,21 @@ use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::util::now_ms;
 
-/// Shared state of the HTTP handlers.
+/// Shared state of the HTTP handlers (its fields are [`AppInner`]'s). One pointer: axum
+/// clones the state for every request, and a clone of the fields themselves was a dozen
+/// reference counts and a few allocations (about 1 % of the gateway's CPU under load).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct AppInner {
     /// The configuration.
     pub config: Arc<Config>,
     /// Sending and receiving.
@@ -299,7 +311,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         Duration::from_secs(config.events.retention_hours.saturating_mul(3600)),
         shutdown.clone(),
     ));
-    let state = AppState {
+    let state = AppState(Arc::new(AppInner {
         config: Arc::new(config.clone()),
         messaging,
         api_keys,
@@ -312,7 +324,7 @@ pub async fn start(config: Config, listener: TcpListener, shutdown: Cancellation
         agents: agents.clone(),
         simulator_enabled: simulator.is_some(),
         media_storage,
-    };
+    }));
     let media_task = tokio::spawn(media_fetcher.run(shutdown.clone()));
 
     let worker_shutdown = shutdown.clone();
