@@ -996,11 +996,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         tx.events.ready(draft);
         tx.write_events()?;
-        let seq = tx
-            .written
-            .last()
-            .map(|e| e.seq)
-            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("an appended event was not written")))?;
+        let seq = tx.inner.last_insert_rowid();
         tx.commit().await?;
         Ok(seq)
     }
