@@ -544,6 +544,7 @@ pub(crate) async fn send(
 #[into_params(parameter_in = Query)]
 pub(crate) struct MessagesQuery {
     /// The other party's number (required).
+    #[param(required = true)]
     counterpart: Option<String>,
     /// From the previous page.
     cursor: Option<String>,
@@ -600,6 +601,7 @@ pub(crate) async fn messages(
 #[into_params(parameter_in = Query)]
 pub(crate) struct SinceQuery {
     /// Unix ms (required).
+    #[param(required = true, value_type = i64, minimum = 0)]
     since: Option<String>,
 }
 

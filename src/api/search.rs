@@ -26,6 +26,7 @@ pub fn router() -> Router<AppState> {
 pub(crate) struct SearchParams {
     /// What to find (required, not blank): words (all must appear), `"quoted phrases"`,
     /// `prefix*`. Case and accents are ignored; any other syntax is searched as text.
+    #[param(required = true)]
     q: Option<String>,
     /// `message` or `contact`; default both (only messages when a message filter is set).
     #[serde(rename = "type")]

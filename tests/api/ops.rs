@@ -131,6 +131,46 @@ async fn the_openapi_document_describes_both_apis() {
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.contains_key("/api/v1/messages"));
     assert!(paths.contains_key("/api/{messenger}/send"));
+
+    // A parameter the handler refuses to go without is `required` in the document, so that
+    // generated clients and schemathesis know it (the handlers take them as options to answer
+    // their absence with the API's own error).
+    let mut required_params = Vec::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let described_required = p["description"].as_str().is_some_and(|d| d.contains("(required"));
+                if described_required {
+                    assert_eq!(
+                        p["required"], true,
+                        "{method} {path}: {} is described as required",
+                        p["name"]
+                    );
+                    required_params.push(format!("{method} {path} {}", p["name"].as_str().unwrap()));
+                }
+            }
+        }
+    }
+    for expected in [
+        "get /api/v1/search q",
+        "get /api/{messenger}/messages counterpart",
+        "get /api/{messenger}/messages-since since",
+    ] {
+        assert!(
+            required_params.iter().any(|p| p == expected),
+            "{expected} not found in {required_params:?}"
+        );
+    }
+    let since = paths["/api/{messenger}/messages-since"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "since")
+        .unwrap();
+    assert_eq!(
+        since["schema"]["type"], "integer",
+        "since is Unix milliseconds: {since}"
+    );
 }
 
 /// Undoes the HTML escaping minijinja applies (`&`, `<`, `>`, `"`, `'`, `/`).
