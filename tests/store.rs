@@ -1048,6 +1048,65 @@ async fn sqlite_events_read_from_memory_match_the_database() {
     check(store, file).await;
 }
 
+/// Inbound and outbound inserts give each message its search key (`search_rowid`) in the
+/// `INSERT` itself rather than through the trigger's second write: under concurrent writers
+/// (one group commit holds many) every key is set, distinct and in insertion order, and every
+/// message is in the search index once its batch committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_messages_get_distinct_search_keys_in_insertion_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path, 2).await.unwrap());
+    let mut writers = Vec::new();
+    for w in 0..6usize {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..20usize {
+                let body = format!("zebrafinch {w} {i}");
+                if (w + i) % 2 == 0 {
+                    store
+                        .insert_inbound(inbound(&sid(), &phone(w), &body, T0 + i as i64))
+                        .await
+                        .unwrap();
+                } else {
+                    store
+                        .insert_outbound(outbound(&phone(w), &body, T0 + i as i64))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let keys: Vec<Option<i64>> = raw
+        .prepare("SELECT search_rowid FROM messages ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(keys.len(), 120);
+    let keys: Vec<i64> = keys
+        .into_iter()
+        .map(|k| k.expect("every message has a search key"))
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "keys follow insertion order: {keys:?}"
+    );
+    let indexed: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'zebrafinch'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexed, 120, "every message is in the search index");
+}
+
 /// SQLite acknowledges a write only once the WAL is synced, and cursor reads never return a
 /// change that is committed but not yet synced (writer.rs): a power loss could take it back
 /// and the change counter would hand its number out again.

@@ -705,6 +705,19 @@ fn apply_status(
     Ok(true)
 }
 
+/// The `search_rowid` a new message gets, as an SQL expression: one past the highest in the
+/// table or in the search index (`search_indexed.upto`), the rule of the `messages_search_rowid`
+/// trigger (migrations/sqlite/0008_search_batching.sql). The inbound and outbound inserts give
+/// it in the `INSERT` itself: the trigger, which stays for any other insert, updates the row
+/// just written, which moved its `messages_search_window` index entry a second time (about
+/// two WAL pages and one more statement per message).
+macro_rules! next_message_search_rowid {
+    () => {
+        "(SELECT MAX((SELECT COALESCE(MAX(search_rowid), 0) FROM messages), \
+                     (SELECT upto FROM search_indexed WHERE tbl = 'messages')) + 1)"
+    };
+}
+
 /// Inserts one outbound message (checking the opt-out list first). `conversation` is given
 /// for the later parts of a split body, which join the first part's conversation entry
 /// without counting as another message.
@@ -765,11 +778,16 @@ fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<String>)
         _ => Some(m.send_at.unwrap_or(m.now)),
     };
     tx.exec(
-        "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
+        concat!(
+            "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
          segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
          validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq, \
-         group_id, part_index, part_count) \
-         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+         group_id, part_index, part_count, search_rowid) \
+         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, \
+         ",
+            next_message_search_rowid!(),
+            ")"
+        ),
         rusqlite::params![
             m.id.as_str(),
             conv_id,
@@ -1175,9 +1193,15 @@ impl Store for SqliteStore {
         tx.events.conversation(&conv_id);
         let seq = next_seq(&mut tx)?;
         tx.exec(
+            concat!(
             "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, provider_sid, \
-             segments, encoding, raw_payload, created_at, updated_at, change_seq, language, language_confidence) \
-             VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             segments, encoding, raw_payload, created_at, updated_at, change_seq, language, language_confidence, \
+             search_rowid) \
+             VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?, \
+             ",
+            next_message_search_rowid!(),
+            ")"
+        ),
             rusqlite::params![
                 m.id.as_str(),
                 conv_id,
