@@ -780,11 +780,10 @@ fn insert_outbound_tx(tx: &mut Tx, m: NewOutbound, conversation: Option<String>)
     tx.exec(
         concat!(
             "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, \
-         segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, send_at, \
-         validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, change_seq, \
-         group_id, part_index, part_count, search_rowid) \
-         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, \
-         ",
+             segments, encoding, smart_encoding, messaging_service_sid, content_sid, content_variables, priority, \
+             send_at, validity_period, rate_key, rate_cost, attempts, next_attempt_at, created_at, updated_at, \
+             change_seq, group_id, part_index, part_count, search_rowid) \
+             VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ",
             next_message_search_rowid!(),
             ")"
         ),
@@ -1194,14 +1193,13 @@ impl Store for SqliteStore {
         let seq = next_seq(&mut tx)?;
         tx.exec(
             concat!(
-            "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, status, provider_sid, \
-             segments, encoding, raw_payload, created_at, updated_at, change_seq, language, language_confidence, \
-             search_rowid) \
-             VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-             ",
-            next_message_search_rowid!(),
-            ")"
-        ),
+                "INSERT INTO messages (id, conversation_id, channel, direction, from_addr, to_addr, body, media, \
+                 status, provider_sid, segments, encoding, raw_payload, created_at, updated_at, change_seq, \
+                 language, language_confidence, search_rowid) \
+                 VALUES (?, ?, ?, 'inbound', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
+                next_message_search_rowid!(),
+                ")"
+            ),
             rusqlite::params![
                 m.id.as_str(),
                 conv_id,
