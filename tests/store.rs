@@ -1107,6 +1107,46 @@ async fn sqlite_messages_get_distinct_search_keys_in_insertion_order() {
     assert_eq!(indexed, 120, "every message is in the search index");
 }
 
+/// The WAL checkpointer runs at a lower priority than the threads that answer requests
+/// (`CHECKPOINT_NICE`; Linux keeps a nice value per thread): every thread named
+/// `sqlite-checkpoint` (`comm` keeps 15 characters) in this process gets that nice value.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_checkpointer_runs_at_a_lower_priority() {
+    use switchboard::store::sqlite::CHECKPOINT_NICE;
+    let dir = tempfile::tempdir().unwrap();
+    let _store = SqliteStore::open(&dir.path().join("store.db"), 2).await.unwrap();
+    // Each checkpointer thread's nice value (field 19 of its stat, after the `(comm)` field).
+    let checkpointers = || -> Vec<i32> {
+        let mut nice = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "sqlite-checkpoi" {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue; // the thread of a store another test dropped has just ended
+            };
+            let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+            nice.push(after_comm.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+        nice
+    };
+    // The thread lowers its own priority as it starts: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let nice = checkpointers();
+        if !nice.is_empty() && nice.iter().all(|n| *n == CHECKPOINT_NICE) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkpointer threads' nice values: {nice:?}, expected all {CHECKPOINT_NICE}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// SQLite acknowledges a write only once the WAL is synced, and cursor reads never return a
 /// change that is committed but not yet synced (writer.rs): a power loss could take it back
 /// and the change counter would hand its number out again.

@@ -23,6 +23,7 @@ use writer::{WriteTx, Writer};
 mod event_tail;
 mod search_index;
 mod writer;
+pub use writer::CHECKPOINT_NICE;
 
 mod hooks;
 
