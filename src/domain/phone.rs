@@ -71,9 +71,14 @@ impl PhoneNumber {
         // What is stored must read back as itself. The phonenumber crate strips a national
         // prefix after some country codes: `+7888788888840` (13 digits, no Russian number)
         // became `+78788888840`, another number, which is itself invalid. (Found by the
-        // `phone` fuzz target.)
-        let reads_back = phonenumber::parse(None, &e164)
-            .is_ok_and(|p| phonenumber::is_valid(&p) && p.format().mode(phonenumber::Mode::E164).to_string() == e164);
+        // `phone` fuzz target.) Input already written as that E.164 string was read exactly
+        // so above (no region, the same text), so it reads back by construction: no second
+        // parse for the common case, which halves the cost of a number (the sends benchmark
+        // spent about 6 % of the gateway's CPU in phone parsing).
+        let reads_back = (international && e164 == trimmed)
+            || phonenumber::parse(None, &e164).is_ok_and(|p| {
+                phonenumber::is_valid(&p) && p.format().mode(phonenumber::Mode::E164).to_string() == e164
+            });
         if !reads_back {
             return Err(PhoneError::Invalid(trimmed.to_string()));
         }

@@ -21,7 +21,7 @@ pub mod stream;
 pub use hub::{EventHub, StreamEvent};
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::api::types::{ContactOut, ConversationOut, MessageOut};
 use crate::domain::Channel;
@@ -95,15 +95,52 @@ impl EventKind {
 }
 
 /// An event about to be written by the store, inside the transaction of the change it
-/// describes. `data` is the JSON the client receives under `data`.
+/// describes. `data` is the JSON text the client receives under `data`, rendered once here
+/// (the store writes it as is; the message and conversation payloads are serialized straight
+/// from their structs, without building a `serde_json::Value` first).
 #[derive(Debug, Clone)]
 pub struct EventDraft {
     /// What happened.
     pub kind: EventKind,
     /// The conversation it concerns (for filtering and per-conversation order), if any.
     pub conversation_id: Option<String>,
-    /// The payload.
-    pub data: Value,
+    /// The payload, JSON text.
+    pub data: String,
+}
+
+/// Renders an event payload. The payloads are structs of strings, numbers and JSON values
+/// (maps with string keys only), which serde_json always serializes.
+fn render(payload: &impl Serialize) -> String {
+    serde_json::to_string(payload).expect("event payloads have string keys only")
+}
+
+/// `message.created`'s payload.
+#[derive(Serialize)]
+struct MessageCreatedData {
+    message: MessageOut,
+}
+
+/// `message.status`'s payload.
+#[derive(Serialize)]
+struct MessageStatusData<'a> {
+    message_id: &'a str,
+    status: &'a str,
+    error_code: Option<i64>,
+    error_message: Option<&'a str>,
+    message: MessageOut,
+}
+
+/// `conversation.updated`'s payload.
+#[derive(Serialize)]
+struct ConversationData {
+    conversation: ConversationOut,
+}
+
+/// `contact.updated`'s payload.
+#[derive(Serialize)]
+struct ContactData {
+    contact: ContactOut,
+    deleted: bool,
 }
 
 impl EventDraft {
@@ -112,7 +149,9 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::MessageCreated,
             conversation_id: Some(m.conversation_id.to_string()),
-            data: json!({ "message": MessageOut::from(m) }),
+            data: render(&MessageCreatedData {
+                message: MessageOut::from(m),
+            }),
         }
     }
 
@@ -121,12 +160,12 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::MessageStatus,
             conversation_id: Some(m.conversation_id.to_string()),
-            data: json!({
-                "message_id": m.id.as_str(),
-                "status": m.status.as_str(),
-                "error_code": m.error_code,
-                "error_message": m.error_message,
-                "message": MessageOut::from(m),
+            data: render(&MessageStatusData {
+                message_id: m.id.as_str(),
+                status: m.status.as_str(),
+                error_code: m.error_code,
+                error_message: m.error_message.as_deref(),
+                message: MessageOut::from(m),
             }),
         }
     }
@@ -136,7 +175,9 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::ConversationUpdated,
             conversation_id: Some(c.id.to_string()),
-            data: json!({ "conversation": ConversationOut::from(c) }),
+            data: render(&ConversationData {
+                conversation: ConversationOut::from(c),
+            }),
         }
     }
 
@@ -145,7 +186,7 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::ConversationRead,
             conversation_id: Some(conversation_id.to_string()),
-            data: json!({ "conversation_id": conversation_id, "read_at": crate::util::rfc3339(at_ms) }),
+            data: json!({ "conversation_id": conversation_id, "read_at": crate::util::rfc3339(at_ms) }).to_string(),
         }
     }
 
@@ -154,7 +195,7 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::Typing,
             conversation_id: Some(conversation_id.to_string()),
-            data: json!({ "conversation_id": conversation_id, "agent": agent, "typing": typing }),
+            data: json!({ "conversation_id": conversation_id, "agent": agent, "typing": typing }).to_string(),
         }
     }
 
@@ -163,7 +204,10 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::ContactUpdated,
             conversation_id: None,
-            data: json!({ "contact": ContactOut::from(c), "deleted": deleted }),
+            data: render(&ContactData {
+                contact: ContactOut::from(c),
+                deleted,
+            }),
         }
     }
 
@@ -177,7 +221,8 @@ impl EventDraft {
                 "phone_number": phone_number,
                 "opted_out": opted_out,
                 "keyword": keyword,
-            }),
+            })
+            .to_string(),
         }
     }
 }
@@ -188,7 +233,7 @@ impl EventDraft {
         EventDraft {
             kind: EventKind::WebhookEndpointDisabled,
             conversation_id: None,
-            data: json!({ "endpoint_id": endpoint_id, "url": url, "reason": reason }),
+            data: json!({ "endpoint_id": endpoint_id, "url": url, "reason": reason }).to_string(),
         }
     }
 }

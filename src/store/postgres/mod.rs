@@ -297,10 +297,7 @@ impl Tx {
         if !changed.is_empty() || !drafts.is_empty() {
             let kinds: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
             let conversations: Vec<Option<String>> = drafts.iter().map(|d| d.conversation_id.clone()).collect();
-            let data: Vec<String> = drafts
-                .iter()
-                .map(|d| pg_text(&d.data.to_string()).into_owned())
-                .collect();
+            let data: Vec<String> = drafts.iter().map(|d| pg_text(&d.data).into_owned()).collect();
             // Every nextval sits above a join with the materialised lock row, so none runs
             // before the lock is held; nextval runs after the ORDER BY (volatile target-list
             // functions are evaluated after sorting), so the last-changed message and the
