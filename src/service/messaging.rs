@@ -186,6 +186,9 @@ pub struct Messaging {
     store: Arc<dyn Store>,
     delivery: Delivery,
     senders: Senders,
+    /// The configured sender numbers that are E.164 already (each parses to itself): the
+    /// `To` of nearly every inbound webhook, taken as is without parsing it again.
+    own_numbers: Vec<String>,
     region: String,
     /// Set when contact enrichment is on: woken when an inbound message queued a lookup.
     enrichment: Option<Arc<tokio::sync::Notify>>,
@@ -198,10 +201,17 @@ pub struct Messaging {
 impl Messaging {
     /// A service over `store`, waking `delivery` when it queues work.
     pub fn new(store: Arc<dyn Store>, delivery: Delivery, senders: Senders, region: String) -> Self {
+        let own_numbers = [&senders.sms, &senders.whatsapp]
+            .into_iter()
+            .flatten()
+            .filter(|n| PhoneNumber::parse(n, &region).is_ok_and(|p| p.as_str() == n.as_str()))
+            .cloned()
+            .collect();
         Self {
             store,
             delivery,
             senders,
+            own_numbers,
             region,
             enrichment: None,
             language: LanguageDetector::default(),
@@ -603,9 +613,13 @@ impl Messaging {
         let from = from_number
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| from_bare.to_string());
-        let to = PhoneNumber::parse(to_bare, &self.region)
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|_| to_bare.to_string());
+        let to = if self.own_numbers.iter().any(|n| n == to_bare) {
+            to_bare.to_string()
+        } else {
+            PhoneNumber::parse(to_bare, &self.region)
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|_| to_bare.to_string())
+        };
         let body = get("Body").unwrap_or_default().to_string();
         let num_media: usize = get("NumMedia").and_then(|n| n.trim().parse().ok()).unwrap_or(0).min(20);
         let media = (0..num_media)
