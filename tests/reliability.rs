@@ -657,10 +657,7 @@ async fn crash_loop_loses_nothing_and_sends_nothing_twice() {
 
     let dir = tempfile::tempdir().unwrap();
     let (database_url, _database) = database(dir.path()).await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = restart_port();
     let (sim, sim_base, _sim_stop) = start_simulator(
         SimulatorSettings {
             latency_ms: CRASH_TWILIO_LATENCY_MS,
@@ -965,10 +962,7 @@ async fn a_keyed_send_cut_off_by_a_crash_is_accepted_when_repeated_after_the_res
     use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let db = TestDatabase::create("sbrel").await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = restart_port();
     let (sim, sim_base, _sim_stop) =
         start_simulator(SimulatorSettings::default(), SocketAddr::from(([127, 0, 0, 1], port))).await;
     let binary = dir.path().join("switchboard");
@@ -1609,4 +1603,22 @@ async fn webhook_storm_ends_in_the_furthest_status_with_every_callback_recorded(
         storm_done.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A free loopback port for a gateway that is killed and restarted on it, taken *below* the
+/// kernel's ephemeral range: a port from that range (what binding to port 0 gives) can be
+/// handed to any outgoing connection on the machine while the gateway is down, and the
+/// restart then fails with "Address already in use" (seen in CI).
+fn restart_port() -> u16 {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(10_000..ephemeral_low.max(10_001));
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
