@@ -28,7 +28,32 @@ pub enum PhoneError {
     Invalid(String),
 }
 
+/// `+` then 2 to 15 digits, the first not 0: the shape of an E.164 number (ITU-T E.164 §6.1),
+/// not its validity.
+pub fn is_e164(text: &str) -> bool {
+    let Some(digits) = text.strip_prefix('+') else {
+        return false;
+    };
+    (2..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
+}
+
 impl PhoneNumber {
+    /// A number as Twilio wrote it in a webhook's `From` or `To` (channel prefix removed).
+    ///
+    /// E.164 text ([`is_e164`]) is Twilio's own normalised form of a number that sent or
+    /// received the message, so it is taken as written: checking it against libphonenumber's
+    /// metadata could only refuse a real number from a range newer than that metadata, and
+    /// cost 0.12 M instructions a number, 6 % of an inbound webhook (valgrind, docs/BENCHMARKS.md).
+    /// Anything else is read as [`PhoneNumber::parse`] reads people's input: Twilio passes short
+    /// codes and alphanumeric sender IDs as they are, and those remain errors.
+    pub fn from_provider(bare: &str, default_region: &str) -> Result<Self, PhoneError> {
+        if is_e164(bare) {
+            Ok(Self(bare.to_string()))
+        } else {
+            Self::parse(bare, default_region)
+        }
+    }
+
     /// Parses `input` (E.164, or national format read in `default_region`, e.g. `US`).
     ///
     /// Accepts spaces, dashes, dots and brackets as written by people; refuses letters and
@@ -251,6 +276,31 @@ mod tests {
             PhoneNumber::parse("80794488733//4744", "DE").is_err(),
             "more than 15 digits"
         );
+    }
+
+    #[test]
+    fn numbers_from_twilio_are_taken_as_written_when_e164() {
+        // +1 555 010 0199 is a fictional (555) number libphonenumber calls invalid; Twilio
+        // only writes E.164 for a number that sent or received the message.
+        assert!(PhoneNumber::parse("+15550100199", "US").is_err());
+        assert_eq!(
+            PhoneNumber::from_provider("+15550100199", "US").unwrap().as_str(),
+            "+15550100199"
+        );
+        assert_eq!(
+            PhoneNumber::from_provider("+14155550100", "US").unwrap().as_str(),
+            "+14155550100"
+        );
+        // Not E.164: read as people write numbers; short codes and sender IDs stay errors.
+        assert_eq!(
+            PhoneNumber::from_provider("(415) 555-0100", "US").unwrap().as_str(),
+            "+14155550100"
+        );
+        for raw in ["12345", "ACME", "+0123456789", "+1234567890123456", "+1 415 555 0100x"] {
+            assert!(!is_e164(raw), "{raw}");
+        }
+        assert!(PhoneNumber::from_provider("12345", "US").is_err());
+        assert!(PhoneNumber::from_provider("ACME", "US").is_err());
     }
 
     #[test]

@@ -186,9 +186,6 @@ pub struct Messaging {
     store: Arc<dyn Store>,
     delivery: Delivery,
     senders: Senders,
-    /// The configured sender numbers that are E.164 already (each parses to itself): the
-    /// `To` of nearly every inbound webhook, taken as is without parsing it again.
-    own_numbers: Vec<String>,
     region: String,
     /// Set when contact enrichment is on: woken when an inbound message queued a lookup.
     enrichment: Option<Arc<tokio::sync::Notify>>,
@@ -201,17 +198,10 @@ pub struct Messaging {
 impl Messaging {
     /// A service over `store`, waking `delivery` when it queues work.
     pub fn new(store: Arc<dyn Store>, delivery: Delivery, senders: Senders, region: String) -> Self {
-        let own_numbers = [&senders.sms, &senders.whatsapp]
-            .into_iter()
-            .flatten()
-            .filter(|n| PhoneNumber::parse(n, &region).is_ok_and(|p| p.as_str() == n.as_str()))
-            .cloned()
-            .collect();
         Self {
             store,
             delivery,
             senders,
-            own_numbers,
             region,
             enrichment: None,
             language: LanguageDetector::default(),
@@ -601,7 +591,7 @@ impl Messaging {
         let (_, to_bare) = split_channel_prefix(to_raw);
         // Twilio passes a raw caller ID when it cannot normalise to E.164 (short codes,
         // alphanumeric IDs): keep those as they are rather than refusing the message.
-        let from_number = PhoneNumber::parse(from_bare, &self.region).ok();
+        let from_number = PhoneNumber::from_provider(from_bare, &self.region).ok();
         // Only real numbers get a contact and a lookup (not short codes or alphanumeric IDs).
         let enrichment = match (&self.enrichment, &from_number) {
             (Some(_), Some(_)) => Some(crate::store::NewEnrichment {
@@ -613,13 +603,9 @@ impl Messaging {
         let from = from_number
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| from_bare.to_string());
-        let to = if self.own_numbers.iter().any(|n| n == to_bare) {
-            to_bare.to_string()
-        } else {
-            PhoneNumber::parse(to_bare, &self.region)
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|_| to_bare.to_string())
-        };
+        let to = PhoneNumber::from_provider(to_bare, &self.region)
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|_| to_bare.to_string());
         let body = get("Body").unwrap_or_default().to_string();
         let num_media: usize = get("NumMedia").and_then(|n| n.trim().parse().ok()).unwrap_or(0).min(20);
         let media = (0..num_media)

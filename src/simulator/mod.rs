@@ -177,6 +177,7 @@ mod lifecycle;
 mod media;
 mod twilio_api;
 
+use crate::domain::phone::is_e164;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
@@ -709,14 +710,6 @@ fn random_uuid() -> String {
 fn new_message_sid(has_media: bool) -> String {
     let prefix = if has_media { "MM" } else { "SM" };
     format!("{prefix}{}", random_hex(32))
-}
-
-/// `+` followed by 2 to 15 digits, the first not 0.
-fn is_e164(number: &str) -> bool {
-    let Some(digits) = number.strip_prefix('+') else {
-        return false;
-    };
-    (2..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
 }
 
 /// The address without a `whatsapp:` prefix.

@@ -275,9 +275,9 @@ fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
         writer::WAL_SIZE_LIMIT
     ))?;
     // Rows written by other means (a bulk load such as the benchmark's seed) are indexed for
-    // search before the first write (search_index.rs).
+    // search before the first write, a large load merged at once (search_index.rs).
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let indexed = search_index::index_pending(&conn)?;
+    let indexed = search_index::index_bulk(&conn, search_index::OPTIMIZE_FROM_ROWS)?;
     conn.execute_batch("COMMIT")?;
     if indexed > 0 {
         // A bulk load's index pages are all in the WAL now: copy them into the database file

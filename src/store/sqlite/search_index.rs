@@ -60,6 +60,35 @@ pub(super) fn index_pending(conn: &Connection) -> rusqlite::Result<usize> {
     Ok(indexed)
 }
 
+/// Rows indexed in one go at start-up (a bulk load) from which the indexes are then merged
+/// into one segment each ([`index_bulk`]).
+pub(super) const OPTIMIZE_FROM_ROWS: usize = 100_000;
+
+/// Indexes what a bulk load left unindexed ([`index_pending`]) and, when that was at least
+/// `optimize_from` rows, merges each index into a single segment (FTS5's `optimize`), inside
+/// the caller's open transaction. Returns the rows indexed.
+///
+/// Why: FTS5 writes a segment each time its in-memory buffer of pending index data fills (every
+/// hundred thousand messages or so), all on the lowest level. With automatic merging off, the
+/// merge steps of the first group commits would then work through that backlog, 16 pages per
+/// commit, on the live write path: counted with valgrind over the first thousand inbound
+/// webhooks after the benchmark's seed of a million messages, 3.8 M of the 5.9 M instructions
+/// per webhook (docs/BENCHMARKS.md).
+/// `optimize` does it here, once: about a second per million messages, since it rewrites the
+/// whole index (hence the threshold: a small load is left to the merge steps).
+///
+/// # Errors
+/// The database error of a statement; the caller rolls the transaction back.
+pub(super) fn index_bulk(conn: &Connection, optimize_from: usize) -> rusqlite::Result<usize> {
+    let indexed = index_pending(conn)?;
+    if indexed >= optimize_from {
+        for table in ["messages_fts", "contacts_fts"] {
+            conn.execute(&format!("INSERT INTO {table} ({table}) VALUES ('optimize')"), [])?;
+        }
+    }
+    Ok(indexed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,8 +131,53 @@ mod tests {
             assert_eq!(index_pending(conn).unwrap(), 3);
             conn.execute_batch("COMMIT").unwrap();
         }
+        segments(conn)
+    }
+
+    fn segments(conn: &Connection) -> i64 {
         conn.query_row("SELECT COUNT(DISTINCT segid) FROM messages_fts_idx", [], |r| r.get(0))
             .unwrap()
+    }
+
+    #[test]
+    fn a_bulk_load_is_indexed_into_one_segment() {
+        let conn = schema();
+        // A small in-memory buffer, so that 2,000 rows fill it several times, as a bulk load
+        // of a few hundred thousand messages does with the default (1 MB).
+        conn.execute(
+            "INSERT INTO messages_fts (messages_fts, rank) VALUES ('hashsize', 4096)",
+            [],
+        )
+        .unwrap();
+        let load = |conn: &Connection, n: usize| {
+            conn.execute_batch("BEGIN").unwrap();
+            for i in 0..n {
+                conn.execute(
+                    "INSERT INTO messages (body) VALUES (?)",
+                    [format!("bulk {i} order shipped")],
+                )
+                .unwrap();
+            }
+        };
+        load(&conn, 2000);
+        assert_eq!(index_bulk(&conn, 2001).unwrap(), 2000);
+        conn.execute_batch("COMMIT").unwrap();
+        let left = segments(&conn);
+        assert!(left > 1, "below the threshold the load's {left} segments stay");
+        load(&conn, 2000);
+        assert_eq!(index_bulk(&conn, 2000).unwrap(), 2000);
+        conn.execute_batch("COMMIT").unwrap();
+        assert_eq!(segments(&conn), 1, "at the threshold everything is merged into one");
+        conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')", [])
+            .unwrap();
+        let found: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH 'shipped'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(found, 4000);
     }
 
     #[test]
