@@ -4,6 +4,7 @@
 //!
 //! * `seed`: bulk-load conversations and messages into a migrated database.
 //! * `run`: measure one backend against a running gateway + simulator; write JSON results.
+//! * `count`: a fixed number of requests of one kind, for counting instructions.
 //! * `report`: turn results files into the markdown table and the SVG chart.
 
 #![forbid(unsafe_code)]
@@ -54,30 +55,11 @@ enum Command {
         /// Label for the results (`sqlite`, `postgres`).
         #[arg(long)]
         backend: String,
-        /// The gateway, `http://IP:PORT`.
-        #[arg(long)]
-        gateway: String,
-        /// The gateway's SWITCHBOARD_PUBLIC_URL (webhook signatures are computed over it).
-        #[arg(long)]
-        public_url: String,
-        /// The standalone simulator, `http://IP:PORT`.
-        #[arg(long)]
-        simulator: String,
-        /// An API key the gateway accepts.
-        #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
-        api_key: String,
-        /// The Twilio account SID the gateway and simulator share.
-        #[arg(long, env = "TWILIO_ACCOUNT_SID")]
-        account_sid: String,
-        /// The Twilio auth token the gateway checks webhook signatures with.
-        #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
-        auth_token: String,
+        #[command(flatten)]
+        to: Endpoints,
         /// The gateway's process ID (for RSS from /proc).
         #[arg(long)]
         gateway_pid: Option<u32>,
-        /// The file `seed --out` wrote.
-        #[arg(long)]
-        seed_info: Option<PathBuf>,
         /// Smaller counts and shorter steps.
         #[arg(long)]
         quick: bool,
@@ -94,6 +76,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Send exactly `--requests` requests of one kind, closed loop, and for sends wait until
+    /// the simulator has received them all: a fixed workload, for counting the gateway's
+    /// instructions under valgrind (scripts/bench-instructions). Prints what it did.
+    Count {
+        #[command(flatten)]
+        to: Endpoints,
+        /// `inbound` (signed webhooks, each a new MessageSid) or `sends` (`POST /api/v1/messages`).
+        #[arg(long)]
+        kind: String,
+        /// Requests to send.
+        #[arg(long)]
+        requests: u64,
+        /// Connections (requests in flight at once).
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+    },
     /// Print the markdown table of results files and draw the chart.
     Report {
         /// Results files written by `run`, one per backend.
@@ -106,6 +104,56 @@ enum Command {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+}
+
+/// Where the gateway and the simulator are, and the credentials they share.
+#[derive(clap::Args)]
+struct Endpoints {
+    /// The gateway, `http://IP:PORT`.
+    #[arg(long)]
+    gateway: String,
+    /// The gateway's SWITCHBOARD_PUBLIC_URL (webhook signatures are computed over it).
+    #[arg(long)]
+    public_url: String,
+    /// The standalone simulator, `http://IP:PORT`.
+    #[arg(long)]
+    simulator: String,
+    /// An API key the gateway accepts.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// The Twilio account SID the gateway and simulator share.
+    #[arg(long, env = "TWILIO_ACCOUNT_SID")]
+    account_sid: String,
+    /// The Twilio auth token the gateway checks webhook signatures with.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: String,
+    /// The file `seed --out` wrote.
+    #[arg(long)]
+    seed_info: Option<PathBuf>,
+}
+
+impl Endpoints {
+    /// A run configuration for these endpoints: everything else at its default.
+    fn config(self, backend: String) -> anyhow::Result<run::RunConfig> {
+        let seed = match &self.seed_info {
+            Some(p) => serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)?,
+            None => seed::SeedInfo::default(),
+        };
+        Ok(run::RunConfig {
+            backend,
+            gateway: http::Target::parse(&self.gateway, Some(&self.api_key))?,
+            public_url: self.public_url,
+            simulator: http::Target::parse(&self.simulator, None)?,
+            account_sid: self.account_sid,
+            auth_token: self.auth_token,
+            pid: None,
+            seed,
+            quick: false,
+            only: Default::default(),
+            rates: Vec::new(),
+            sse_clients: 0,
+        })
+    }
 }
 
 #[tokio::main]
@@ -126,35 +174,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run {
             backend,
-            gateway,
-            public_url,
-            simulator,
-            api_key,
-            account_sid,
-            auth_token,
+            to,
             gateway_pid,
-            seed_info,
             quick,
             only,
             rates,
             sse_clients,
             out,
         } => {
-            let seed = match seed_info {
-                Some(p) => {
-                    serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?
-                }
-                None => seed::SeedInfo::default(),
-            };
             let cfg = run::RunConfig {
-                backend,
-                gateway: http::Target::parse(&gateway, Some(&api_key))?,
-                public_url,
-                simulator: http::Target::parse(&simulator, None)?,
-                account_sid,
-                auth_token,
                 pid: gateway_pid,
-                seed,
                 quick,
                 only: only
                     .into_iter()
@@ -163,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
                     .collect(),
                 rates,
                 sse_clients,
+                ..to.config(backend)?
             };
             let results = run::run(cfg).await?;
             if let Some(dir) = out.parent() {
@@ -170,6 +200,12 @@ async fn main() -> anyhow::Result<()> {
             }
             std::fs::write(&out, serde_json::to_vec_pretty(&results)?)?;
         }
+        Command::Count {
+            to,
+            kind,
+            requests,
+            connections,
+        } => run::count(to.config(String::new())?, &kind, requests, connections).await?,
         Command::Report { results, markdown, svg } => {
             let mut all = Vec::new();
             for p in results {

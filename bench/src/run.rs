@@ -394,6 +394,34 @@ async fn sends_closed(cfg: &RunConfig) -> anyhow::Result<(MaxRate, Option<EndToE
     Ok((max, e2e))
 }
 
+/// `count`: exactly `n` requests of `kind` (`inbound` or `sends`) over `conns` connections,
+/// closed loop; for sends, then waits (up to 10 minutes) until the simulator has them all.
+/// Fails if any request was refused or a send did not arrive.
+pub async fn count(cfg: RunConfig, kind: &str, n: u64, conns: usize) -> anyhow::Result<()> {
+    let tag: u64 = rand::thread_rng().gen();
+    let (make, expect) = match kind {
+        "inbound" => (inbound_maker(&cfg, tag), StatusCode::OK),
+        "sends" => {
+            clear_simulator(&cfg).await;
+            (sends_maker(&cfg, tag), StatusCode::ACCEPTED)
+        }
+        _ => anyhow::bail!("--kind must be inbound or sends, not {kind:?}"),
+    };
+    let shape = Shape::Closed {
+        duration: Duration::from_secs(24 * 3600),
+        max: Some(n),
+    };
+    let o = load::run(cfg.gateway.addr, conns.max(1), shape, expect, make, None).await;
+    log_errors(kind, &o);
+    anyhow::ensure!(o.ok == n, "{kind}: {} of {n} requests answered {expect}", o.ok);
+    if kind == "sends" {
+        let delivered = wait_delivered(&cfg, n, Duration::from_secs(600)).await;
+        anyhow::ensure!(delivered == n, "sends: {delivered} of {n} reached the simulator");
+    }
+    eprintln!("{kind}: {n} requests in {:.1} s", o.elapsed.as_secs_f64());
+    Ok(())
+}
+
 #[derive(serde::Deserialize)]
 struct SentMessage {
     body: String,
