@@ -343,14 +343,17 @@ impl Cols for rusqlite::Row<'_> {
 /// about 500 such calls: 7-8 % of the gateway's CPU in the sends benchmark (docs/BENCHMARKS.md).
 /// Positions are remembered per thread by (column count, name) and each guess is checked
 /// with one call; a wrong one (another statement with as many columns) falls back to the scan.
-/// The thread's map holds one entry per (column count, name) of our SQL: a few hundred.
+/// The thread's map holds one entry per (column count, name) of our SQL: a few hundred. It
+/// hashes with FxHash: with SipHash, the maps' two lookups took 60 % of this function's 780
+/// instructions a call (about 130 calls a send: docs/BENCHMARKS.md).
 ///
 /// # Errors
 /// rusqlite's, for a name the statement does not return.
 fn column_at(stmt: &rusqlite::Statement<'_>, name: &str) -> rusqlite::Result<usize> {
+    use rustc_hash::FxHashMap;
     thread_local! {
-        static SEEN: std::cell::RefCell<HashMap<usize, HashMap<String, usize>>> =
-            std::cell::RefCell::new(HashMap::new());
+        static SEEN: std::cell::RefCell<FxHashMap<usize, FxHashMap<String, usize>>> =
+            std::cell::RefCell::new(FxHashMap::default());
     }
     let count = stmt.column_count();
     let guess = SEEN.with(|s| s.borrow().get(&count).and_then(|m| m.get(name)).copied());
