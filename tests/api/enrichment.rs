@@ -234,6 +234,22 @@ async fn whatsapp_numbers_are_sent_as_received_and_unknown_numbers_attach_nothin
 }
 
 #[tokio::test]
+async fn a_number_libphonenumber_does_not_know_still_gets_its_contact() {
+    // +1 555 010 0199 is E.164 as Twilio writes it, in a range libphonenumber's metadata
+    // calls invalid (as it would a range newer than the metadata): the sender is real.
+    let lookup = Lookup::start(Duration::ZERO, 0, (404, json!({ "error": "unknown" }))).await;
+    let app = app_for(&lookup, 5).await;
+    let number = "+15550100199";
+    app.inbound(json!({ "from": number, "body": "hello there" })).await;
+    let c = wait_enrichment(&app, number, "not_found").await;
+    assert_eq!(c["phone_number"], number);
+    let calls = lookup.calls();
+    assert_eq!(calls[0].1["phone_number"]["e164"], number);
+    let (_, list) = app.get("/api/v1/conversations").await;
+    assert_eq!(list["data"][0]["counterpart"], number, "{list}");
+}
+
+#[tokio::test]
 async fn a_lookup_slower_than_the_timeout_is_retried_then_failed_with_a_timeout_error() {
     // The service would find the number, but only after 1 s; the timeout is 200 ms.
     let lookup = Lookup::start(
