@@ -134,6 +134,19 @@ mod tests {
         segments(conn)
     }
 
+    /// Runs FTS5's integrity check on the messages' index (it fails the test on damage) and
+    /// returns how many messages match `word`.
+    fn checked_matches(conn: &Connection, word: &str) -> i64 {
+        conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')", [])
+            .unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH ?",
+            [word],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
     fn segments(conn: &Connection) -> i64 {
         conn.query_row("SELECT COUNT(DISTINCT segid) FROM messages_fts_idx", [], |r| r.get(0))
             .unwrap()
@@ -168,16 +181,7 @@ mod tests {
         assert_eq!(index_bulk(&conn, 2000).unwrap(), 2000);
         conn.execute_batch("COMMIT").unwrap();
         assert_eq!(segments(&conn), 1, "at the threshold everything is merged into one");
-        conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')", [])
-            .unwrap();
-        let found: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH 'shipped'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(found, 4000);
+        assert_eq!(checked_matches(&conn, "shipped"), 4000);
     }
 
     #[test]
@@ -187,16 +191,7 @@ mod tests {
         // Without the merge steps only FTS5's crisis merge (16 segments on a level) would
         // act: measured 15 segments here; with them, 6.
         assert!(segments <= 8, "{segments} segments");
-        conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')", [])
-            .unwrap();
-        let found: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH 'delivery'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(found, 900);
+        assert_eq!(checked_matches(&conn, "delivery"), 900);
         assert_eq!(index_pending(&conn).unwrap(), 0, "nothing new, nothing indexed");
     }
 }
