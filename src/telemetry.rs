@@ -120,6 +120,11 @@ pub mod metrics {
             "SQLite: how long a write operation waited for the single writer connection"
         );
         describe_histogram!(
+            "switchboard_db_writer_hold_seconds",
+            Unit::Seconds,
+            "SQLite: how long a write operation held the single writer connection (its statements, not its commit)"
+        );
+        describe_histogram!(
             "switchboard_message_segments",
             Unit::Count,
             "Segments per message by direction"

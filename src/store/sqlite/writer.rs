@@ -486,6 +486,8 @@ pub(super) struct Writer {
 /// the connection; finish with [`WriteTx::commit`], or drop it to roll the operation back.
 pub(super) struct WriteTx {
     guard: Option<OwnedMutexGuard<WriterState>>,
+    /// When it got the connection (for `switchboard_db_writer_hold_seconds`).
+    acquired: std::time::Instant,
     flush: mpsc::Sender<()>,
 }
 
@@ -586,13 +588,15 @@ impl Writer {
         self.check_writable()?;
         let started = std::time::Instant::now();
         let mut guard = self.state.clone().lock_owned().await;
-        metrics::histogram!("switchboard_db_writer_wait_seconds").record(started.elapsed().as_secs_f64());
+        let acquired = std::time::Instant::now();
+        metrics::histogram!("switchboard_db_writer_wait_seconds").record((acquired - started).as_secs_f64());
         if !guard.open {
             guard.run("BEGIN IMMEDIATE")?;
             guard.open = true;
         }
         guard.run("SAVEPOINT op")?;
         Ok(WriteTx {
+            acquired,
             guard: Some(guard),
             flush: self.flush.clone(),
         })
@@ -650,6 +654,7 @@ impl WriteTx {
         guard.members.push(done);
         guard.events.extend(events);
         drop(guard);
+        record_hold(self.acquired);
         // A full channel means a flush is already due, and it will run after us.
         let _ = self.flush.try_send(());
         match outcome.await {
@@ -658,6 +663,12 @@ impl WriteTx {
             Err(_) => Err(StoreError::Unavailable("the SQLite writer stopped".into())),
         }
     }
+}
+
+/// Records how long an operation held the writer (`switchboard_db_writer_hold_seconds`): with
+/// the commits' time (`switchboard_db_commit_seconds`), how busy the single writer is.
+fn record_hold(acquired: std::time::Instant) {
+    metrics::histogram!("switchboard_db_writer_hold_seconds").record(acquired.elapsed().as_secs_f64());
 }
 
 /// Rolls back the savepoint of an operation that did not commit. If that fails the shared
@@ -675,6 +686,8 @@ impl Drop for WriteTx {
     fn drop(&mut self) {
         if let Some(mut guard) = self.guard.take() {
             undo(&mut guard);
+            drop(guard);
+            record_hold(self.acquired);
             // A transaction may be open with no member left to wake the flusher.
             let _ = self.flush.try_send(());
         }
