@@ -576,6 +576,14 @@ fn fetch_final(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
     Ok(m)
 }
 
+/// [`fetch_final`] without the read, for an operation that has just inserted the message's row
+/// with exactly `record`'s values. In debug builds (the test suite) [`Tx::write_events`]
+/// compares it with the row.
+fn keep_final(tx: &mut Tx, record: MessageRecord) -> MessageRecord {
+    tx.final_message = Some(record.clone());
+    record
+}
+
 fn contact_tx(tx: &Tx, id: &str) -> StoreResult<ContactRecord> {
     tx.row_opt(&format!("{CONTACT_SELECT} WHERE ct.id = ?"), [id], |r| {
         Ok(contact_from_row(r))
@@ -1289,7 +1297,41 @@ impl Store for SqliteStore {
         if let Some(en) = &m.enrichment {
             SqliteStore::enrichment_on_inbound(&mut tx, &m, en)?;
         }
-        let record = fetch_final(&mut tx, m.id.as_str())?;
+        // The row as inserted above (column defaults for the rest); nothing in this operation
+        // changes it after the INSERT.
+        let record = keep_final(
+            &mut tx,
+            MessageRecord {
+                id: m.id,
+                conversation_id: ConversationId::from_trusted(conv_id),
+                channel: m.channel,
+                direction: Direction::Inbound,
+                from: m.from,
+                to: m.to,
+                body: m.body,
+                media: m.media,
+                status: MessageStatus::Received,
+                provider_sid: Some(m.provider_sid),
+                error_code: None,
+                error_message: None,
+                segments: m.segments,
+                encoding: m.encoding,
+                smart_encoding: false,
+                messaging_service_sid: None,
+                content_sid: None,
+                content_variables: None,
+                priority: Priority::Normal,
+                send_at: None,
+                validity_period: None,
+                attempts: 0,
+                next_attempt_at: None,
+                created_at: m.now,
+                updated_at: m.now,
+                change_seq: seq,
+                part: None,
+                language: m.language,
+            },
+        );
         tx.commit().await?;
         Ok(InboundOutcome::Created(Box::new(record)))
     }
