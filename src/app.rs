@@ -493,13 +493,39 @@ async fn prune_events(store: Arc<dyn Store>, retention: Duration, shutdown: Canc
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
         let before = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        match store.prune_events(before).await {
-            Ok(n) if n > 0 => info!(count = n, "pruned events past the retention window"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "could not prune events"),
+        let mut pruned = 0;
+        loop {
+            match store.prune_events(before, PRUNE_BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < u64::from(PRUNE_BATCH) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not prune events");
+                    break;
+                }
+            }
+            // The writes waiting meanwhile go first.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PRUNE_PAUSE) => {}
+            }
+        }
+        if pruned > 0 {
+            info!(count = pruned, "pruned events past the retention window");
         }
     }
 }
+
+/// Events deleted per write when pruning: a few milliseconds of the writer's time. A whole
+/// window's backlog in one write (ten minutes of a busy gateway: hundreds of thousands of
+/// rows) held the single SQLite writer for seconds while every request waited.
+const PRUNE_BATCH: u32 = 500;
+
+/// Pause between two pruning writes, so that pruning takes a small share of the writer.
+const PRUNE_PAUSE: Duration = Duration::from_millis(20);
 
 /// Every 5 s: `switchboard_queue_depth{sender}`, `switchboard_queue_oldest_due_age_seconds{sender}`
 /// (0 when nothing is due) and `switchboard_db_pool_connections{state}` (`in_use`, `idle`,

@@ -120,6 +120,7 @@ conformance!(
     cancel_racing_claims,
     events_follow_every_change,
     events_are_in_commit_order_under_concurrent_writers,
+    events_are_pruned_oldest_first_in_batches,
     event_stream_resumes_and_filters,
     event_stream_slow_client_is_told_to_resync,
     agents_are_unique_by_email,
@@ -2513,7 +2514,10 @@ async fn events_follow_every_change(store: Arc<dyn Store>) {
     assert!(none.is_empty());
 
     // Retention: pruning moves the start; later events still get larger cursors.
-    let pruned = store.prune_events(switchboard::util::now_ms() + 1000).await.unwrap();
+    let pruned = store
+        .prune_events(switchboard::util::now_ms() + 1000, 10_000)
+        .await
+        .unwrap();
     assert_eq!(pruned as usize, every.len());
     let bounds = store.event_bounds().await.unwrap();
     assert_eq!((bounds.pruned_through, bounds.latest), (typing, typing));
@@ -2523,7 +2527,47 @@ async fn events_follow_every_change(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(next > typing);
-    assert_eq!(store.prune_events(0).await.unwrap(), 0);
+    assert_eq!(store.prune_events(0, 10_000).await.unwrap(), 0);
+}
+
+/// Retention deletes the oldest events in cursor order, at most `limit` per call, never one
+/// written at or after the cut-off; the log's start follows what was deleted.
+async fn events_are_pruned_oldest_first_in_batches(store: Arc<dyn Store>) {
+    use switchboard::events::EventDraft;
+    let conv = ConversationId::new().to_string();
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        old.push(
+            store
+                .append_event(EventDraft::typing(&conv, "agent-1", true))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let cut_off = switchboard::util::now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let recent = store
+        .append_event(EventDraft::typing(&conv, "agent-1", false))
+        .await
+        .unwrap();
+
+    let mut batches = Vec::new();
+    loop {
+        let n = store.prune_events(cut_off, 2).await.unwrap();
+        batches.push(n);
+        let bounds = store.event_bounds().await.unwrap();
+        let deleted: usize = batches.iter().map(|&n| n as usize).sum();
+        assert_eq!(bounds.pruned_through, old[deleted - 1], "after {batches:?}");
+        if n < 2 {
+            break;
+        }
+    }
+    assert_eq!(batches, [2, 2, 1]);
+    let left = store.events_after(0, &[], 100).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [recent]);
+    assert_eq!(store.prune_events(cut_off, 2).await.unwrap(), 0);
+    assert_eq!(store.event_bounds().await.unwrap().pruned_through, old[4]);
 }
 
 /// A reader tailing `events_after` while many transactions commit at once must never move
@@ -2657,7 +2701,10 @@ async fn event_stream_resumes_and_filters(store: Arc<dyn Store>) {
         future.next().await,
         Some(switchboard::events::stream::StreamItem::Resync(_))
     ));
-    store.prune_events(switchboard::util::now_ms() + 1000).await.unwrap();
+    store
+        .prune_events(switchboard::util::now_ms() + 1000, 10_000)
+        .await
+        .unwrap();
     let mut old = open_stream(&hub, Some(mid), vec![]).await;
     match old.next().await {
         Some(switchboard::events::stream::StreamItem::Resync(r)) => assert_eq!(r.cursor, all[6].seq),

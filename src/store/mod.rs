@@ -1318,9 +1318,11 @@ pub trait Store: Send + Sync + 'static {
     /// Writes one event that goes with no other change (`typing`); returns its cursor.
     async fn append_event(&self, draft: crate::events::EventDraft) -> StoreResult<i64>;
 
-    /// Deletes the events written before `before` (ms) and moves the log's start past them;
-    /// returns how many were deleted.
-    async fn prune_events(&self, before: i64) -> StoreResult<u64>;
+    /// Deletes the oldest events written before `before` (ms), at most `limit` of them in
+    /// cursor order, stopping at the first written at or after `before`, and moves the log's
+    /// start past them; returns how many were deleted. Callers repeat it while it returns
+    /// `limit`: one call is one write, so a large backlog does not hold the writer at once.
+    async fn prune_events(&self, before: i64, limit: u32) -> StoreResult<u64>;
 
     /// Changes (its value means nothing) after a commit that may have written events: on
     /// SQLite right after this process's commits, on PostgreSQL on `NOTIFY` from any

@@ -818,13 +818,16 @@ impl Store for PostgresStore {
         Ok(tx.commit().await?.latest_event.unwrap_or_default())
     }
 
-    async fn prune_events(&self, before: i64) -> StoreResult<u64> {
+    async fn prune_events(&self, before: i64, limit: u32) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let through: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE created_at < $1")
-            .bind(before)
-            .fetch_one(&mut *tx.inner)
-            .await
-            .map_err(map_err)?;
+        let through: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(seq) FROM (SELECT seq FROM events WHERE created_at < $1 ORDER BY seq LIMIT $2) oldest",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_one(&mut *tx.inner)
+        .await
+        .map_err(map_err)?;
         let Some(through) = through else {
             return Ok(0);
         };

@@ -1065,10 +1065,21 @@ impl Store for SqliteStore {
         Ok(seq)
     }
 
-    async fn prune_events(&self, before: i64) -> StoreResult<u64> {
+    async fn prune_events(&self, before: i64, limit: u32) -> StoreResult<u64> {
         let tx = self.begin().await?;
-        let through: Option<i64> = tx.scalar("SELECT MAX(seq) FROM events WHERE created_at < ?", [before])?;
-        let Some(through) = through else {
+        // In cursor order from the oldest: no index on `created_at` to keep up on every event
+        // written (migrations/sqlite/0013), and the rows read are the ones deleted.
+        let oldest = tx.rows(
+            "SELECT seq, created_at FROM events ORDER BY seq LIMIT ?",
+            [limit],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )?;
+        let Some(through) = oldest
+            .iter()
+            .take_while(|(_, created_at)| *created_at < before)
+            .last()
+            .map(|(seq, _)| *seq)
+        else {
             return Ok(0);
         };
         let n = tx.exec("DELETE FROM events WHERE seq <= ?", [through])?;
