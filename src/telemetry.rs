@@ -74,6 +74,10 @@ pub mod metrics {
             "Send attempts by outcome (accepted, failed, retry) and Twilio error code"
         );
         describe_counter!(
+            "switchboard_delivery_claims_lapsed_total",
+            "Claimed messages not sent because less than half their lease was left (claimed again, with reconciliation, once it ends)"
+        );
+        describe_counter!(
             "switchboard_delivery_status_total",
             "Status callbacks by reported status and whether they moved the message"
         );

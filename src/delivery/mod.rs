@@ -239,6 +239,9 @@ impl Delivery {
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
+        if !self.time_left_to_send(&c) {
+            return;
+        }
         let outcome = self.attempt(&c).await;
         let (final_status, outcome_label, code) = match &outcome {
             AttemptOutcome::Accepted { status, .. } => (status.as_str(), "accepted", None),
@@ -283,6 +286,23 @@ impl Delivery {
                 warn!(message_id = %id, error = %e, "could not record attempt outcome; the lease will expire and it will be reconciled")
             }
         }
+    }
+
+    /// Whether the claim has at least half its lease left, so that the send (at most the
+    /// Twilio request timeout, 15 s by default, against a 60 s lease) ends before another
+    /// worker may claim the message. A claim held longer, because this process was starved
+    /// of CPU or paused, may already be another worker's, which would find nothing at Twilio
+    /// yet and send it too: it is left alone, and claimed again with reconciliation once its
+    /// lease ends (counted in `switchboard_delivery_claims_lapsed_total`).
+    fn time_left_to_send(&self, c: &ClaimedMessage) -> bool {
+        let now = self.now_ms().max(crate::util::now_ms());
+        let lease_ms = i64::try_from(self.inner.config.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        if now <= c.lease_until - lease_ms / 2 {
+            return true;
+        }
+        warn!(message_id = %c.message.id, lease_until = c.lease_until, now, "claim held too long to send safely; leaving it to be claimed again");
+        metrics::counter!("switchboard_delivery_claims_lapsed_total").increment(1);
+        false
     }
 
     async fn attempt(&self, c: &ClaimedMessage) -> AttemptOutcome {

@@ -619,6 +619,9 @@ pub struct ClaimedMessage {
     /// How long it holds that sender (µs): its cost divided by the sender's rate; 0 for a
     /// message that will fail without being sent.
     pub hold_us: i64,
+    /// When this claim's lease ends (ms, on the clock the claim used: the larger of the
+    /// request's `now` and the wall clock). From then on another worker may claim it again.
+    pub lease_until: i64,
 }
 
 /// The outcome of an attempt, to record.

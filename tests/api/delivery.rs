@@ -902,6 +902,43 @@ async fn a_queued_message_waiting_for_its_rate_slot_can_be_canceled() {
     assert_eq!(app.message(c_id).await["status"], "canceled");
 }
 
+/// A claim whose holder was held up past half its lease (here the clock jumps a whole lease
+/// while the message waits for its rate slot, as if the process had been paused) is not sent
+/// by that holder: once the lease has ended the message is claimed again, reconciled with
+/// Twilio, and sent once. Sending it anyway sent it twice: the new claim found nothing at
+/// Twilio yet and sent it too.
+#[tokio::test]
+async fn a_claim_held_past_half_its_lease_is_sent_once_by_the_next_claim() {
+    let app = TestApp::spawn_with(app_with(|c| c.delivery.default_rate = 1.0)).await;
+    let first = app.send_ok(json!({"to": "+14155550145", "body": "lease one"})).await;
+    let second = app.send_ok(json!({"to": "+14155550145", "body": "lease two"})).await;
+    // The first goes at once; the second is claimed with its slot a second away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.config
+        .clock
+        .advance(Duration::from_secs(app.config.delivery.lease_secs));
+    for m in [&first, &second] {
+        wait_status_within(&app, m["id"].as_str().unwrap(), "delivered", Duration::from_secs(15)).await;
+    }
+    // Past the first holder's slot: a second send would be in by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sent_with_body(&app, "lease one").len(), 1);
+    assert_eq!(sent_with_body(&app, "lease two").len(), 1);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_delivery_claims_lapsed_total"),
+        "{metrics}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. validity_period
 // ---------------------------------------------------------------------------------------------

@@ -1267,6 +1267,7 @@ impl Store for PostgresStore {
                 previous_claim_at: r.get("claimed_at"),
                 rate_key,
                 hold_us,
+                lease_until: now + req.lease_ms,
             });
         }
         if !claimed.is_empty() {

@@ -1458,6 +1458,7 @@ impl Store for SqliteStore {
                 previous_claim_at: c.claimed_at,
                 rate_key: c.rate_key,
                 hold_us,
+                lease_until: now + req.lease_ms,
             });
         }
         for c in &claimed {
