@@ -820,15 +820,19 @@ impl Store for PostgresStore {
 
     async fn prune_events(&self, before: i64, limit: u32) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let through: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(seq) FROM (SELECT seq FROM events WHERE created_at < $1 ORDER BY seq LIMIT $2) oldest",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .fetch_one(&mut *tx.inner)
-        .await
-        .map_err(map_err)?;
-        let Some(through) = through else {
+        // In cursor order from the oldest (the primary key), as on SQLite: the rows read are
+        // the ones deleted, whatever the planner would make of `created_at`.
+        let oldest: Vec<(i64, i64)> = sqlx::query_as("SELECT seq, created_at FROM events ORDER BY seq LIMIT $1")
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx.inner)
+            .await
+            .map_err(map_err)?;
+        let Some(through) = oldest
+            .iter()
+            .take_while(|(_, created_at)| *created_at < before)
+            .last()
+            .map(|(seq, _)| *seq)
+        else {
             return Ok(0);
         };
         sqlx::query("UPDATE event_log SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1")
