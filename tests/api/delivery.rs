@@ -681,11 +681,15 @@ async fn the_senders_rate_holds_while_the_database_is_busy() {
     sent.sort_by_key(|s| s.received_at_ms);
     let t0 = sent[0].received_at_ms;
     let timeline: Vec<(i64, u32)> = sent.iter().map(|s| (s.received_at_ms - t0, s.num_segments)).collect();
+    // The limiter spaces the sends' starts; a send that reaches the simulator late (its task
+    // scheduled late on a loaded machine) shortens the gap to the next one by as much: 65 ms
+    // was seen once in CI under the PostgreSQL suite. A slot computed from a stale clock shows
+    // as a gap near 0.
     for pair in sent.windows(2) {
         let gap = pair[1].received_at_ms - pair[0].received_at_ms;
         let min_gap = (f64::from(pair[0].num_segments) / RATE * 1000.0) as i64;
         assert!(
-            gap >= min_gap - 50,
+            gap >= min_gap - 100,
             "a {}-segment message was followed after only {gap} ms (at {RATE}/s it holds the sender for {min_gap} ms); timeline {timeline:?}",
             pair[0].num_segments
         );
