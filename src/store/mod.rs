@@ -624,6 +624,17 @@ pub struct ClaimedMessage {
     pub lease_until: i64,
 }
 
+/// The last cursor [`Store::prune_events`] deletes through: of the oldest events read in
+/// cursor order (`(seq, created_at ms)`), the last of those written before `before`, up to
+/// the first written at or after it. `None`: nothing to prune.
+pub(crate) fn prune_through(oldest: &[(i64, i64)], before: i64) -> Option<i64> {
+    oldest
+        .iter()
+        .take_while(|(_, created_at)| *created_at < before)
+        .last()
+        .map(|(seq, _)| *seq)
+}
+
 /// The outcome of an attempt, to record.
 #[derive(Debug, Clone)]
 pub enum AttemptOutcome {

@@ -928,15 +928,7 @@ async fn a_claim_held_past_half_its_lease_is_sent_once_by_the_next_claim() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(sent_with_body(&app, "lease one").len(), 1);
     assert_eq!(sent_with_body(&app, "lease two").len(), 1);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("switchboard_delivery_claims_lapsed_total"),
         "{metrics}"

@@ -184,15 +184,7 @@ async fn the_webhook_answers_at_once_and_the_contact_is_enriched_later() {
     app.inbound(json!({ "from": number, "body": "again" })).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(lookup.calls().len(), 3);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("switchboard_enrichment_lookups_total{outcome=\"done\"}"));
 }
 

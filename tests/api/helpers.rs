@@ -120,6 +120,19 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// The text of `GET /metrics` (Prometheus format). The recorder is shared by every
+    /// gateway of the test process.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn send(&self, body: Value) -> reqwest::Response {
         self.client
             .post(self.url("/api/v1/messages"))

@@ -43,15 +43,7 @@ async fn metrics_count_sends_and_inbound_messages() {
     let m = app.send_ok(json!({"to": "+14155550100", "body": "metrics"})).await;
     app.wait_status(m["id"].as_str().unwrap(), "delivered").await;
     app.inbound(json!({"from": "+14155550100", "body": "hi"})).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     for name in [
         "switchboard_messages_sent_total",
         "switchboard_delivery_status_total",
@@ -99,15 +91,7 @@ async fn metrics_report_queue_depth_pool_and_stream_clients() {
     let depth = format!("switchboard_queue_depth{{sender=\"{sender}\"}} 1");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let (found, text) = loop {
-        let text = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.metrics_text().await;
         if text.contains(&depth) || std::time::Instant::now() > deadline {
             break (text.contains(&depth), text);
         }

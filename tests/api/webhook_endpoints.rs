@@ -292,15 +292,7 @@ async fn failed_attempts_are_retried_on_the_schedule_then_succeed() {
         (Some(0), true)
     );
     // The outcomes are counted.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     for outcome in ["success", "timeout", "http_error"] {
         assert!(
             metrics.contains(&format!(

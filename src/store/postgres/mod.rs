@@ -827,12 +827,7 @@ impl Store for PostgresStore {
             .fetch_all(&mut *tx.inner)
             .await
             .map_err(map_err)?;
-        let Some(through) = oldest
-            .iter()
-            .take_while(|(_, created_at)| *created_at < before)
-            .last()
-            .map(|(seq, _)| *seq)
-        else {
+        let Some(through) = crate::store::prune_through(&oldest, before) else {
             return Ok(0);
         };
         sqlx::query("UPDATE event_log SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1")

@@ -1074,12 +1074,7 @@ impl Store for SqliteStore {
             [limit],
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
         )?;
-        let Some(through) = oldest
-            .iter()
-            .take_while(|(_, created_at)| *created_at < before)
-            .last()
-            .map(|(seq, _)| *seq)
-        else {
+        let Some(through) = crate::store::prune_through(&oldest, before) else {
             return Ok(0);
         };
         let n = tx.exec("DELETE FROM events WHERE seq <= ?", [through])?;
