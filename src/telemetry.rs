@@ -75,7 +75,7 @@ pub mod metrics {
         );
         describe_counter!(
             "switchboard_delivery_claims_lapsed_total",
-            "Claimed messages not sent because less than half their lease was left (claimed again, with reconciliation, once it ends)"
+            "Claims that lapsed, by stage: before_send, not sent because less than half the lease was left (claimed again, with reconciliation, once it ends); after_send, the attempt's outcome came after the message was claimed again and is kept in its history only"
         );
         describe_counter!(
             "switchboard_delivery_status_total",

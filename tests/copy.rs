@@ -52,6 +52,11 @@ fn phone(n: usize) -> String {
     format!("+1555{n:07}")
 }
 
+/// The lease `claims` put on message `id` (`None` if they do not include it).
+fn lease_in<'a>(claims: &'a [ClaimedMessage], id: &MessageId) -> Option<Lease<'a>> {
+    claims.iter().find(|c| &c.message.id == id).map(|c| c.lease("test"))
+}
+
 fn sid() -> String {
     format!("SM{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
@@ -407,6 +412,7 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
     store
         .record_attempt(
             &rich.id,
+            lease_in(&claimed, &rich.id),
             AttemptOutcome::Accepted {
                 sid: rich_sid.clone(),
                 status: MessageStatus::Queued,
@@ -415,7 +421,8 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
             T0 + 101,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the claim's lease is held");
     for (raw, at) in [("sent", 102), ("delivered", 103), ("delivered", 104)] {
         store
             .record_status(status(&rich_sid, raw, None, T0 + at))
@@ -426,6 +433,7 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
     store
         .record_attempt(
             &group[0].id,
+            lease_in(&claimed, &group[0].id),
             AttemptOutcome::Accepted {
                 sid: part_sid.clone(),
                 status: MessageStatus::Queued,
@@ -434,7 +442,8 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
             T0 + 105,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the claim's lease is held");
     // Twilio reports the recipient opted out: an opt-out from Twilio, not from a keyword.
     store
         .record_status(status(&part_sid, "undelivered", Some(21610), T0 + 106))
@@ -443,6 +452,7 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
     store
         .record_attempt(
             &fail_me.id,
+            lease_in(&claimed, &fail_me.id),
             AttemptOutcome::Failed {
                 code: Some(21614),
                 message: "not a mobile number".into(),
@@ -452,10 +462,12 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
             T0 + 107,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the claim's lease is held");
     store
         .record_attempt(
             &retried.id,
+            lease_in(&claimed, &retried.id),
             AttemptOutcome::Retry {
                 next_at: T0 + 60_000,
                 code: None,
@@ -465,7 +477,8 @@ async fn populate(store: &Arc<dyn Store>, db: &Path) -> Fixture {
             T0 + 108,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the claim's lease is held");
 
     let conv = store.get_message(&rich.id).await.unwrap().unwrap().conversation_id;
     store.mark_conversation_read(&conv, T0 + 110).await.unwrap();
@@ -860,6 +873,7 @@ async fn copies_everything_and_the_target_behaves_the_same() {
         let adopted = target
             .record_attempt(
                 &fx.leased,
+                lease_in(&claimed, &fx.leased),
                 AttemptOutcome::Accepted {
                     sid: fx.orphan_sid.clone(),
                     status: MessageStatus::Queued,
@@ -868,7 +882,8 @@ async fn copies_everything_and_the_target_behaves_the_same() {
                 T0 + 201,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .expect("the claim's lease is held");
         assert_eq!(adopted.status, MessageStatus::Delivered);
 
         // New writes sort after every copied change, and new status events get fresh ids

@@ -485,7 +485,15 @@ async fn record_callbacks(store: &Arc<dyn Store>, n: usize, words: &[&str]) -> (
         status: MessageStatus::Queued,
         source: "worker",
     };
-    let rec = store.record_attempt(&m.id, accepted, T0 + 1).await.unwrap();
+    let lease = claimed
+        .iter()
+        .find(|c| c.message.id == m.id)
+        .map(|c| c.lease("properties"));
+    let rec = store
+        .record_attempt(&m.id, lease, accepted, T0 + 1)
+        .await
+        .unwrap()
+        .expect("the claim's lease is held");
     assert_eq!(rec.status, MessageStatus::Queued);
     let mut observed = Vec::new();
     for (i, word) in words.iter().enumerate() {

@@ -104,6 +104,7 @@ conformance!(
     idempotency_concurrent_duplicates,
     claim_leases_are_exclusive,
     expired_lease_is_reclaimed_with_reconcile,
+    a_late_outcome_does_not_overwrite_the_next_claim,
     rate_slots_never_overlap,
     fast_senders_keep_their_rate,
     claim_priority_order,
@@ -257,6 +258,24 @@ async fn claim(store: &Arc<dyn Store>, now: i64, limit: usize) -> Vec<ClaimedMes
         })
         .await
         .unwrap()
+}
+
+/// The lease `claims` put on message `id` (`None` if they do not include it).
+fn lease_in<'a>(claims: &'a [ClaimedMessage], id: &MessageId) -> Option<Lease<'a>> {
+    claims.iter().find(|c| &c.message.id == id).map(|c| c.lease("test"))
+}
+
+/// Records `outcome` for message `id` under the lease `claims` put on it (no lease if they do
+/// not include it); the message as recorded, which must still have carried that lease.
+async fn record(
+    store: &Arc<dyn Store>,
+    claims: &[ClaimedMessage],
+    id: &MessageId,
+    outcome: AttemptOutcome,
+    now: i64,
+) -> StoreResult<MessageRecord> {
+    let recorded = store.record_attempt(id, lease_in(claims, id), outcome, now).await?;
+    Ok(recorded.expect("the message no longer carried the lease it was claimed under"))
 }
 
 async fn conversation(store: &Arc<dyn Store>, id: &ConversationId) -> ConversationRecord {
@@ -598,9 +617,10 @@ async fn inbound_is_idempotent(store: Arc<dyn Store>) {
 async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>) {
     let to = phone(4);
     let m = store.insert_outbound(outbound(&to, "tracked", T0)).await.unwrap();
-    assert_eq!(claim(&store, T0, 10).await.len(), 1);
+    let c = claim(&store, T0, 10).await;
+    assert_eq!(c.len(), 1);
     let s = sid();
-    let rec = store.record_attempt(&m.id, accepted(&s), T0 + 1).await.unwrap();
+    let rec = record(&store, &c, &m.id, accepted(&s), T0 + 1).await.unwrap();
     assert_eq!(rec.status, MessageStatus::Queued);
     assert_eq!(rec.provider_sid.as_deref(), Some(s.as_str()));
     assert_eq!((rec.attempts, rec.next_attempt_at), (1, None));
@@ -652,14 +672,14 @@ async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>)
 
     // Callbacks that outrun the worker's record of the SID wait as orphans.
     let m2 = store.insert_outbound(outbound(&to, "fast", T0 + 20)).await.unwrap();
-    claim(&store, T0 + 20, 10).await;
+    let c = claim(&store, T0 + 20, 10).await;
     let s2 = sid();
     for raw in ["sent", "delivered"] {
         let out = store.record_status(status(&s2, raw, T0 + 21)).await.unwrap();
         assert!(out.message.is_none() && !out.applied);
     }
     assert!(!store.provider_sid_known(&s2).await.unwrap());
-    let rec = store.record_attempt(&m2.id, accepted(&s2), T0 + 22).await.unwrap();
+    let rec = record(&store, &c, &m2.id, accepted(&s2), T0 + 22).await.unwrap();
     assert_eq!(rec.status, MessageStatus::Delivered);
     let history = store.message_history(&m2.id).await.unwrap();
     let summary: Vec<_> = history
@@ -681,9 +701,9 @@ async fn status_moves_forward_and_orphans_apply_on_accept(store: Arc<dyn Store>)
         .insert_outbound(outbound(&phone(44), "blocked", T0 + 30))
         .await
         .unwrap();
-    claim(&store, T0 + 30, 10).await;
+    let c = claim(&store, T0 + 30, 10).await;
     let s3 = sid();
-    store.record_attempt(&m3.id, accepted(&s3), T0 + 31).await.unwrap();
+    record(&store, &c, &m3.id, accepted(&s3), T0 + 31).await.unwrap();
     let mut update = status(&s3, "undelivered", T0 + 32);
     update.error_code = Some(21610);
     update.error_message = Some("Attempt to send to unsubscribed recipient".into());
@@ -1314,8 +1334,7 @@ async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
         message: "timeout".into(),
         reconcile,
     };
-    store
-        .record_attempt(&m.id, retry(false, T0 + 5000), T0 + 1600)
+    record(&store, &again, &m.id, retry(false, T0 + 5000), T0 + 1600)
         .await
         .unwrap();
     assert!(lease(T0 + 4999, 1000).await.is_empty(), "not due yet");
@@ -1323,8 +1342,7 @@ async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
     assert_eq!(c.len(), 1);
     assert!(!c[0].reconcile);
     assert_eq!(c[0].previous_claim_at, Some(T0 + 1500));
-    store
-        .record_attempt(&m.id, retry(true, T0 + 6000), T0 + 5001)
+    record(&store, &c, &m.id, retry(true, T0 + 6000), T0 + 5001)
         .await
         .unwrap();
     let c = lease(T0 + 6000, 1000).await;
@@ -1339,6 +1357,121 @@ async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
     let c2 = c.iter().find(|c| c.message.id == m2.id).expect("reclaimed");
     assert!(c2.reconcile);
     assert_eq!(c2.previous_claim_at, Some(T0 + 7000));
+}
+
+/// A worker whose claim outlived its lease records its outcome after another claim took the
+/// message: the late outcome goes to the history only (`applied: false`), whatever it was,
+/// and the message stays with the claim that holds it (docs/delivery.md, crash list).
+async fn a_late_outcome_does_not_overwrite_the_next_claim(store: Arc<dyn Store>) {
+    let m = store.insert_outbound(outbound(&phone(8), "late", T0)).await.unwrap();
+    let claim_as = |owner: &'static str, now: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .claim_due(ClaimRequest {
+                    now,
+                    limit: 10,
+                    lookahead_ms: 1000,
+                    lease_ms: 1000,
+                    owner,
+                    rate_for: &fast_rate,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let sent = |sid: &str| AttemptOutcome::Accepted {
+        sid: sid.into(),
+        status: MessageStatus::Sent,
+        source: "worker",
+    };
+    let first = claim_as("one", T0).await;
+    let first = first[0].lease("one");
+    let second = claim_as("two", T0 + 1500).await;
+    assert!(second[0].reconcile);
+    let second = second[0].lease("two");
+
+    // The first holder's attempt hit a 429 (nothing sent) after the lease had ended: applied,
+    // it would re-queue the message under the second claim, which may have sent it already.
+    let too_many = AttemptOutcome::Retry {
+        next_at: T0 + 1600,
+        code: Some(20429),
+        message: "Too Many Requests".into(),
+        reconcile: false,
+    };
+    let late = store
+        .record_attempt(&m.id, Some(first), too_many, T0 + 1550)
+        .await
+        .unwrap();
+    assert!(late.is_none(), "{late:?}");
+    assert!(
+        claim_as("three", T0 + 2000).await.is_empty(),
+        "still the second claim's"
+    );
+    // Nor does an outcome recorded as if there were no claim.
+    let stray = sid();
+    let none = store
+        .record_attempt(&m.id, None, sent(&stray), T0 + 1560)
+        .await
+        .unwrap();
+    assert!(none.is_none(), "{none:?}");
+
+    let s = sid();
+    let rec = store
+        .record_attempt(&m.id, Some(second), sent(&s), T0 + 1600)
+        .await
+        .unwrap()
+        .expect("the second claim holds the lease");
+    assert_eq!((rec.status, rec.attempts), (MessageStatus::Sent, 1));
+    assert_eq!(rec.provider_sid.as_deref(), Some(s.as_str()));
+
+    // Later still: the first holder's copy was accepted after all, or it failed. Neither
+    // replaces the SID recorded, and the second claim's own outcome cannot be recorded twice.
+    let (copy, failed) = (
+        sid(),
+        AttemptOutcome::Failed {
+            code: Some(21211),
+            message: "invalid".into(),
+            opt_out: false,
+            status: MessageStatus::Failed,
+        },
+    );
+    for outcome in [sent(&copy), failed] {
+        let r = store
+            .record_attempt(&m.id, Some(first), outcome, T0 + 1700)
+            .await
+            .unwrap();
+        assert!(r.is_none(), "{r:?}");
+    }
+    let r = store
+        .record_attempt(&m.id, Some(second), sent(&s), T0 + 1800)
+        .await
+        .unwrap();
+    assert!(r.is_none(), "{r:?}");
+    let now = message(&store, &m.id).await;
+    assert_eq!((now.status, now.attempts), (MessageStatus::Sent, 1));
+    assert_eq!(now.provider_sid.as_deref(), Some(s.as_str()));
+    assert!(!store.provider_sid_known(&copy).await.unwrap());
+    assert!(claim_as("three", T0 + 60_000).await.is_empty(), "not queued again");
+
+    // Every outcome is in the history; only the second claim's was applied.
+    let history = store.message_history(&m.id).await.unwrap();
+    let summary: Vec<_> = history
+        .iter()
+        .map(|e| (e.status.as_str(), e.provider_sid.clone(), e.error_code, e.applied))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("queued", None, None, true),
+            ("retry_scheduled", None, Some(20429), false),
+            ("sent", Some(stray), None, false),
+            ("sent", Some(s.clone()), None, true),
+            ("sent", Some(copy.clone()), None, false),
+            ("failed", None, Some(21211), false),
+            ("sent", Some(s.clone()), None, false),
+        ]
+    );
 }
 
 async fn rate_slots_never_overlap(store: Arc<dyn Store>) {
@@ -1517,13 +1650,14 @@ async fn claim_priority_order(store: Arc<dyn Store>) {
     later.priority = Priority::High;
     let scheduled = store.insert_outbound(later).await.unwrap();
 
-    let mut order = Vec::new();
+    let mut c = Vec::new();
     for _ in 0..4 {
-        order.extend(claim(&store, T0 + 10, 1).await.into_iter().map(|c| c.message.id));
+        c.extend(claim(&store, T0 + 10, 1).await);
     }
+    let order: Vec<_> = c.iter().map(|c| c.message.id.clone()).collect();
     assert_eq!(order, vec![h1.id.clone(), n1.id.clone(), n2.id.clone()]);
     for id in [&h1.id, &n1.id, &n2.id] {
-        store.record_attempt(id, accepted(&sid()), T0 + 20).await.unwrap();
+        record(&store, &c, id, accepted(&sid()), T0 + 20).await.unwrap();
     }
     let due = claim(&store, T0 + 60_000, 5).await;
     assert_eq!(due.len(), 1);
@@ -1534,20 +1668,21 @@ async fn claim_priority_order(store: Arc<dyn Store>) {
 async fn record_attempt_outcomes(store: Arc<dyn Store>) {
     let to = phone(12);
     let m = store.insert_outbound(outbound(&to, "retry me", T0)).await.unwrap();
-    claim(&store, T0, 10).await;
-    let r = store
-        .record_attempt(
-            &m.id,
-            AttemptOutcome::Retry {
-                next_at: T0 + 2000,
-                code: Some(20429),
-                message: "Too Many Requests".into(),
-                reconcile: false,
-            },
-            T0 + 1,
-        )
-        .await
-        .unwrap();
+    let c = claim(&store, T0, 10).await;
+    let r = record(
+        &store,
+        &c,
+        &m.id,
+        AttemptOutcome::Retry {
+            next_at: T0 + 2000,
+            code: Some(20429),
+            message: "Too Many Requests".into(),
+            reconcile: false,
+        },
+        T0 + 1,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, MessageStatus::Queued);
     assert_eq!((r.attempts, r.next_attempt_at), (1, Some(T0 + 2000)));
     assert_eq!(r.error_code, Some(20429));
@@ -1564,28 +1699,29 @@ async fn record_attempt_outcomes(store: Arc<dyn Store>) {
         ("retry_scheduled", "worker", false, Some(20429))
     );
 
-    claim(&store, T0 + 2000, 10).await;
+    let c = claim(&store, T0 + 2000, 10).await;
     let s = sid();
-    let r = store.record_attempt(&m.id, accepted(&s), T0 + 2001).await.unwrap();
+    let r = record(&store, &c, &m.id, accepted(&s), T0 + 2001).await.unwrap();
     assert_eq!((r.attempts, r.next_attempt_at), (2, None));
     assert_eq!((r.error_code, r.error_message.as_deref()), (None, None));
     assert!(store.provider_sid_known(&s).await.unwrap());
 
     let f = store.insert_outbound(outbound(&to, "fail me", T0)).await.unwrap();
-    claim(&store, T0 + 3000, 10).await;
-    let r = store
-        .record_attempt(
-            &f.id,
-            AttemptOutcome::Failed {
-                code: Some(21211),
-                message: "Invalid 'To' Phone Number".into(),
-                opt_out: false,
-                status: MessageStatus::Failed,
-            },
-            T0 + 3001,
-        )
-        .await
-        .unwrap();
+    let c = claim(&store, T0 + 3000, 10).await;
+    let r = record(
+        &store,
+        &c,
+        &f.id,
+        AttemptOutcome::Failed {
+            code: Some(21211),
+            message: "Invalid 'To' Phone Number".into(),
+            opt_out: false,
+            status: MessageStatus::Failed,
+        },
+        T0 + 3001,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, MessageStatus::Failed);
     assert_eq!(r.error_code, Some(21211));
     assert_eq!(r.error_message.as_deref(), Some("Invalid 'To' Phone Number"));
@@ -1593,20 +1729,21 @@ async fn record_attempt_outcomes(store: Arc<dyn Store>) {
     assert!(!store.is_opted_out(Channel::Sms, &to).await.unwrap());
 
     let o = store.insert_outbound(outbound(&phone(13), "opted", T0)).await.unwrap();
-    claim(&store, T0 + 4000, 10).await;
-    store
-        .record_attempt(
-            &o.id,
-            AttemptOutcome::Failed {
-                code: Some(21610),
-                message: "unsubscribed".into(),
-                opt_out: true,
-                status: MessageStatus::Failed,
-            },
-            T0 + 4001,
-        )
-        .await
-        .unwrap();
+    let c = claim(&store, T0 + 4000, 10).await;
+    record(
+        &store,
+        &c,
+        &o.id,
+        AttemptOutcome::Failed {
+            code: Some(21610),
+            message: "unsubscribed".into(),
+            opt_out: true,
+            status: MessageStatus::Failed,
+        },
+        T0 + 4001,
+    )
+    .await
+    .unwrap();
     assert!(store.is_opted_out(Channel::Sms, &phone(13)).await.unwrap());
     let opt_outs = store
         .list_opt_outs(&PageRequest {
@@ -1622,12 +1759,12 @@ async fn record_attempt_outcomes(store: Arc<dyn Store>) {
 
     // A SID already held by another message is a conflict, and changes nothing.
     let d = store.insert_outbound(outbound(&to, "dup sid", T0)).await.unwrap();
-    claim(&store, T0 + 5000, 10).await;
-    let r = store.record_attempt(&d.id, accepted(&s), T0 + 5001).await;
+    let c = claim(&store, T0 + 5000, 10).await;
+    let r = record(&store, &c, &d.id, accepted(&s), T0 + 5001).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
     assert!(message(&store, &d.id).await.provider_sid.is_none());
 
-    let r = store.record_attempt(&MessageId::new(), accepted(&sid()), T0).await;
+    let r = record(&store, &c, &MessageId::new(), accepted(&sid()), T0).await;
     assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
 }
 
@@ -1674,8 +1811,7 @@ async fn split_parts_chain(store: Arc<dyn Store>) {
             got.iter().map(|c| c.message.id.clone()).collect::<Vec<_>>(),
             vec![p.id.clone()]
         );
-        store
-            .record_attempt(&p.id, accepted(&sid()), T0 + 100 * i as i64 + 1)
+        record(&store, &got, &p.id, accepted(&sid()), T0 + 100 * i as i64 + 1)
             .await
             .unwrap();
         if let Some(next) = parts.get(i + 1) {
@@ -1708,25 +1844,23 @@ async fn split_parts_chain(store: Arc<dyn Store>) {
 
     // A failed part ends the parts after it.
     let b = store.insert_outbound_parts(parts_of(&to, 3, T0 + 1000)).await.unwrap();
-    claim(&store, T0 + 1000, 10).await;
-    store
-        .record_attempt(&b[0].id, accepted(&sid()), T0 + 1001)
-        .await
-        .unwrap();
-    claim(&store, T0 + 1002, 10).await;
-    store
-        .record_attempt(
-            &b[1].id,
-            AttemptOutcome::Failed {
-                code: Some(21617),
-                message: "too long".into(),
-                opt_out: false,
-                status: MessageStatus::Failed,
-            },
-            T0 + 1003,
-        )
-        .await
-        .unwrap();
+    let c = claim(&store, T0 + 1000, 10).await;
+    record(&store, &c, &b[0].id, accepted(&sid()), T0 + 1001).await.unwrap();
+    let c = claim(&store, T0 + 1002, 10).await;
+    record(
+        &store,
+        &c,
+        &b[1].id,
+        AttemptOutcome::Failed {
+            code: Some(21617),
+            message: "too long".into(),
+            opt_out: false,
+            status: MessageStatus::Failed,
+        },
+        T0 + 1003,
+    )
+    .await
+    .unwrap();
     assert_eq!(message(&store, &b[0].id).await.status, MessageStatus::Queued);
     let last = message(&store, &b[2].id).await;
     assert_eq!(last.status, MessageStatus::Failed);
@@ -1780,25 +1914,22 @@ async fn cancel(store: Arc<dyn Store>) {
 
     // An earlier attempt may have reached Twilio: canceling our copy would not stop it.
     let amb = store.insert_outbound(outbound(&to, "ambiguous", T0)).await.unwrap();
-    claim(&store, T0 + 45_000, 10).await;
+    let c = claim(&store, T0 + 45_000, 10).await;
     let retry = AttemptOutcome::Retry {
         next_at: T0 + 46_000,
         code: None,
         message: "timeout".into(),
         reconcile: true,
     };
-    store.record_attempt(&amb.id, retry, T0 + 45_001).await.unwrap();
+    record(&store, &c, &amb.id, retry, T0 + 45_001).await.unwrap();
     let r = store.cancel_message(&amb.id, T0 + 45_002).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
     assert_eq!(message(&store, &amb.id).await.status, MessageStatus::Queued);
 
     // With Twilio already.
     let a = store.insert_outbound(outbound(&to, "sent", T0)).await.unwrap();
-    claim(&store, T0 + 50_000, 10).await;
-    store
-        .record_attempt(&a.id, accepted(&sid()), T0 + 50_001)
-        .await
-        .unwrap();
+    let c = claim(&store, T0 + 50_000, 10).await;
+    record(&store, &c, &a.id, accepted(&sid()), T0 + 50_001).await.unwrap();
     let r = store.cancel_message(&a.id, T0 + 50_002).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
 
@@ -2177,8 +2308,8 @@ async fn contacts_by_phone_and_updated_since(store: Arc<dyn Store>) {
         vec![w.id.clone()]
     );
     // A change moves a message to the end.
-    claim(&store, T0 + 20, 10).await;
-    store.record_attempt(&a.id, accepted(&sid()), T0 + 100).await.unwrap();
+    let c = claim(&store, T0 + 20, 10).await;
+    record(&store, &c, &a.id, accepted(&sid()), T0 + 100).await.unwrap();
     assert_eq!(
         ids(store.messages_updated_since(Channel::Sms, T0 - 1, 100).await.unwrap()),
         vec![b.id.clone(), a.id.clone()]
@@ -2201,14 +2332,19 @@ async fn callbacks_racing_the_accept_are_never_lost(store: Arc<dyn Store>) {
                 .unwrap(),
         );
     }
-    assert_eq!(claim(&store, T0, 100).await.len(), 40);
+    let c = claim(&store, T0, 100).await;
+    assert_eq!(c.len(), 40);
     let races: Vec<_> = msgs
         .iter()
         .map(|m| {
             let s = sid();
             let (worker, callbacks) = (store.clone(), store.clone());
             let (id, s2) = (m.id.clone(), s.clone());
-            let a = tokio::spawn(async move { worker.record_attempt(&id, accepted(&s), T0 + 1).await.unwrap() });
+            let until = lease_in(&c, &id).expect("claimed").until;
+            let a = tokio::spawn(async move {
+                let lease = Some(Lease { owner: "test", until });
+                worker.record_attempt(&id, lease, accepted(&s), T0 + 1).await.unwrap()
+            });
             let b =
                 tokio::spawn(async move { callbacks.record_status(status(&s2, "delivered", T0 + 1)).await.unwrap() });
             (a, b)
@@ -2248,9 +2384,9 @@ async fn concurrent_callbacks_end_at_the_furthest_status(store: Arc<dyn Store>) 
             .unwrap();
         sids.push((m.id, sid()));
     }
-    claim(&store, T0, 100).await;
+    let c = claim(&store, T0, 100).await;
     for (id, s) in &sids {
-        store.record_attempt(id, accepted(s), T0 + 1).await.unwrap();
+        record(&store, &c, id, accepted(s), T0 + 1).await.unwrap();
     }
     let tasks: Vec<_> = sids
         .iter()
@@ -2428,7 +2564,8 @@ async fn events_follow_every_change(store: Arc<dyn Store>) {
     // Twilio accepts it, then reports delivery: one message.status each, with the new status.
     let mark = ev.last().unwrap().seq;
     let s = sid();
-    store.record_attempt(&m.id, accepted(&s), T0 + 1).await.unwrap();
+    let c = claim(&store, T0, 10).await;
+    record(&store, &c, &m.id, accepted(&s), T0 + 1).await.unwrap();
     store.record_status(status(&s, "delivered", T0 + 2)).await.unwrap();
     // A stale callback changes nothing: no event.
     store.record_status(status(&s, "sent", T0 + 3)).await.unwrap();

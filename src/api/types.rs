@@ -168,6 +168,8 @@ pub struct StatusEventOut {
     pub error_message: Option<String>,
     /// `api`, `worker`, `twilio` or `reconcile`.
     pub source: String,
+    /// The MessageSid it concerns (a callback's, or an accepted attempt's), when known.
+    pub provider_sid: Option<String>,
     /// Whether it moved the current status.
     pub applied: bool,
     /// RFC 3339.
@@ -184,6 +186,7 @@ impl From<StatusEventRecord> for StatusEventOut {
             error_code: e.error_code,
             error_message: e.error_message,
             source: e.source,
+            provider_sid: e.provider_sid,
             applied: e.applied,
             at: rfc3339(e.created_at),
             payload: e.raw_payload,

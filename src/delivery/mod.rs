@@ -261,7 +261,13 @@ impl Delivery {
                 ..
             }
         );
-        let recorded = match self.inner.store.record_attempt(&id, outcome, self.now_ms()).await {
+        let lease = Some(c.lease(&self.inner.owner));
+        let recorded = match self
+            .inner
+            .store
+            .record_attempt(&id, lease, outcome, self.now_ms())
+            .await
+        {
             // Two messages with the same body and recipient reconciled at once and chose the
             // same Twilio message: this one lost the race, and looks again at once (the SID
             // the other took is now known, so it finds its own or sends).
@@ -273,14 +279,20 @@ impl Delivery {
                     message: "the Twilio message found was claimed by another message; looking again".into(),
                     reconcile: true,
                 };
-                self.inner.store.record_attempt(&id, retry, self.now_ms()).await
+                self.inner.store.record_attempt(&id, lease, retry, self.now_ms()).await
             }
             other => other,
         };
         match recorded {
-            Ok(m) => {
+            Ok(Some(m)) => {
                 debug!(message_id = %id, status = final_status, sid = ?m.provider_sid, "attempt recorded");
                 let _ = self.inner.attempted.send(id.clone());
+            }
+            Ok(None) => {
+                // The lease ended during the attempt and the message was claimed again (and
+                // may be finished by now); that claim reconciles with Twilio (docs/delivery.md).
+                warn!(message_id = %id, status = final_status, "the claim lapsed during the attempt; its outcome is kept in the history only");
+                metrics::counter!("switchboard_delivery_claims_lapsed_total", "stage" => "after_send").increment(1);
             }
             Err(e) => {
                 warn!(message_id = %id, error = %e, "could not record attempt outcome; the lease will expire and it will be reconciled")
@@ -301,7 +313,7 @@ impl Delivery {
             return true;
         }
         warn!(message_id = %c.message.id, lease_until = c.lease_until, now, "claim held too long to send safely; leaving it to be claimed again");
-        metrics::counter!("switchboard_delivery_claims_lapsed_total").increment(1);
+        metrics::counter!("switchboard_delivery_claims_lapsed_total", "stage" => "before_send").increment(1);
         false
     }
 

@@ -258,6 +258,8 @@ pub struct StatusEventRecord {
     pub error_message: Option<String>,
     /// `api` (our request), `worker` (an attempt), `twilio` (a status callback), `reconcile`.
     pub source: String,
+    /// The MessageSid it concerns: of a callback, or of an attempt Twilio accepted.
+    pub provider_sid: Option<String>,
     /// Whether it moved the message's current status.
     pub applied: bool,
     /// The callback's form parameters, when it came from Twilio.
@@ -624,6 +626,17 @@ pub struct ClaimedMessage {
     pub lease_until: i64,
 }
 
+impl ClaimedMessage {
+    /// The lease this claim put on the message, `owner` being the claim's
+    /// [`ClaimRequest::owner`]: what [`Store::record_attempt`] is given with its outcome.
+    pub fn lease<'a>(&self, owner: &'a str) -> Lease<'a> {
+        Lease {
+            owner,
+            until: self.lease_until,
+        }
+    }
+}
+
 /// The last cursor [`Store::prune_events`] deletes through: of the oldest events read in
 /// cursor order (`(seq, created_at ms)`), the last of those written before `before`, up to
 /// the first written at or after it. `None`: nothing to prune.
@@ -669,6 +682,41 @@ pub enum AttemptOutcome {
         /// The attempt may have reached Twilio: reconcile before resending.
         reconcile: bool,
     },
+}
+
+impl AttemptOutcome {
+    /// The outcome's row in the delivery history: `(provider_sid, status, error_code,
+    /// error_message, source)`. A retry is recorded as `retry_scheduled` by `worker`.
+    pub(crate) fn history(&self) -> (Option<&str>, &str, Option<i64>, Option<&str>, &str) {
+        match self {
+            AttemptOutcome::Accepted { sid, status, source } => (Some(sid), status.as_str(), None, None, source),
+            AttemptOutcome::Failed {
+                code, message, status, ..
+            } => (None, status.as_str(), *code, Some(message), "worker"),
+            AttemptOutcome::Retry { code, message, .. } => (None, "retry_scheduled", *code, Some(message), "worker"),
+        }
+    }
+}
+
+/// The lease a claim put on a message ([`Store::claim_due`]): the claiming instance's name
+/// ([`ClaimRequest::owner`]) and when the lease ends ([`ClaimedMessage::lease_until`], ms).
+/// [`Store::record_attempt`] applies an outcome only while the message still carries the
+/// lease its attempt was made under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease<'a> {
+    /// The instance that claimed the message.
+    pub owner: &'a str,
+    /// When the claim's lease ends (ms).
+    pub until: i64,
+}
+
+/// Whether a message whose lease columns hold `owner` and `until` still carries `lease`
+/// (`None`: carries no lease). The rule of [`Store::record_attempt`].
+pub(crate) fn holds_lease(owner: Option<&str>, until: Option<i64>, lease: Option<Lease<'_>>) -> bool {
+    match lease {
+        None => until.is_none(),
+        Some(l) => owner == Some(l.owner) && until == Some(l.until),
+    }
 }
 
 /// A page request: keyset cursor and size.
@@ -1399,8 +1447,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claims due messages for this instance, honouring each sender's rate.
     async fn claim_due(&self, req: ClaimRequest<'_>) -> StoreResult<Vec<ClaimedMessage>>;
-    /// Records the outcome of an attempt and releases the lease.
-    async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord>;
+    /// Records the outcome of an attempt made under `lease` and releases the lease; returns
+    /// the message as recorded.
+    ///
+    /// The outcome is applied only while the message still carries that lease (`None`: no
+    /// lease at all, for a message nobody claimed). A worker that held its claim past the
+    /// lease (a stalled process, a Twilio call longer than the lease) may find the message
+    /// claimed again by another worker, which reconciles with Twilio and then sends or
+    /// adopts what it finds, or already finished by it: applying the late outcome would
+    /// overwrite that (a retry would even send the message again). Such an outcome is only
+    /// added to the delivery history, `applied: false` (with its SID, if Twilio accepted
+    /// it), the message and its lease are left as they are, and the answer is `Ok(None)`.
+    ///
+    /// Errors: `NotFound` for an unknown message; `Conflict` when an accepted SID is already
+    /// another message's (nothing is written).
+    async fn record_attempt(
+        &self,
+        id: &MessageId,
+        lease: Option<Lease<'_>>,
+        outcome: AttemptOutcome,
+        now: i64,
+    ) -> StoreResult<Option<MessageRecord>>;
     /// Marks every current lease as expired, of messages and of media fetches (single-instance
     /// start-up: the previous process is gone, so its claims need reconciling now rather than
     /// after the lease runs out). Returns how many messages were leased.

@@ -486,6 +486,32 @@ async fn insert_event(
     Ok(())
 }
 
+/// The delivery-history row of an attempt's outcome for message `id`
+/// ([`AttemptOutcome::history`]).
+async fn insert_attempt_event(
+    tx: &mut Tx,
+    id: &str,
+    outcome: &AttemptOutcome,
+    applied: bool,
+    now: i64,
+) -> StoreResult<()> {
+    let (sid, status, code, message, source) = outcome.history();
+    let sid = sid.map(pg_text);
+    insert_event(
+        tx,
+        Some(id),
+        sid.as_deref(),
+        status,
+        code,
+        message,
+        source,
+        applied,
+        None,
+        now,
+    )
+    .await
+}
+
 async fn set_opt_out(
     tx: &mut Tx,
     channel: Channel,
@@ -1299,15 +1325,32 @@ impl Store for PostgresStore {
         Ok(claimed)
     }
 
-    async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord> {
+    async fn record_attempt(
+        &self,
+        id: &MessageId,
+        lease: Option<Lease<'_>>,
+        outcome: AttemptOutcome,
+        now: i64,
+    ) -> StoreResult<Option<MessageRecord>> {
         let mut tx = self.begin().await?;
         if let AttemptOutcome::Accepted { sid, .. } = &outcome {
             // Before the message lock, the order record_status takes them in.
             lock_sid(&mut tx, &pg_text(sid)).await?;
         }
         let msg = lock_message(&mut tx, id.as_str()).await?;
+        let (owner, until): (Option<String>, Option<i64>) =
+            sqlx::query_as("SELECT lease_owner, lease_until FROM messages WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_one(&mut *tx.inner)
+                .await
+                .map_err(map_err)?;
+        if !holds_lease(owner.as_deref(), until, lease) {
+            insert_attempt_event(&mut tx, id.as_str(), &outcome, false, now).await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
         match &outcome {
-            AttemptOutcome::Accepted { sid, status, source } => {
+            AttemptOutcome::Accepted { sid, status, .. } => {
                 let sid = pg_text(sid);
                 let moved = msg.status.can_transition_to(*status);
                 sqlx::query(
@@ -1323,19 +1366,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(map_err)?;
                 tx.changed(id.as_str());
-                insert_event(
-                    &mut tx,
-                    Some(id.as_str()),
-                    Some(&*sid),
-                    status.as_str(),
-                    None,
-                    None,
-                    source,
-                    moved,
-                    None,
-                    now,
-                )
-                .await?;
+                insert_attempt_event(&mut tx, id.as_str(), &outcome, moved, now).await?;
                 // Callbacks that outran Twilio's answer to our create call wait here for the SID.
                 let orphans = sqlx::query(
                     "SELECT id, status, error_code, error_message FROM status_events \
@@ -1392,19 +1423,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(map_err)?;
                 tx.changed(id.as_str());
-                insert_event(
-                    &mut tx,
-                    Some(id.as_str()),
-                    None,
-                    status.as_str(),
-                    *code,
-                    Some(message),
-                    "worker",
-                    true,
-                    None,
-                    now,
-                )
-                .await?;
+                insert_attempt_event(&mut tx, id.as_str(), &outcome, true, now).await?;
                 end_later_parts(&mut tx, &msg, *status, *code, message, now).await?;
                 if *opt_out {
                     let change = OptChange {
@@ -1435,22 +1454,10 @@ impl Store for PostgresStore {
                 .await
                 .map_err(map_err)?;
                 tx.changed(id.as_str());
-                insert_event(
-                    &mut tx,
-                    Some(id.as_str()),
-                    None,
-                    "retry_scheduled",
-                    *code,
-                    Some(message),
-                    "worker",
-                    false,
-                    None,
-                    now,
-                )
-                .await?;
+                insert_attempt_event(&mut tx, id.as_str(), &outcome, false, now).await?;
             }
         }
-        tx.commit_message(id.as_str()).await
+        tx.commit_message(id.as_str()).await.map(Some)
     }
 
     async fn expire_all_leases(&self) -> StoreResult<u64> {
@@ -1549,7 +1556,7 @@ impl Store for PostgresStore {
 
     async fn message_history(&self, id: &MessageId) -> StoreResult<Vec<StatusEventRecord>> {
         let rows = sqlx::query(
-            "SELECT status, error_code, error_message, source, applied, raw_payload::text AS raw_payload, created_at \
+            "SELECT status, error_code, error_message, source, provider_sid, applied, raw_payload::text AS raw_payload, created_at \
              FROM status_events WHERE message_id = $1 ORDER BY id",
         )
         .bind(id.as_str())

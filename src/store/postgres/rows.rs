@@ -190,6 +190,7 @@ pub(super) fn event_from_row(r: &PgRow) -> StatusEventRecord {
         error_code: r.get("error_code"),
         error_message: r.get("error_message"),
         source: r.get("source"),
+        provider_sid: r.get("provider_sid"),
         applied: r.get("applied"),
         raw_payload: r
             .get::<Option<String>, _>("raw_payload")

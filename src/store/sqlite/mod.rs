@@ -665,6 +665,18 @@ impl<'a> HistoryRow<'a> {
             raw: None,
         }
     }
+
+    /// The row of an attempt's outcome for `message_id` ([`AttemptOutcome::history`]).
+    fn attempt(message_id: &'a str, outcome: &'a AttemptOutcome, applied: bool) -> Self {
+        let (provider_sid, status, error_code, error_message, source) = outcome.history();
+        HistoryRow {
+            provider_sid,
+            error_code,
+            error_message,
+            applied,
+            ..HistoryRow::of(message_id, status, source)
+        }
+    }
 }
 
 fn insert_history(tx: &Tx, h: HistoryRow<'_>, now: i64) -> StoreResult<()> {
@@ -1474,11 +1486,29 @@ impl Store for SqliteStore {
         Ok(claimed)
     }
 
-    async fn record_attempt(&self, id: &MessageId, outcome: AttemptOutcome, now: i64) -> StoreResult<MessageRecord> {
+    async fn record_attempt(
+        &self,
+        id: &MessageId,
+        lease: Option<Lease<'_>>,
+        outcome: AttemptOutcome,
+        now: i64,
+    ) -> StoreResult<Option<MessageRecord>> {
         let mut tx = self.begin().await?;
         let msg = fetch_message(&tx, id.as_str())?;
+        let (owner, until): (Option<String>, Option<i64>) = tx
+            .row_opt(
+                "SELECT lease_owner, lease_until FROM messages WHERE id = ?",
+                [id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .unwrap_or_default();
+        if !holds_lease(owner.as_deref(), until, lease) {
+            insert_history(&tx, HistoryRow::attempt(id.as_str(), &outcome, false), now)?;
+            tx.commit().await?;
+            return Ok(None);
+        }
         match &outcome {
-            AttemptOutcome::Accepted { sid, status, source } => {
+            AttemptOutcome::Accepted { sid, status, .. } => {
                 let moved = msg.status.can_transition_to(*status);
                 let seq = next_seq(&mut tx)?;
                 tx.exec(
@@ -1493,15 +1523,7 @@ impl Store for SqliteStore {
                         id.as_str()
                     ],
                 )?;
-                insert_history(
-                    &tx,
-                    HistoryRow {
-                        provider_sid: Some(sid),
-                        applied: moved,
-                        ..HistoryRow::of(id.as_str(), status.as_str(), source)
-                    },
-                    now,
-                )?;
+                insert_history(&tx, HistoryRow::attempt(id.as_str(), &outcome, moved), now)?;
                 // Callbacks that outran Twilio's answer to our create call wait here for the SID.
                 let orphans: Vec<(i64, String, Option<i64>, Option<String>)> = tx.rows(
                     "SELECT id, status, error_code, error_message FROM status_events WHERE message_id IS NULL AND provider_sid = ? ORDER BY id",
@@ -1533,15 +1555,7 @@ impl Store for SqliteStore {
                      next_attempt_at = NULL, lease_until = NULL, lease_owner = NULL, reconcile = 0, updated_at = ?, change_seq = ? WHERE id = ?",
                     rusqlite::params![status.as_str(), code, message, now, seq, id.as_str()],
                 )?;
-                insert_history(
-                    &tx,
-                    HistoryRow {
-                        error_code: *code,
-                        error_message: Some(message),
-                        ..HistoryRow::of(id.as_str(), status.as_str(), "worker")
-                    },
-                    now,
-                )?;
+                insert_history(&tx, HistoryRow::attempt(id.as_str(), &outcome, true), now)?;
                 end_later_parts(&mut tx, &msg, *status, *code, message, now)?;
                 if *opt_out {
                     let change = OptChange {
@@ -1563,21 +1577,12 @@ impl Store for SqliteStore {
                      lease_until = NULL, lease_owner = NULL, reconcile = ?, updated_at = ?, change_seq = ? WHERE id = ?",
                     rusqlite::params![code, message, next_at, reconcile, now, seq, id.as_str()],
                 )?;
-                insert_history(
-                    &tx,
-                    HistoryRow {
-                        error_code: *code,
-                        error_message: Some(message),
-                        applied: false,
-                        ..HistoryRow::of(id.as_str(), "retry_scheduled", "worker")
-                    },
-                    now,
-                )?;
+                insert_history(&tx, HistoryRow::attempt(id.as_str(), &outcome, false), now)?;
             }
         }
         let record = fetch_final(&mut tx, id.as_str())?;
         tx.commit().await?;
-        Ok(record)
+        Ok(Some(record))
     }
 
     async fn expire_all_leases(&self) -> StoreResult<u64> {
@@ -1659,7 +1664,8 @@ impl Store for SqliteStore {
 
     async fn message_history(&self, id: &MessageId) -> StoreResult<Vec<StatusEventRecord>> {
         let rows = sqlx::query(
-            "SELECT status, error_code, error_message, source, applied, raw_payload, created_at FROM status_events WHERE message_id = ? ORDER BY id",
+            "SELECT status, error_code, error_message, source, provider_sid, applied, raw_payload, created_at \
+             FROM status_events WHERE message_id = ? ORDER BY id",
         )
         .bind(id.as_str())
         .fetch_all(&self.reader)
@@ -1672,6 +1678,7 @@ impl Store for SqliteStore {
                 error_code: r.get("error_code"),
                 error_message: r.get("error_message"),
                 source: r.get("source"),
+                provider_sid: r.get("provider_sid"),
                 applied: r.get::<i64, _>("applied") != 0,
                 raw_payload: r
                     .get::<Option<String>, _>("raw_payload")
