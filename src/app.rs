@@ -113,6 +113,9 @@ pub async fn open_store(database_url: &str, max_connections: u32) -> anyhow::Res
 /// simulator, and serves HTTP until `shutdown` is cancelled.
 pub async fn start(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Server> {
     config.validate()?;
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     let local_addr = listener.local_addr()?;
     let public_url = config
         .public_url

@@ -542,6 +542,26 @@ impl Config {
         Ok(config)
     }
 
+    /// Settings that are allowed but weaken a guarantee, each as a sentence naming the
+    /// setting and the fix; the gateway logs them at start.
+    ///
+    /// - A delivery lease under twice the Twilio request timeout: a worker sends a claimed
+    ///   message only while half its lease is left (docs/delivery.md), so a Twilio call that
+    ///   takes the whole timeout may outlast the lease, and the next claim, finding nothing at
+    ///   Twilio yet, send the message again.
+    pub fn warnings(&self) -> Vec<String> {
+        let (lease, timeout) = (self.delivery.lease_secs, self.twilio.request_timeout_secs);
+        let mut out = Vec::new();
+        if lease < timeout.saturating_mul(2) {
+            out.push(format!(
+                "SWITCHBOARD_DELIVERY__LEASE_SECS ({lease}) is under twice TWILIO_REQUEST_TIMEOUT_SECS ({timeout}): \
+                 a slow Twilio call may outlast its claim and the message be sent twice; raise the lease to at least {}",
+                timeout.saturating_mul(2)
+            ));
+        }
+        out
+    }
+
     /// Checks every setting; collects all problems. Call after building a config in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
@@ -942,6 +962,22 @@ mod tests {
         };
         c.validate().unwrap();
         assert!(!c.has_twilio_credentials());
+        assert_eq!(c.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_lease_under_twice_the_twilio_timeout_is_warned_about() {
+        let mut c = Config::default();
+        c.delivery.lease_secs = 29;
+        c.twilio.request_timeout_secs = 15;
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("SWITCHBOARD_DELIVERY__LEASE_SECS (29)") && w[0].contains("at least 30"),
+            "{w:?}"
+        );
+        c.delivery.lease_secs = 30;
+        assert!(c.warnings().is_empty());
     }
 
     #[test]
