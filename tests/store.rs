@@ -260,6 +260,22 @@ async fn claim(store: &Arc<dyn Store>, now: i64, limit: usize) -> Vec<ClaimedMes
         .unwrap()
 }
 
+/// Up to ten messages claimed by `owner` with a generous rate, a 1 s lookahead and a
+/// `lease_ms` lease.
+async fn claim_by(store: &Arc<dyn Store>, owner: &str, now: i64, lease_ms: i64) -> Vec<ClaimedMessage> {
+    store
+        .claim_due(ClaimRequest {
+            now,
+            limit: 10,
+            lookahead_ms: 1000,
+            lease_ms,
+            owner,
+            rate_for: &fast_rate,
+        })
+        .await
+        .unwrap()
+}
+
 /// The lease `claims` put on message `id` (`None` if they do not include it).
 fn lease_in<'a>(claims: &'a [ClaimedMessage], id: &MessageId) -> Option<Lease<'a>> {
     claims.iter().find(|c| &c.message.id == id).map(|c| c.lease("test"))
@@ -1301,22 +1317,7 @@ async fn claim_leases_are_exclusive(store: Arc<dyn Store>) {
 
 async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
     let m = store.insert_outbound(outbound(&phone(6), "lease", T0)).await.unwrap();
-    let lease = |now: i64, lease_ms: i64| {
-        let store = store.clone();
-        async move {
-            store
-                .claim_due(ClaimRequest {
-                    now,
-                    limit: 10,
-                    lookahead_ms: 1000,
-                    lease_ms,
-                    owner: "test",
-                    rate_for: &fast_rate,
-                })
-                .await
-                .unwrap()
-        }
-    };
+    let lease = |now: i64, lease_ms: i64| claim_by(&store, "test", now, lease_ms);
     let first = lease(T0, 1000).await;
     assert_eq!(first.len(), 1);
     assert!(!first[0].reconcile && first[0].previous_claim_at.is_none());
@@ -1364,22 +1365,7 @@ async fn expired_lease_is_reclaimed_with_reconcile(store: Arc<dyn Store>) {
 /// and the message stays with the claim that holds it (docs/delivery.md, crash list).
 async fn a_late_outcome_does_not_overwrite_the_next_claim(store: Arc<dyn Store>) {
     let m = store.insert_outbound(outbound(&phone(8), "late", T0)).await.unwrap();
-    let claim_as = |owner: &'static str, now: i64| {
-        let store = store.clone();
-        async move {
-            store
-                .claim_due(ClaimRequest {
-                    now,
-                    limit: 10,
-                    lookahead_ms: 1000,
-                    lease_ms: 1000,
-                    owner,
-                    rate_for: &fast_rate,
-                })
-                .await
-                .unwrap()
-        }
-    };
+    let claim_as = |owner: &'static str, now: i64| claim_by(&store, owner, now, 1000);
     let sent = |sid: &str| AttemptOutcome::Accepted {
         sid: sid.into(),
         status: MessageStatus::Sent,
