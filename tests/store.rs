@@ -1892,11 +1892,14 @@ async fn cancel(store: Arc<dyn Store>) {
     assert_eq!(claim(&store, T0, 10).await.len(), 1);
     let r = store.cancel_message(&l.id, T0 + 1).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
-    // The lease ran out (the worker died): still waiting, so it can be canceled.
-    assert_eq!(
-        store.cancel_message(&l.id, T0 + 40_000).await.unwrap().status,
-        MessageStatus::Canceled
+    // The lease ran out with no outcome (the worker died, or stalled after sending): it may
+    // have reached Twilio, so it cannot be canceled either (the next claim reconciles it).
+    let r = store.cancel_message(&l.id, T0 + 40_000).await;
+    assert!(
+        matches!(&r, Err(StoreError::Conflict(why)) if why.contains("may already have reached Twilio")),
+        "{r:?}"
     );
+    assert_eq!(message(&store, &l.id).await.status, MessageStatus::Queued);
 
     // An earlier attempt may have reached Twilio: canceling our copy would not stop it.
     let amb = store.insert_outbound(outbound(&to, "ambiguous", T0)).await.unwrap();

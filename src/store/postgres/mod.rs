@@ -1495,10 +1495,12 @@ impl Store for PostgresStore {
         .map_err(map_err)?
         .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
         let waiting = row.get::<Option<i64>, _>("next_attempt_at").is_some();
-        let leased = row.get::<Option<i64>, _>("lease_until").is_some_and(|l| l > now);
-        // An earlier attempt that may have reached Twilio (timeout, 5xx) means the message may
-        // already be on its way: canceling our copy would not stop it.
-        let maybe_sent: bool = row.get("reconcile");
+        let lease_until = row.get::<Option<i64>, _>("lease_until");
+        let leased = lease_until.is_some_and(|l| l > now);
+        // An earlier attempt that may have reached Twilio (timeout, 5xx, or a claim whose
+        // lease ran out with no outcome recorded) means the message may already be on its
+        // way: canceling our copy would not stop it.
+        let maybe_sent = row.get::<bool, _>("reconcile") || lease_until.is_some();
         if !waiting || leased || maybe_sent {
             let status: String = row.get("status");
             return Err(StoreError::Conflict(format!(

@@ -1613,14 +1613,16 @@ impl Store for SqliteStore {
                         r.get::<_, Option<i64>>(0)?.is_some(),
                         r.get::<_, Option<i64>>(1)?,
                         r.get::<_, String>(2)?,
-                        // An earlier attempt that may have reached Twilio (timeout, 5xx) means
-                        // the message may already be on its way: canceling our copy would not stop it.
                         r.get::<_, i64>(3)? != 0,
                     ))
                 },
             )?
             .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
         let leased = lease_until.is_some_and(|l| l > now);
+        // An earlier attempt that may have reached Twilio (timeout, 5xx, or a claim whose
+        // lease ran out with no outcome recorded) means the message may already be on its
+        // way: canceling our copy would not stop it.
+        let maybe_sent = maybe_sent || lease_until.is_some();
         if !waiting || leased || maybe_sent {
             return Err(StoreError::Conflict(format!(
                 "message {id} can no longer be canceled: it is {status} and {}",
