@@ -710,6 +710,9 @@ pub struct Lease<'a> {
     pub until: i64,
 }
 
+/// A message row's lease columns as the stores read them: `(lease_owner, lease_until)`.
+pub(crate) type LeaseColumns = (Option<String>, Option<i64>);
+
 /// Whether a message whose lease columns hold `owner` and `until` still carries `lease`
 /// (`None`: carries no lease). The rule of [`Store::record_attempt`].
 pub(crate) fn holds_lease(owner: Option<&str>, until: Option<i64>, lease: Option<Lease<'_>>) -> bool {

@@ -384,14 +384,20 @@ async fn fetch_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
 
 /// Reads a message and locks it until the transaction ends, so concurrent outcomes and
 /// callbacks for it apply one after the other, each to the state the previous one left.
-async fn lock_message(tx: &mut Tx, id: &str) -> StoreResult<MessageRecord> {
-    let row = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(&mut *tx.inner)
-        .await
-        .map_err(map_err)?
-        .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
-    message_from_row(&row)
+/// With the lease its row carries: `(lease_owner, lease_until)`.
+async fn lock_message(tx: &mut Tx, id: &str) -> StoreResult<(MessageRecord, LeaseColumns)> {
+    let row = sqlx::query(&format!(
+        "SELECT {MESSAGE_COLS}, lease_owner, lease_until FROM messages WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx.inner)
+    .await
+    .map_err(map_err)?
+    .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))?;
+    Ok((
+        message_from_row(&row)?,
+        (row.get("lease_owner"), row.get("lease_until")),
+    ))
 }
 
 async fn fetch_messages(tx: &mut Tx, ids: &[String]) -> StoreResult<Vec<MessageRecord>> {
@@ -1337,13 +1343,7 @@ impl Store for PostgresStore {
             // Before the message lock, the order record_status takes them in.
             lock_sid(&mut tx, &pg_text(sid)).await?;
         }
-        let msg = lock_message(&mut tx, id.as_str()).await?;
-        let (owner, until): (Option<String>, Option<i64>) =
-            sqlx::query_as("SELECT lease_owner, lease_until FROM messages WHERE id = $1")
-                .bind(id.as_str())
-                .fetch_one(&mut *tx.inner)
-                .await
-                .map_err(map_err)?;
+        let (msg, (owner, until)) = lock_message(&mut tx, id.as_str()).await?;
         if !holds_lease(owner.as_deref(), until, lease) {
             insert_attempt_event(&mut tx, id.as_str(), &outcome, false, now).await?;
             tx.commit().await?;
@@ -2380,7 +2380,7 @@ impl Store for PostgresStore {
         let message_id = message_id.ok_or_else(|| StoreError::NotFound(format!("media {id} not found")))?;
         // The message row first (lock order), so two items of one message recorded at once
         // do not overwrite each other's entry of the media list.
-        let message = lock_message(&mut tx, &message_id).await?;
+        let (message, _) = lock_message(&mut tx, &message_id).await?;
         let row = sqlx::query(&format!("SELECT {MEDIA_COLS} FROM media WHERE id = $1 FOR UPDATE"))
             .bind(id)
             .fetch_one(&mut *tx.inner)

@@ -560,10 +560,15 @@ fn next_seq(tx: &mut Tx) -> StoreResult<i64> {
 }
 
 fn fetch_message(tx: &Tx, id: &str) -> StoreResult<MessageRecord> {
+    fetch_leased_message(tx, id).map(|(m, _)| m)
+}
+
+/// [`fetch_message`] with the lease its row carries: `(lease_owner, lease_until)`.
+fn fetch_leased_message(tx: &Tx, id: &str) -> StoreResult<(MessageRecord, LeaseColumns)> {
     tx.row_opt(
-        &format!("SELECT {MESSAGE_COLS} FROM messages WHERE id = ?"),
+        &format!("SELECT {MESSAGE_COLS}, lease_owner, lease_until FROM messages WHERE id = ?"),
         [id],
-        |r| message_from_row(r),
+        |r| Ok((message_from_row(r)?, (r.col("lease_owner"), r.col("lease_until")))),
     )?
     .ok_or_else(|| StoreError::NotFound(format!("message {id} not found")))
 }
@@ -1494,14 +1499,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreResult<Option<MessageRecord>> {
         let mut tx = self.begin().await?;
-        let msg = fetch_message(&tx, id.as_str())?;
-        let (owner, until): (Option<String>, Option<i64>) = tx
-            .row_opt(
-                "SELECT lease_owner, lease_until FROM messages WHERE id = ?",
-                [id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?
-            .unwrap_or_default();
+        let (msg, (owner, until)) = fetch_leased_message(&tx, id.as_str())?;
         if !holds_lease(owner.as_deref(), until, lease) {
             insert_history(&tx, HistoryRow::attempt(id.as_str(), &outcome, false), now)?;
             tx.commit().await?;
