@@ -369,6 +369,22 @@ struct Launch {
     sim_base: String,
 }
 
+/// Held while a test copies the binary and while it starts a child. A child forked by one test
+/// holds a copy of every descriptor the process has open until it execs, among them the write
+/// descriptor of a binary another test is copying at that moment; executing a file that any
+/// process has open for writing fails with ETXTBSY ("Text file busy", seen in CI).
+/// `Command::spawn` returns only after the child has exec'd, so under this lock no copy is ever
+/// open for writing while another child is between fork and exec.
+static EXEC_LOCK: Mutex<()> = Mutex::new(());
+
+/// Copies the gateway binary into `dir` (see [`Process::binary`]) and returns its path.
+fn private_binary(dir: &Path) -> PathBuf {
+    let binary = dir.join("switchboard");
+    let _exec = EXEC_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    std::fs::copy(env!("CARGO_BIN_EXE_switchboard"), &binary).expect("copy the gateway binary");
+    binary
+}
+
 /// The gateway process: a fixed port, its log, the running child.
 struct Process {
     /// A private copy of the binary: every restart runs the same build, even if the shared
@@ -390,6 +406,7 @@ impl Process {
             .open(&self.log)
             .unwrap();
         let l = &self.launch;
+        let _exec = EXEC_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         Command::new(&self.binary)
             .arg("serve")
             .env_clear()
@@ -668,8 +685,7 @@ async fn crash_loop_loses_nothing_and_sends_nothing_twice() {
     )
     .await;
     let auth_token = sim.auth_token().expose_secret().to_string();
-    let binary = dir.path().join("switchboard");
-    std::fs::copy(env!("CARGO_BIN_EXE_switchboard"), &binary).expect("copy the gateway binary");
+    let binary = private_binary(dir.path());
     let gw = Process {
         binary,
         base: format!("http://127.0.0.1:{port}"),
@@ -965,8 +981,7 @@ async fn a_keyed_send_cut_off_by_a_crash_is_accepted_when_repeated_after_the_res
     let port = restart_port();
     let (sim, sim_base, _sim_stop) =
         start_simulator(SimulatorSettings::default(), SocketAddr::from(([127, 0, 0, 1], port))).await;
-    let binary = dir.path().join("switchboard");
-    std::fs::copy(env!("CARGO_BIN_EXE_switchboard"), &binary).expect("copy the gateway binary");
+    let binary = private_binary(dir.path());
     let gw = Process {
         binary,
         base: format!("http://127.0.0.1:{port}"),
