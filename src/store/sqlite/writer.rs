@@ -436,34 +436,56 @@ fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
 }
 
-/// Frames appended during a passive checkpoint below which [`catch_up`] stops: about what a
-/// few commits write.
+/// Frames appended during a passive checkpoint below which [`catch_up`] stops copying: about
+/// what a few commits write.
 const CAUGHT_UP_FRAMES: i64 = 128;
 
+/// Frames appended while [`catch_up`] synced the database file below which it stops syncing:
+/// the restart then has about that many frames' pages to copy and sync.
+const SYNCED_UP_FRAMES: i64 = 32;
+
+/// Copy-and-sync rounds [`catch_up`] runs at most.
+const CATCH_UP_ROUNDS: usize = 3;
+
 /// Prepares a WAL restart on the checkpointer's connection, so that the restart itself, which
-/// every write waits for, has little left to do. A passive checkpoint that did not copy every
-/// frame (under load, one never does: commits go on while it copies) leaves the pages it wrote
-/// to the database file unsynced; the restart's checkpoint then synced the whole WAL cycle's
-/// pages (measured: `fsync` of the database 7–9 ms, the restart about 12 ms, every 64 MB of
-/// WAL). So: passive checkpoints back to back (a few at most) until one finds fewer than
-/// [`CAUGHT_UP_FRAMES`] new frames, then `fsync` of the database file here, then one more
-/// passive checkpoint; the restart copies and syncs only what was committed since.
+/// every write waits for, has little left to do: its checkpoint copies the frames no passive
+/// checkpoint has copied yet and syncs every page of the database file written since the last
+/// sync, and that sync is its cost (a few milliseconds per hundred scattered pages).
+///
+/// A passive checkpoint that did not copy every frame (under load, one never does: commits go
+/// on while it copies) leaves the pages it wrote unsynced; without any preparation the
+/// restart synced the whole WAL cycle's pages (measured: `fsync` of the database 7–9 ms, the
+/// restart about 12 ms, every 64 MB of WAL). So, in rounds: passive checkpoints back to back
+/// (a few at most) until one finds fewer than [`CAUGHT_UP_FRAMES`] new frames, an `fsync` of
+/// the database file, and a passive checkpoint that copies what was committed during the sync.
+/// A sync takes milliseconds, and the commits it overlaps leave the next round fewer pages, so
+/// the rounds stop once fewer than [`SYNCED_UP_FRAMES`] frames came during one (at most
+/// [`CATCH_UP_ROUNDS`]). With a single round the restart still synced what came during that
+/// sync: 3–26 ms on a VM with slow syncs (docs/BENCHMARKS.md).
 fn catch_up(conn: &Connection, mut frames: i64) {
-    for _ in 0..4 {
-        match passive_checkpoint(conn) {
-            Ok(now) if now.saturating_sub(frames) >= CAUGHT_UP_FRAMES => frames = now,
-            Ok(_) => break,
-            Err(_) => return,
-        }
-    }
-    let Some(db) = conn.path().filter(|p| !p.is_empty()) else {
+    let Some(db) = conn.path().filter(|p| !p.is_empty()).map(PathBuf::from) else {
         return;
     };
-    if let Err(e) = std::fs::File::open(db).and_then(|f| f.sync_all()) {
-        tracing::warn!(error = %e, "syncing the database file before a WAL restart failed");
-        return;
+    for _ in 0..CATCH_UP_ROUNDS {
+        for _ in 0..4 {
+            match passive_checkpoint(conn) {
+                Ok(now) if now.saturating_sub(frames) >= CAUGHT_UP_FRAMES => frames = now,
+                Ok(now) => {
+                    frames = now;
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+        if let Err(e) = std::fs::File::open(&db).and_then(|f| f.sync_all()) {
+            tracing::warn!(error = %e, "syncing the database file before a WAL restart failed");
+            return;
+        }
+        match passive_checkpoint(conn) {
+            Ok(now) if now.saturating_sub(frames) >= SYNCED_UP_FRAMES => frames = now,
+            _ => return,
+        }
     }
-    let _ = passive_checkpoint(conn);
 }
 
 /// The single writer: a connection shared through group commit (see the module docs).
