@@ -168,8 +168,8 @@ impl Tx {
         let created_at = crate::util::now_ms();
         for d in drafts {
             let data = d.data;
-            // The new row's rowid is `seq`; reading it back with RETURNING cost SQLite an
-            // ephemeral table per event (about 2 µs).
+            // The new row's rowid is `seq`; reading it back with RETURNING made SQLite collect
+            // the row in an ephemeral table first (about 19,000 instructions an event).
             self.exec(
                 "INSERT INTO events (kind, conversation_id, data, created_at) VALUES (?, ?, ?, ?)",
                 rusqlite::params![d.kind.as_str(), d.conversation_id, data, created_at],
@@ -553,8 +553,8 @@ fn contact_from_row(r: &impl Cols) -> ContactRecord {
 }
 
 fn next_seq(tx: &mut Tx) -> StoreResult<i64> {
-    // Two statements: SQLite's RETURNING builds an ephemeral table per call (about 19,000
-    // instructions, more than the UPDATE and the lookup together).
+    // Two statements: SQLite runs RETURNING through an ephemeral table, and the UPDATE plus
+    // a lookup by key counted fewer instructions (docs/BENCHMARKS.md).
     tx.exec("UPDATE counters SET value = value + 1 WHERE name = 'change_seq'", [])?;
     let seq: i64 = tx.scalar("SELECT value FROM counters WHERE name = 'change_seq'", [])?;
     tx.first_seq.get_or_insert(seq);
