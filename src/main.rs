@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     let cli = switchboard::cli::Cli::parse();
-    match runtime.block_on(switchboard::cli::run(cli)) {
+    let outcome = runtime.block_on(switchboard::cli::run(cli));
+    // The log lines still buffered go out before the error line and the exit.
+    switchboard::telemetry::flush();
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,20 +1,48 @@
 //! Logging: `tracing` with an env filter (`RUST_LOG`, default `info`), text or JSON lines.
 //! Text lines are coloured only when standard error is a terminal and `NO_COLOR` is unset
 //! (<https://no-color.org>): a log file or journald gets plain text.
+//!
+//! Lines are written to standard error by a thread of their own (`tracing-appender`'s
+//! non-blocking writer): a request never waits for the log's reader. Written in place, a
+//! reader that stopped reading (a stuck pipe, a paused journald) blocked every thread that
+//! logged once the pipe's buffer was full, and with them the whole gateway. Lines that find
+//! [`LOG_BUFFER_LINES`] lines still waiting are dropped instead, and counted
+//! (`switchboard_log_lines_dropped_total`).
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber (call once, from `main`).
+/// Log lines held for the writer thread at most (about 300 bytes each); a line logged while
+/// that many wait is dropped.
+pub const LOG_BUFFER_LINES: usize = 16_384;
+
+/// The writer thread's guard (dropping it writes out what is buffered) and its count of
+/// dropped lines, once [`init`] installed the subscriber.
+static LOG_WRITER: Mutex<Option<(WorkerGuard, ErrorCounter)>> = Mutex::new(None);
+
+/// Installs the global subscriber. Only the first call in a process does anything. Call
+/// [`flush`] before the process exits.
 pub fn init(format: LogFormat) {
+    let mut installed = LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    if installed.is_some() {
+        return;
+    }
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    let _ = match format {
+    let done = match format {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
@@ -23,6 +51,26 @@ pub fn init(format: LogFormat) {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    // Another subscriber already installed (an embedding application's): ours writes nothing.
+    if done.is_ok() {
+        *installed = Some((guard, dropped));
+    }
+}
+
+/// Writes out the log lines still buffered (waiting up to a second) and stops the writer
+/// thread; later lines are dropped. Called by `main` before the process exits.
+pub fn flush() {
+    let writer = LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(writer);
+}
+
+/// Log lines dropped so far because the writer thread was [`LOG_BUFFER_LINES`] behind.
+fn dropped_log_lines() -> u64 {
+    LOG_WRITER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or(0, |(_, dropped)| dropped.dropped_lines() as u64)
 }
 
 /// Prometheus metrics. The `metrics` facade has one recorder per process, installed on
@@ -88,6 +136,10 @@ pub mod metrics {
         describe_counter!(
             "switchboard_inbound_messages_total",
             "Inbound messages by channel and whether they were new or a replay"
+        );
+        describe_counter!(
+            "switchboard_log_lines_dropped_total",
+            "Log lines dropped because the thread writing them to stderr was too far behind (its reader is slow or stuck)"
         );
         describe_counter!(
             "switchboard_opt_outs_total",
@@ -182,6 +234,7 @@ pub mod metrics {
 
     /// `GET /metrics`: the Prometheus text format.
     pub async fn render() -> impl axum::response::IntoResponse {
+        ::metrics::counter!("switchboard_log_lines_dropped_total").absolute(super::dropped_log_lines());
         ([("content-type", "text/plain; version=0.0.4")], handle().render())
     }
 }

@@ -257,3 +257,74 @@ async fn the_api_reference_page_shows_every_operation_under_a_strict_csp() {
     );
     assert!(text.contains("\"to\": \"+14155550100\""));
 }
+
+/// A log reader that stops reading (a stuck pipe, a paused journald) does not stop the
+/// gateway. Lines used to be written to stderr in place: once the pipe's buffer (64 KiB on
+/// Linux) was full, every thread that logged blocked, and with the runtime's workers the whole
+/// gateway. The real binary, with stderr a pipe this test holds open and never reads until the
+/// end; `RUST_LOG=debug` logs a line per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_log_reader_does_not_stall_the_gateway() {
+    use tokio::io::AsyncReadExt;
+    const PIPE_CAPACITY: usize = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "debug")
+        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "SWITCHBOARD_DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("sb.db").display()),
+        )
+        .env("SWITCHBOARD_API_KEY", "sb_stuck_log_reader_key_0123456789")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the switchboard binary");
+    let mut stderr = child.stderr.take().expect("the piped stderr");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let up = wait_until(Duration::from_secs(30), || async {
+        client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    assert!(up, "the gateway did not start");
+    for i in 0..1_000 {
+        let r = client.get(format!("{base}/health")).send().await;
+        assert!(
+            r.as_ref().is_ok_and(|r| r.status() == StatusCode::OK),
+            "request {i} with the log pipe unread: {r:?}"
+        );
+    }
+    // More than the pipe holds was logged while nobody read it: the condition was met.
+    let mut logged = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while logged.len() <= PIPE_CAPACITY {
+        match tokio::time::timeout_at(deadline, stderr.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => logged.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    assert!(
+        logged.len() > PIPE_CAPACITY,
+        "only {} bytes of log came out: the pipe never filled",
+        logged.len()
+    );
+    child.kill().await.unwrap();
+}
