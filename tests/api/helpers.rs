@@ -303,6 +303,18 @@ pub async fn start_simulator(
     (sim, base, token)
 }
 
+/// Waits up to 30 s for a gateway process at `base` to answer `GET /health` with success.
+pub async fn wait_for_health(client: &reqwest::Client, base: &str) -> bool {
+    wait_until(Duration::from_secs(30), || async {
+        client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await
+}
+
 /// Polls `f` until it returns true or `deadline` passes. No fixed sleeps in tests.
 pub async fn wait_until<F, Fut>(deadline: Duration, mut f: F) -> bool
 where

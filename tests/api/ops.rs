@@ -295,14 +295,7 @@ async fn a_stuck_log_reader_does_not_stall_the_gateway() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let up = wait_until(Duration::from_secs(30), || async {
-        client
-            .get(format!("{base}/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
+    let up = wait_for_health(&client, &base).await;
     assert!(up, "the gateway did not start");
     for i in 0..1_000 {
         let r = client.get(format!("{base}/health")).send().await;

@@ -53,14 +53,7 @@ async fn spawn_gateway(
         .expect("start the switchboard binary");
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let up = wait_until(Duration::from_secs(30), || async {
-        client
-            .get(format!("{base}/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
+    let up = wait_for_health(&client, &base).await;
     assert!(
         up,
         "gateway did not start; log: {}",
